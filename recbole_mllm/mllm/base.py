@@ -1,0 +1,94 @@
+"""The one small interface every multimodal LLM backend implements.
+
+The stages (item fusion, user summaries) only generate text and embed it; the ranker also needs the
+underlying Hugging Face model, its tokenizer and a way to turn an image into prompt inputs. Keeping
+those behind one interface lets a user swap the offline default for Qwen2-VL, LLaVA or SmolVLM by
+naming it, with no code branch on the model's name anywhere else.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class ChatRequest:
+    """One generation request: an optional image plus a user prompt (and an optional system prompt)."""
+
+    prompt: str
+    image: Optional[Image.Image] = None
+    system: Optional[str] = None
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. Greedy by default so stage caches are reproducible."""
+
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    do_sample: bool = False
+
+    def as_dict(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+
+
+@dataclass
+class ModelIdentity:
+    """Everything about a backend that changes its outputs; goes into every cache manifest."""
+
+    backend: str
+    name: str
+    weights_sha256: str
+    dtype: str
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"backend": self.backend, "name": self.name, "weights_sha256": self.weights_sha256,
+                "dtype": self.dtype, **self.extra}
+
+
+class MultimodalLM(abc.ABC):
+    """A (multimodal) causal language model behind a uniform, batched API.
+
+    Attributes set by every backend:
+        model: the Hugging Face ``PreTrainedModel`` whose forward takes ``inputs_embeds`` or input ids
+            (for the assembled offline default: the text LLM).
+        tokenizer: its tokenizer (with a chat template and a pad token).
+        device, dtype: where and how the model runs.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> ModelIdentity:
+        """Model name, weight hash and settings: the cache key part that belongs to the model."""
+
+    @property
+    def supports_images(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[ChatRequest], config: GenerationConfig = GenerationConfig(),
+                 progress: bool = False) -> list[str]:
+        """Greedy chat generation for each request, batched (sorted by length), in request order."""
+
+    @abc.abstractmethod
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Mean-pooled last hidden states of ``texts``, L2-normalised, float32 on CPU: ``[N, hidden]``."""
+
+    @abc.abstractmethod
+    def answer_logprobs(self, requests: Sequence[ChatRequest], answers: Sequence[str],
+                        batch_size: int = 16) -> torch.Tensor:
+        """Log-probability of each answer's first token after each chat prompt: ``[N, len(answers)]``.
+
+        Zero-shot yes/no scoring; the trained ranker builds its own inputs with the same chat template.
+        """
