@@ -1,0 +1,1 @@
+"""YAML defaults of recbole_mllm, installed as the package ``recbole_mllm.properties``."""

@@ -1,0 +1,90 @@
+"""Dataset creation and splitting for every model the plugin runs (baselines included).
+
+Differs from ``recbole.data`` in three deliberate ways:
+
+* a dataset is always built from its atomic files; a pickled ``saved/<dataset>-<Class>.pth`` is
+  never silently reused (RecBole reuses it even when the files behind it changed);
+* a missing dataset is a clear error naming the file it looked for;
+* the test split gets one dataloader per protocol in ``test_protocols`` (e.g. ``uni100`` and
+  ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones.
+"""
+
+import importlib
+import os
+from logging import getLogger
+
+import numpy as np
+
+from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.utils import create_samplers, get_dataloader
+from recbole.utils import ModelType, set_color
+
+from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader
+
+_DATASET_CLASS_BY_TYPE = {
+    ModelType.GENERAL: "Dataset",
+    ModelType.SEQUENTIAL: "SequentialDataset",
+    ModelType.CONTEXT: "Dataset",
+    ModelType.KNOWLEDGE: "KnowledgeBasedDataset",
+    ModelType.TRADITIONAL: "Dataset",
+    ModelType.DECISIONTREE: "Dataset",
+}
+
+
+def create_dataset(config):
+    """Build ``config['dataset']`` from its atomic files with RecBole's dataset class for the model."""
+    inter_file = os.path.join(config["data_path"], f"{config['dataset']}.inter")
+    if not os.path.isfile(inter_file):
+        raise FileNotFoundError(
+            f"Dataset '{config['dataset']}' not found: no file {inter_file}. Build it with a script in "
+            f"dataset_scripts/ (see dataset_scripts/README.md) and pass --data_path=<its output folder>."
+        )
+    dataset_module = importlib.import_module("recbole.data.dataset")
+    class_name = config["model"] + "Dataset"
+    if not hasattr(dataset_module, class_name):
+        class_name = _DATASET_CLASS_BY_TYPE[config["MODEL_TYPE"]]
+    dataset = getattr(dataset_module, class_name)(config)
+    getLogger().info(dataset)
+    return dataset
+
+
+def parse_protocol(mode):
+    """Evaluation mode (``full`` or ``uni<N>``) -> negative-sampling args, or None for full ranking."""
+    if mode == "full":
+        return None
+    if not (mode.startswith("uni") and mode[3:].isdigit()):
+        raise ValueError(f"Unknown evaluation protocol '{mode}': use 'full' or 'uni<N>' (e.g. uni100).")
+    return {"distribution": "uniform", "sample_num": int(mode[3:])}
+
+
+def user_item_sets(dataset):
+    """Every item each user interacted with (whole history), as arrays indexed by internal user id."""
+    uids = np.asarray(dataset.inter_feat[dataset.uid_field])
+    iids = np.asarray(dataset.inter_feat[dataset.iid_field])
+    order = np.argsort(uids, kind="stable")
+    bounds = np.searchsorted(uids[order], np.arange(dataset.user_num + 1))
+    return [iids[order[bounds[u]:bounds[u + 1]]] for u in range(dataset.user_num)]
+
+
+def _eval_dataloader(config, dataset, sampler, mode, user_items):
+    neg_sample_args = parse_protocol(mode)
+    if neg_sample_args is None:
+        return FullSortEvalDataLoader(config, dataset, sampler, shuffle=False)
+    return FixedCandidateEvalDataLoader(config, dataset, sampler, neg_sample_args, config["seed"], user_items)
+
+
+def data_preparation(config, dataset):
+    """Split ``dataset`` and return ``(train_data, valid_data, {protocol: test_data})``."""
+    user_items = user_item_sets(dataset)
+    built_datasets = dataset.build()
+    train_dataset, valid_dataset, test_dataset = built_datasets
+    train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
+    train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
+    valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], user_items)
+    test_protocols = config["test_protocols"] or [config["eval_args"]["mode"]["test"]]
+    test_data = {mode: _eval_dataloader(config, test_dataset, test_sampler, mode, user_items) for mode in test_protocols}
+    getLogger().info(
+        set_color("[Evaluation]: ", "pink") + f"valid={config['eval_args']['mode']['valid']} "
+        f"test={list(test_data)} split={config['eval_args']['split']} order={config['eval_args']['order']}"
+    )
+    return train_data, valid_data, test_data

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny sequential dataset in RecBole atomic files, made by the tests themselves."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir():
+    """``../shared/data`` beside the checkout (or $RECBOLE_MLLM_SHARED_DATA); None when absent."""
+    candidate = Path(os.environ.get("RECBOLE_MLLM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    return candidate if candidate.is_dir() else None
+
+
+def write_tiny_dataset(root, name="tiny", n_users=40, n_items=30, per_user=12, seed=0):
+    """Users walk through items with a drift (item i tends to follow i-1), so models can learn something."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(1, n_users + 1):
+        start = int(rng.integers(1, n_items + 1))
+        items = [(start + k + int(rng.integers(0, 2))) % n_items + 1 for k in range(per_user)]
+        for t, i in enumerate(dict.fromkeys(items)):
+            lines.append(f"u{u}\ti{i}\t{int(rng.integers(1, 6))}\t{1_000_000 + 3600 * t + u}")
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    item_lines = ["item_id:token\ttitle:token_seq\tgenres:token_seq"]
+    item_lines += [f"i{i}\tMovie number {i}\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, n_items + 1)]
+    (folder / f"{name}.item").write_text("\n".join(item_lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """Config dict that points RecBole at a fresh tiny dataset and keeps every output under tmp_path."""
+    write_tiny_dataset(tmp_path / "data")
+    return {
+        "data_path": str(tmp_path / "data"),
+        "checkpoint_dir": str(tmp_path / "saved"),
+        "output_dir": str(tmp_path / "outputs"),
+        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
+        "epochs": 1,
+        "train_batch_size": 64,
+        "hidden_size": 8,
+        "inner_size": 16,
+        "n_layers": 1,
+        "n_heads": 1,
+        "MAX_ITEM_LIST_LENGTH": 10,
+        "show_progress": False,
+        "use_gpu": False,
+    }

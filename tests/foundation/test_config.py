@@ -1,0 +1,62 @@
+"""Config layering and model resolution."""
+
+import sys
+
+import pytest
+import yaml
+
+from recbole_mllm.config import Config, properties_dir
+from recbole_mllm.utils import get_model
+
+
+def test_plugin_overall_yaml_overrides_recbole_defaults(tiny_data):
+    config = Config("SASRec", "tiny", config_dict=tiny_data)
+    plugin = yaml.safe_load((properties_dir() / "overall.yaml").read_text())
+    assert config["valid_metric"] == plugin["valid_metric"] == "NDCG@10"  # RecBole's default is MRR@10
+    assert config["topk"] == [5, 10, 20]
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert config["test_protocols"] == ["uni100", "full"]
+    assert config["loss_type"] == "CE"  # RecBole's SASRec.yaml still applies under the plugin layer
+
+
+def test_precedence_file_then_dict_then_command_line(tiny_data, tmp_path):
+    config_file = tmp_path / "user.yaml"
+    config_file.write_text("learning_rate: 0.5\nstopping_step: 3\ntopk: [1]\n")
+    config = Config("SASRec", "tiny", [str(config_file)], dict(tiny_data, learning_rate=0.25, stopping_step=4),
+                    cmd_args=["--learning_rate=0.125"])
+    assert config["learning_rate"] == 0.125  # command line beats dict and file
+    assert config["stopping_step"] == 4  # dict beats file
+    assert config["topk"] == [1]  # file beats the plugin's overall.yaml
+
+
+def test_command_line_is_not_read_from_sys_argv(tiny_data, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["prog", "--learning_rate=9.0"])
+    assert Config("SASRec", "tiny", config_dict=tiny_data)["learning_rate"] != 9.0
+
+
+def test_malformed_command_line_argument_is_an_error(tiny_data):
+    with pytest.raises(ValueError, match="--key=value"):
+        Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--learning_rate"])
+
+
+def test_baselines_resolve_to_recbole():
+    assert get_model("SASRec").__module__ == "recbole.model.sequential_recommender.sasrec"
+    assert get_model("BERT4Rec").__module__ == "recbole.model.sequential_recommender.bert4rec"
+
+
+def test_plugin_model_shadows_recbole(tmp_path, monkeypatch):
+    """A model module in recbole_mllm.model wins over RecBole's model of the same name."""
+    import recbole_mllm.model
+
+    (tmp_path / "gru4rec.py").write_text(
+        "from recbole.model.sequential_recommender.gru4rec import GRU4Rec as _Base\n"
+        "class GRU4Rec(_Base):\n    plugin = True\n"
+    )
+    monkeypatch.setattr(recbole_mllm.model, "__path__", [*recbole_mllm.model.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "recbole_mllm.model.gru4rec", raising=False)
+    assert getattr(get_model("GRU4Rec"), "plugin", False) is True
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown model 'SASRecc'"):
+        get_model("SASRecc")
