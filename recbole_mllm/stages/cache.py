@@ -220,7 +220,8 @@ class StageCache:
                 groups[-1].append(key)
             else:
                 groups.append([key])
-        return [sum(groups[i:i + self.shard_size], []) for i in range(0, len(groups), self.shard_size)]
+        return [[key for group in groups[i:i + self.shard_size] for key in group]
+                for i in range(0, len(groups), self.shard_size)]
 
     # ------------------------------------------------------------------ file names and checks
     def _files(self, index: int) -> tuple[Path, Path, Path]:

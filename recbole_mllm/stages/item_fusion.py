@@ -248,17 +248,15 @@ def load_item_fusion(config: Mapping, item_tokens: Sequence[str],
     command to run when the cache for this configuration is not built.
     """
     backend = backend if backend is not None else load_backend(config)
-    cache = item_fusion_cache(config, backend)
+    item_tokens = [str(t) for t in item_tokens]  # numpy str_ from field2id_token
     real = [t for t in item_tokens if t != "[PAD]"]
-    texts, embeddings, _ = cache.load_aligned(real)
-    rows = {t: i for i, t in enumerate(real)}
+    texts, embeddings, _ = item_fusion_cache(config, backend).load_aligned(real)
+    row = {token: i for i, token in enumerate(real)}
     out = torch.zeros(len(item_tokens), embeddings.shape[1])
-    out_texts = []
     for i, token in enumerate(item_tokens):
-        if token in rows:
-            out[i] = embeddings[rows[token]]
-        out_texts.append(texts[rows[token]] if token in rows else "")
-    return out_texts, out
+        if token in row:
+            out[i] = embeddings[row[token]]
+    return [texts[row[t]] if t in row else "" for t in item_tokens], out
 
 
 def stage_config(argv: Sequence[str]) -> dict:

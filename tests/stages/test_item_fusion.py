@@ -176,3 +176,23 @@ def test_stage_config_from_command_line(tmp_path):
     assert Path(stage_config(["--dataset=ml-100k"])["data_path"]) == ML100K
     with pytest.raises(SystemExit):
         stage_config(["--mllm=x"])
+
+
+def test_named_backend_is_loaded_through_load_mllm(toy, tmp_path):
+    """No backend passed: config['mllm'] names a local Hugging Face folder (a tiny random Llama)."""
+    folder = tmp_path / "tiny-llama"
+    tiny = TinyLlamaBackend()
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    config = {**toy, "mllm": str(folder), "device": "cpu", "stage_shard_size": 4}
+    cache = run_item_fusion(config, progress=False)
+    manifest = json.loads((cache.path / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["model"]["backend"] == "hf-causal" and manifest["params"]["images_seen"] is False
+    assert cache.summary()["meta_counts"]["image"] == {"not_supported": 7}
+    texts, emb = load_item_fusion(config, ["0007", "tt99"])
+    assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+
+
+def test_unknown_model_name_is_the_loaders_error(toy):
+    with pytest.raises(ValueError, match="does not exist.*offline-default"):
+        run_item_fusion({**toy, "mllm": "./no-such-model"}, progress=False)
