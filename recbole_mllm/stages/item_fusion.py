@@ -76,6 +76,9 @@ DEFAULTS = {
     "encoding": "utf-8",
 }
 
+ITEM_TEXT_FORMAT = 1
+"""Version of :func:`render_item_text`'s rules (in the manifest: changing the rules makes a new cache)."""
+
 _NONE_MEANS_NONE = {"item_text_fields", "item_image_field", "mllm_dtype"}
 """Keys where an explicit None is a choice (every field, no image, backend's dtype), not 'use the default'."""
 
@@ -111,12 +114,17 @@ def text_fields(config: Mapping, table: ItemTable) -> list[tuple[str, str]]:
 
 def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: ItemTable,
                      template: PromptTemplate, seq_separator: str) -> str:
-    """One ``[field]`` line per non-empty field; sequence fields are re-joined with spaces."""
+    """One ``[field]`` line per non-empty field, in the configured order.
+
+    Sequence fields are re-joined with spaces, and ``_`` reads as a space: the dataset scripts write a
+    multi-word label (an Amazon category ``Skin Care``) as one token ``Skin_Care``.
+    """
     lines = []
     for label, field in fields:
         value = row[field].strip()
         if table.field_types[field].endswith("seq"):
             value = " ".join(v for v in value.split(seq_separator) if v)
+        value = " ".join(value.replace("_", " ").split())
         if value:
             lines.append(template.render("field", label=label, value=value))
     return "\n".join(lines)
@@ -162,7 +170,7 @@ def _plan(config: Mapping, backend: MultimodalLM) -> _Plan:
         "generation": {**generation.as_dict(), "batch_size": generation.batch_size},
         "embedding": {"input": "summary", "batch_size": generation.batch_size},
         "dataset": {"name": dataset, **fingerprint(table, image_field, image_dir)},
-        "params": {"text_fields": [list(p) for p in fields], "image_field": image_field,
+        "params": {"text_fields": [list(p) for p in fields], "text_format": ITEM_TEXT_FORMAT, "image_field": image_field,
                    "image_dir": str(_get(config, "item_image_dir")), "images_seen": bool(backend.supports_images),
                    "id_field": table.id_field, "seq_separator": _get(config, "seq_separator"),
                    "field_separator": _get(config, "field_separator"), "encoding": _get(config, "encoding")},

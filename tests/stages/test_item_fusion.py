@@ -35,7 +35,7 @@ def toy(tmp_path):
             ("0010", "GoldenEye", "1995", "Action Thriller", "0010.png"),
             ("0042", "Heat", "1995", "Crime", "missing.png"),         # named, not on disk
             ("0100", "Casino", "1995", "Drama", "empty.png"),         # zero bytes
-            ("0200", "Sabrina", "1995", "Comedy Romance", "junk.png"),  # not an image
+            ("0200", "Sabrina", "1995", "Comedy Romantic_Comedy", "junk.png"),  # not an image
             ("0300", "Balto", "1995", "Animation", "cut.png"),        # truncated PNG
             ("tt99", "EMPTY Oddity", "", "Drama", "")]                # no image named; backend returns ""
     lines = ["item_id:token\ttitle:token_seq\tyear:token\tgenres:token_seq\timage:token"]
@@ -76,6 +76,7 @@ def test_summaries_keyed_by_raw_tokens_with_text_only_fallback(toy, caplog):
     assert seen.image is not None and seen.image.mode == "RGB"
     assert "Ignore visual noise" in seen.prompt and "watermarks" in seen.prompt and seen.system
     assert seen.prompt.splitlines()[1:4] == ["Title: Toy Story", "Year: 1995", "Genres: Animation Children's Comedy"]
+    assert "Genres: Comedy Romantic Comedy\n" in by_title["Title: Sabrina"].prompt  # label tokens read as words
     fallback = by_title["Title: Casino"]
     assert fallback.image is None and "no image" not in fallback.prompt and "image" not in fallback.prompt.split("\n\n")[1]
     assert torch.equal(records["0007"].embedding, backend.embed(["Title: Toy Story | image 6x9"])[0])
