@@ -85,6 +85,15 @@ class MultimodalLM(abc.ABC):
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Mean-pooled last hidden states of ``texts``, L2-normalised, float32 on CPU: ``[N, hidden]``."""
 
+    def prepare_inputs(self, requests: Sequence[ChatRequest], completions: Optional[Sequence[str]] = None) -> dict:
+        """Left-padded inputs of ``requests`` for ``model(**inputs)``, built with the chat template.
+
+        The ranker's way in: text, images (processor tensors, or projected visual tokens spliced into
+        ``inputs_embeds`` for the offline default) and, with ``completions``, ``labels`` that mark only
+        the completion tokens. The last position of every row is where the answer starts.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose model inputs")
+
     @abc.abstractmethod
     def answer_logprobs(self, requests: Sequence[ChatRequest], answers: Sequence[str],
                         batch_size: int = 16) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Items as the LLM stages see them: raw rows of a RecBole ``.item`` atomic file and their images.
+
+The stages work on raw tokens and raw text, before RecBole remaps ids or filters anything, so that
+their caches do not depend on the split or the filtering settings. The file is read the way RecBole
+reads it (``<field>:<type>`` header, ``field_separator``, pandas' python engine), except that every
+value stays the exact string of the file (RecBole would turn ``NA`` or an empty cell into NaN).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from PIL import Image
+
+from recbole_mllm.stages.cache import canonical_json, sha256_file
+
+
+@dataclass
+class ItemTable:
+    """The rows of ``<dataset>.item``: ``rows[raw token][field] = raw string``, in file order."""
+
+    path: Path
+    id_field: str
+    field_types: dict  # field name -> RecBole type ("token", "token_seq", "float", ...)
+    rows: dict
+
+
+def read_item_file(dataset_dir, dataset: str, id_field: str = "item_id", field_separator: str = "\t",
+                   encoding: str = "utf-8") -> ItemTable:
+    """Read ``<dataset_dir>/<dataset>.item``; duplicate item tokens are an error (RecBole would keep both)."""
+    path = Path(dataset_dir) / f"{dataset}.item"
+    if not path.is_file():
+        raise FileNotFoundError(f"the item file {path} does not exist: the item stages need the dataset's .item atomic file")
+    frame = pd.read_csv(path, delimiter=field_separator, dtype=str, encoding=encoding, engine="python",
+                        keep_default_na=False, na_filter=False)
+    field_types = {}
+    for column in frame.columns:
+        name, _, ftype = str(column).partition(":")
+        field_types[name] = ftype
+    frame.columns = list(field_types)
+    if id_field not in field_types:
+        raise ValueError(f"{path} has no item id field {id_field!r} (ITEM_ID_FIELD); its fields are {list(field_types)}")
+    duplicated = frame[id_field][frame[id_field].duplicated()].tolist()
+    if duplicated:
+        raise ValueError(f"{path} lists {len(duplicated)} item token(s) more than once, e.g. {duplicated[:5]}")
+    rows = {row[id_field]: row for row in frame.to_dict(orient="records")}
+    return ItemTable(path=path, id_field=id_field, field_types=field_types, rows=rows)
+
+
+def load_image(path: Optional[Path]) -> tuple[Optional[Image.Image], str]:
+    """Open an item image fully, as RGB. Returns ``(image, "used")`` or ``(None, why)``.
+
+    ``why`` is ``"absent"`` (the item names no image), ``"missing"`` (the file does not exist) or
+    ``"unreadable"`` (zero bytes, truncated, not an image): the caller then falls back to text.
+    """
+    if path is None:
+        return None, "absent"
+    if not path.is_file():
+        return None, "missing"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later inside a batch
+            return image.convert("RGB"), "used"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, "unreadable"
+
+
+def image_path(table: ItemTable, token: str, image_field: Optional[str], image_dir: Path) -> Optional[Path]:
+    """Where the image of item ``token`` should be, or None when the dataset names none for it."""
+    if not image_field or image_field not in table.field_types:
+        return None
+    name = table.rows[token][image_field].strip()
+    return image_dir / name if name else None
+
+
+def fingerprint(table: ItemTable, image_field: Optional[str], image_dir: Path) -> dict:
+    """Hashes of everything the item stage reads from disk: the ``.item`` file and every named image.
+
+    Image files are hashed by content (a poster replaced under the same name is a new input); a
+    named but missing image hashes as missing, so adding it later also changes the fingerprint.
+    """
+    images = hashlib.sha256()
+    for token in sorted(table.rows):
+        path = image_path(table, token, image_field, image_dir)
+        if path is not None:
+            digest = sha256_file(path) if path.is_file() else "missing"
+            images.update(canonical_json([token, table.rows[token][image_field].strip(), digest]).encode("utf-8"))
+    return {"item_file": table.path.name, "item_file_sha256": sha256_file(table.path),
+            "images_sha256": images.hexdigest()}
