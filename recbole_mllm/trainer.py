@@ -1,1 +1,90 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
+
+from contextlib import nullcontext
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from tqdm import tqdm
+
+from recbole_mllm import compat
+
+
+class MLLMSRecTrainer(Trainer):
+    """RecBole's trainer loop with what an LLM ranker needs.
+
+    * an encoder warm-up (``encoder_warmup_epochs``) before the LLM joins: a curriculum from the
+      collaborative encoder alone to hybrid prompts, so soft tokens carry signal from the first LLM step;
+    * gradient accumulation (``gradient_accumulation_steps``) and bfloat16 autocast on GPU
+      (``enable_amp``; RecBole's own autocast would pick float16);
+    * only trainable parameters in the optimizer; checkpoints hold only trained tensors (the model's
+      ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
+    * the first stage's recall is logged after every full-ranking evaluation.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
+        self.warmup_epochs = int(config["encoder_warmup_epochs"] or 0)
+        self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
+
+    def _build_optimizer(self, **kwargs):
+        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        return super()._build_optimizer(**kwargs)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        total_loss = 0.0
+        iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")) \
+            if show_progress else train_data
+        self.optimizer.zero_grad()
+        for batch_idx, interaction in enumerate(iter_data):
+            with self._autocast():
+                loss = loss_func(interaction.to(self.device))
+            self._check_nan(loss)
+            (loss / self.accumulation_steps).backward()
+            total_loss += loss.item()
+            if (batch_idx + 1) % self.accumulation_steps == 0 or batch_idx + 1 == len(train_data):
+                if self.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        return total_loss
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.start_epoch == 0 and self.warmup_epochs > 0:
+            self.model.score_mode = "encoder"
+            for epoch in range(self.warmup_epochs):
+                loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
+                if verbose:
+                    self.logger.info(f"encoder warm-up epoch {epoch}: train loss {loss:.4f}")
+            self.model.score_mode = "llm"
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.model.stage1_hits = self.model.stage1_total = 0
+        with self._autocast():
+            result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if self.model.stage1_total:
+            self.logger.info(f"stage-1 recall@{self.model.rerank_top_k}: "
+                             f"{self.model.stage1_hits / self.model.stage1_total:.4f} ({self.model.stage1_total} users)")
+        return result
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = compat.load_checkpoint(resume_file, map_location=self.device)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch, self.cur_step = checkpoint["epoch"] + 1, checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")

@@ -1,0 +1,144 @@
+"""Everything the ranker's prompts say about users and items, gathered once from the stage caches.
+
+The model only sees RecBole's internal ids; prompts need raw tokens, texts, fused item summaries,
+temporal preference summaries, each user's full time-ordered history (to find the position ``t`` of
+a target and to write the evolution and match steps) and item images. :class:`RankerContext` holds
+them indexed by internal id. Only interactions before ``t`` ever reach a user's text: the summary is
+the one keyed for ``t`` by the user-profile stage, and the evolution, recent items and match lines
+read ``history[:t]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def _readable(value: str, seq_separator: str) -> str:
+    return " ".join(value.replace(seq_separator, " ").replace("_", " ").split())
+
+
+def _date(timestamp: float) -> str:
+    return datetime.fromtimestamp(float(timestamp), tz=timezone.utc).strftime("%B %Y")
+
+
+@dataclass
+class RankerContext:
+    """Per-item and per-user material of the prompts, indexed by RecBole's internal ids."""
+
+    item_tokens: list
+    user_tokens: list
+    item_text: list  # compact one-line description per item
+    item_title: list
+    item_summary: list  # fused (image + text) summary per item
+    item_categories: list  # tuple of category strings per item
+    histories: list  # per user: np.ndarray of internal item ids in time order
+    timestamps: list  # per user: np.ndarray of timestamps
+    profiles: list  # per user: profile sentence
+    positions: dict = field(default_factory=dict)  # (uid, iid) -> list of positions in the history
+
+    def position(self, uid: int, iid: int, timestamp: float | None = None) -> int:
+        """Number of the user's interactions before this target (``t``)."""
+        found = self.positions.get((uid, iid))
+        if not found:
+            raise KeyError(f"user {self.user_tokens[uid]} never interacted with item {self.item_tokens[iid]}")
+        if len(found) == 1 or timestamp is None:
+            return found[-1]
+        return min(found, key=lambda p: abs(self.timestamps[uid][p] - timestamp))
+
+    def evolution(self, uid: int, t: int, window: int) -> str:
+        """Step 1: how the user's categories moved from the older history to the latest window."""
+        items, times = self.histories[uid][:t], self.timestamps[uid][:t]
+        if len(items) == 0:
+            return "no earlier interactions"
+        recent, older = items[-window:], items[:-window]
+
+        def top(ids):
+            counts = Counter(c for i in ids for c in self.item_categories[i])
+            return ", ".join(c for c, _ in counts.most_common(3)) or "unknown"
+
+        text = f"{len(items)} items from {_date(times[0])} to {_date(times[-1])}; latest {len(recent)}: {top(recent)}"
+        return text + (f"; earlier: {top(older)}" if len(older) else "")
+
+    def recent_titles(self, uid: int, t: int, count: int) -> str:
+        return "; ".join(self.item_title[i] for i in self.histories[uid][max(0, t - count):t]) or "none"
+
+    def match(self, uid: int, t: int, iid: int, count: int) -> str:
+        """Step 3: which of the target's categories the recent items share, and how many recent items do."""
+        target = set(self.item_categories[iid])
+        recent = self.histories[uid][max(0, t - count):t]
+        if not target or len(recent) == 0:
+            return "unknown"
+        shared = [c for c in self.item_categories[iid] if any(c in self.item_categories[i] for i in recent)]
+        hits = sum(1 for i in recent if target & set(self.item_categories[i]))
+        if not shared:
+            return f"none of its categories appear in the last {len(recent)} items"
+        return f"shares {', '.join(shared)} with {hits} of the last {len(recent)} items"
+
+
+def build_item_material(config, item_tokens, table, text_fields, category_field, title_field):
+    """Compact item texts, titles and category tuples aligned with internal item ids."""
+    sep = config["seq_separator"] or " "
+    texts, titles, categories = [], [], []
+    for token in item_tokens:
+        row = table.rows.get(str(token))
+        if row is None:  # [PAD], or an item absent from the .item file
+            texts.append(""), titles.append(str(token)), categories.append(())
+            continue
+        parts = [_readable(row[f], sep) for _, f in text_fields if row.get(f, "").strip()]
+        texts.append("; ".join(parts))
+        titles.append(_readable(row.get(title_field, ""), sep) or str(token))
+        raw = row.get(category_field, "") if category_field else ""
+        categories.append(tuple(c.replace("_", " ") for c in raw.split(sep) if c))
+    return texts, titles, categories
+
+
+def build_histories(full_dataset, histories_by_token, user_tokens, item_token2id):
+    """Internal-id histories and the (uid, iid) -> positions index."""
+    histories, timestamps, positions = [], [], {}
+    for uid, token in enumerate(user_tokens):
+        history = histories_by_token.get(str(token))
+        if history is None:
+            histories.append(np.zeros(0, dtype=np.int64)), timestamps.append(np.zeros(0))
+            continue
+        items = np.array([item_token2id[str(i)] for i in history.items], dtype=np.int64)
+        histories.append(items)
+        timestamps.append(np.asarray(history.timestamps, dtype=np.float64))
+        for t, iid in enumerate(items.tolist()):
+            positions.setdefault((uid, iid), []).append(t)
+    return histories, timestamps, positions
+
+
+@torch.no_grad()
+def encode_item_images(backend, item_tokens, table, image_field, image_dir: Path, batch_size=64):
+    """Vision features of every item image with the backend's tower; rows of items without one stay 0."""
+    from recbole_mllm.stages.items import image_path, load_image
+
+    paths = [image_path(table, str(t), image_field, image_dir) if str(t) in table.rows else None for t in item_tokens]
+    index = [i for i, p in enumerate(paths) if p is not None]
+    features = logits = None
+    has_image = torch.zeros(len(item_tokens), dtype=torch.bool)
+    for start in tqdm(range(0, len(index), batch_size), desc="item images", unit="batch"):
+        chunk = index[start:start + batch_size]
+        loaded = [(i, load_image(paths[i])[0]) for i in chunk]
+        loaded = [(i, img) for i, img in loaded if img is not None]
+        if not loaded:
+            continue
+        f, l = backend.encode_images([img for _, img in loaded])
+        if features is None:
+            features = torch.zeros(len(item_tokens), f.shape[1])
+            logits = torch.zeros(len(item_tokens), l.shape[1])
+        rows = torch.tensor([i for i, _ in loaded])
+        features[rows], logits[rows] = f.float().cpu(), l.float().cpu()
+        has_image[rows] = True
+    logger.info(f"item images: {int(has_image.sum())} of {len(item_tokens) - 1} items have a usable image")
+    return features, logits, has_image

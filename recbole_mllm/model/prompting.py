@@ -1,0 +1,133 @@
+"""The ranker's prompt: the paper's instruction with chain-of-thought steps, as token ids plus soft slots.
+
+The template (``stages/prompts/ranker_v1.txt``) is rendered through the tokenizer's chat template
+once, with a sentinel in place of every field and soft-token marker. That fixes the constant text
+pieces; a prompt is then the concatenation of constant pieces (tokenised once), field values
+(tokenised once per distinct string and cached) and *slots* where soft embeddings go. The same
+function builds training and test prompts, so the template can never differ between them.
+
+A prompt has two parts: the user part (profile, temporal preference summary, evolution step, recent
+items, user state), shared by every candidate of that user and encoded once, and the target part
+(item text, image, item state, item analysis, match, answer cue), one per candidate.
+
+Ablation switches drop whole lines: without chain-of-thought the ``Step`` lines go, without soft
+tokens the ``Collaborative ...`` lines go, without images the ``<image>`` slot is empty, and without
+temporal summaries the preference reads "unknown".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from recbole_mllm.stages.prompts import PromptTemplate
+
+SOFT_MARKERS = ("user_state", "image", "item_state", "match_state")
+_SENTINEL = "\u2063{}\u2063"  # invisible separator around names: cannot occur in data text
+_PIECE = re.compile("\u2063([a-z_]+)\u2063")
+_SPLIT = "split_here"
+
+
+@dataclass
+class PromptPiece:
+    """One piece of a prompt part: constant token ids, a field to fill, or a soft slot."""
+
+    kind: str  # "const" | "field" | "soft"
+    value: object  # token ids (const) or a field / marker name
+
+
+@dataclass
+class PromptLayout:
+    """The two prompt parts as piece lists, plus the answer token ids."""
+
+    user: list = field(default_factory=list)
+    target: list = field(default_factory=list)
+    yes_id: int = -1
+    no_id: int = -1
+
+
+def _keep_line(line: str, use_cot: bool, use_soft_tokens: bool) -> bool:
+    if not use_cot and line.startswith("Step "):
+        return False
+    if not use_soft_tokens and line.startswith("Collaborative"):
+        return False
+    return True
+
+
+def _section(template: PromptTemplate, name: str, use_cot: bool, use_soft_tokens: bool) -> str:
+    lines = [line for line in template.sections[name].splitlines() if _keep_line(line, use_cot, use_soft_tokens)]
+    text = "\n".join(lines)
+    if not use_soft_tokens:
+        text = text.replace(" <match_state>", "")
+    for marker in SOFT_MARKERS:
+        text = text.replace(f"<{marker}>", _SENTINEL.format(marker))
+    return re.sub(r"\{([a-z_]+)\}", lambda m: _SENTINEL.format(m.group(1)), text)
+
+
+def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tokens=True) -> PromptLayout:
+    """Render ``template`` through ``tokenizer``'s chat template into a :class:`PromptLayout`."""
+    user = _section(template, "user", use_cot, use_soft_tokens)
+    target = _section(template, "target", use_cot, use_soft_tokens)
+    messages = [{"role": "system", "content": template.sections["system"]},
+                {"role": "user", "content": f"{user}\n{_SENTINEL.format(_SPLIT)}{target}"}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat += template.sections["assistant"]
+    user_text, split, target_text = chat.partition(_SENTINEL.format(_SPLIT))
+    if not split:
+        raise ValueError("the tokenizer's chat template dropped the user message; cannot build ranker prompts")
+
+    def pieces(text):
+        out = []
+        for i, part in enumerate(_PIECE.split(text)):
+            if i % 2 == 0:
+                if part:
+                    out.append(PromptPiece("const", tokenizer(part, add_special_tokens=False).input_ids))
+            else:
+                out.append(PromptPiece("soft" if part in SOFT_MARKERS else "field", part))
+        return out
+
+    yes = tokenizer(template.sections["yes"].strip("\n"), add_special_tokens=False).input_ids
+    no = tokenizer(template.sections["no"].strip("\n"), add_special_tokens=False).input_ids
+    if not yes or not no or yes[0] == no[0]:
+        raise ValueError(f"the answers {template.sections['yes']!r} / {template.sections['no']!r} do not start "
+                         f"with distinct tokens in this tokenizer")
+    return PromptLayout(pieces(user_text), pieces(target_text), yes[0], no[0])
+
+
+class PieceTokenizer:
+    """Tokenises field values once per distinct string (item texts, titles and match lines repeat a lot)."""
+
+    def __init__(self, tokenizer, max_cache: int = 500_000):
+        self.tokenizer = tokenizer
+        self.cache: dict = {}
+        self.max_cache = max_cache
+
+    def __call__(self, text: str, max_tokens: int | None = None) -> list:
+        key = (text, max_tokens)
+        ids = self.cache.get(key)
+        if ids is None:
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if max_tokens is not None:
+                ids = ids[:max_tokens]
+            if len(self.cache) < self.max_cache:
+                self.cache[key] = ids
+        return ids
+
+
+def assemble(pieces, values: dict, soft_sizes: dict, tokenize: PieceTokenizer, max_field_tokens: dict):
+    """Token ids of one prompt part and the positions of each soft slot.
+
+    Returns ``(ids, slots)``: ``slots[name]`` is the list of positions (in ``ids``) to fill with that
+    marker's soft embeddings; a soft marker of size 0 leaves no position at all.
+    """
+    ids, slots = [], {}
+    for piece in pieces:
+        if piece.kind == "const":
+            ids.extend(piece.value)
+        elif piece.kind == "field":
+            ids.extend(tokenize(str(values[piece.value]), max_field_tokens.get(piece.value)))
+        else:
+            size = soft_sizes.get(piece.value, 0)
+            slots[piece.value] = list(range(len(ids), len(ids) + size))
+            ids.extend([0] * size)
+    return ids, slots

@@ -1,0 +1,76 @@
+"""Load (or build) what MLLMSRec reads from the two LLM stages, aligned with RecBole's internal ids.
+
+When a stage cache is missing, ``run_missing_stages: True`` runs the stage here (with its progress
+bars); ``False`` raises an error naming the stage command to run, so a long run on a cluster can
+build the caches first (``torchrun ... -m recbole_mllm.stages.item_fusion``) and never by surprise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from recbole_mllm.data import create_dataset
+from recbole_mllm.stages import item_fusion, user_profile
+from recbole_mllm.stages.cache import StageCacheError
+from recbole_mllm.stages.items import read_item_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageInputs:
+    backend: object
+    item_tokens: list
+    user_tokens: list
+    item_token2id: dict
+    item_table: object
+    text_fields: list
+    image_dir: Path
+    item_summaries: list
+    item_embeddings: object  # [n_items, H] float tensor, row 0 ([PAD]) zero
+    full_dataset: object
+    histories: dict  # user token -> UserHistory (time-ordered items and timestamps, as RecBole orders them)
+    profiles: list  # per internal user id
+    user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
+
+
+def _load_or_run(config, stage, load, run):
+    try:
+        return load()
+    except StageCacheError as error:
+        if not config["run_missing_stages"]:
+            raise StageCacheError(f"{error}\nBuild it with: python -m recbole_mllm.stages.{stage} "
+                                  f"--dataset={config['dataset']} (or set run_missing_stages: True)") from None
+        logger.info(f"{stage}: cache missing or incomplete, running the stage now")
+        run()
+        return load()
+
+
+def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
+    """Everything the ranker needs from the stages; ``dataset`` is RecBole's (split) training dataset."""
+    backend = item_fusion.load_backend(config)
+    item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    user_tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
+    data_dir = Path(config["data_path"])
+    table = read_item_file(data_dir, config["dataset"], dataset.iid_field, config["field_separator"] or "\t",
+                           config["encoding"] or "utf-8")
+    summaries, embeddings = _load_or_run(
+        config, "item_fusion", lambda: item_fusion.load_item_fusion(config, item_tokens, backend),
+        lambda: item_fusion.run_item_fusion(config, backend))
+
+    full_dataset = create_dataset(config)  # the un-split histories (the model only receives the train split)
+    histories = user_profile.user_histories(full_dataset)
+    requests = [(token, t) for token, history in histories.items()
+                for t in user_profile.needed_positions(len(history.items), config)]
+    texts = _load_or_run(
+        config, "user_profile", lambda: user_profile.load_user_summaries(config, requests, backend),
+        lambda: user_profile.run_user_profile(config, backend, dataset=full_dataset))
+    uid = {token: i for i, token in enumerate(user_tokens)}
+    user_summaries = {(uid[token], t): text for (token, t), text in zip(requests, texts)}
+    profile_by_token = user_profile.user_profiles(config)
+    profiles = [profile_by_token.get(token, "unknown") for token in user_tokens]
+    return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
+                       item_fusion.text_fields(config, table), data_dir / (config["item_image_dir"] or "images"),
+                       summaries, embeddings, full_dataset, histories, profiles, user_summaries)
