@@ -33,7 +33,6 @@ Written to ``<output>/<name>/`` (see common.py): ``.inter`` and ``.item`` with `
 have no demographics). Items whose metadata is missing keep their interactions with empty text.
 """
 
-import argparse
 import ast
 import gzip
 import html
@@ -179,7 +178,9 @@ def _image_urls(record):
         else:
             urls.append(image)
     urls += list(record.get("imageURLHighRes") or []) + list(record.get("imageURL") or []) + [record.get("imUrl")]
-    return list(dict.fromkeys(u.strip() for u in urls if isinstance(u, str) and u.strip().startswith(("http://", "https://"))))
+    return list(
+        dict.fromkeys(u.strip() for u in urls if isinstance(u, str) and u.strip().startswith(("http://", "https://")))
+    )
 
 
 def item_record(record, max_description_words):
@@ -303,9 +304,14 @@ def collect_images(items, images_dir, local, download, downloader, workers):
         elif download and record["urls"]:
             queue[item_id] = record["urls"]
         else:
-            missing[item_id] = reason or ("no image URL in the metadata" if not record["urls"] else "not in --images, --no-download")
+            missing[item_id] = reason or (
+                "no image URL in the metadata" if not record["urls"] else "not in --images, --no-download"
+            )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = {item: pool.submit(downloader.download, item, urls, images_dir / common.image_file_name(item)) for item, urls in queue.items()}
+        jobs = {
+            item: pool.submit(downloader.download, item, urls, images_dir / common.image_file_name(item))
+            for item, urls in queue.items()
+        }
         for item_id, job in tqdm(jobs.items(), desc="download", unit="img", disable=None):
             reason = job.result()
             if reason is None:
@@ -336,35 +342,55 @@ def convert(args, build):
     )
 
     name = build.name
-    inter_rows = zip(inter["user_id"], inter["item_id"], map(common.number, inter["rating"]), map(common.number, inter["timestamp"]))
+    inter_rows = zip(
+        inter["user_id"], inter["item_id"], map(common.number, inter["rating"]), map(common.number, inter["timestamp"])
+    )
     common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, inter_rows)
     fields = [f for f, _ in ITEM_FIELDS[1:-1]]
     item_rows = [(item, *(items[item][f] for f in fields), images.get(item, "")) for item in sorted(items)]
     common.write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
     common.write_missing_images(build.dir / "missing_images.txt", missing)
 
-    stats = common.dataset_stats(name, inter["user_id"], inter["item_id"], len(inter), {i: images.get(i, "") for i in items})
+    item_images = {i: images.get(i, "") for i in items}
+    stats = common.dataset_stats(name, inter["user_id"], inter["item_id"], item_images, missing, errors)
     stats.update(
         counts,
         items_without_meta=len(kept_items - set(meta)),
         items_with_title=sum(1 for record in items.values() if record["title"]),
         images=image_counts,
-        missing_images=len(missing),
-        malformed_lines=errors.counts,
     )
     return stats
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reviews", required=True, type=Path, help="review file: .json/.jsonl, gzipped or not (2014, 2018 or 2023)")
-    parser.add_argument("--meta", type=Path, default=None, help="metadata file of the same category and vintage (text and image URLs)")
-    common.add_output_arguments(parser, "amazon-beauty-mm")
-    parser.add_argument("--images", type=Path, default=None, help="folder of local images named <item_id>.<ext>; used before downloading")
-    parser.add_argument("--k-core", type=int, default=5, help="keep users and items with at least this many interactions, iteratively (<=1: off)")
-    parser.add_argument("--min-rating", type=float, default=None, help="drop reviews rated below this (default: keep all)")
-    parser.add_argument("--max-description-words", type=int, default=200, help="cut descriptions to this many words (0: no limit)")
-    parser.add_argument("--no-download", action="store_true", help="never download; items without a local image stay text-only")
+    parser = common.argument_parser(__doc__, "amazon-beauty-mm")
+    parser.add_argument(
+        "--reviews", required=True, type=Path, help="review file: .json/.jsonl, gzipped or not (2014, 2018 or 2023)"
+    )
+    parser.add_argument(
+        "--meta", type=Path, default=None, help="metadata file of the same category and vintage (text and image URLs)"
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of local images named <item_id>.<ext>; used before downloading",
+    )
+    parser.add_argument(
+        "--k-core",
+        type=int,
+        default=5,
+        help="keep users and items with at least this many interactions, iteratively (<=1: off)",
+    )
+    parser.add_argument(
+        "--min-rating", type=float, default=None, help="drop reviews rated below this (default: keep all)"
+    )
+    parser.add_argument(
+        "--max-description-words", type=int, default=200, help="cut descriptions to this many words (0: no limit)"
+    )
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download; items without a local image stay text-only"
+    )
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--retries", type=int, default=3, help="retries per URL after a timeout or HTTP 429/5xx")
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt")

@@ -22,6 +22,7 @@ Why the details matter:
   second run does nothing; any change rebuilds (no cache whose key misses a parameter).
 """
 
+import argparse
 import csv
 import hashlib
 import json
@@ -218,8 +219,15 @@ def write_missing_images(path, missing):
 
 
 # -------------------------------------------------------------------------------------- statistics
-def dataset_stats(name, inter_users, inter_items, n_inter, item_images):
-    """The numbers every build prints and stores: ``item_images`` maps each ``.item`` id to its file or ''."""
+def dataset_stats(name, inter_users, inter_items, item_images, missing, errors):
+    """The numbers every build prints and stores.
+
+    ``inter_users``/``inter_items``: the user and item of each interaction; ``item_images``: each
+    ``.item`` id to its image file or ''; ``missing``: the missing_images.txt entries; ``errors``:
+    the :class:`LineErrors` of the raw files.
+    """
+    inter_users, inter_items = list(inter_users), list(inter_items)
+    n_inter = len(inter_users)
     n_users, n_items = len(set(inter_users)), len(set(inter_items))
     return {
         "dataset": name,
@@ -231,6 +239,8 @@ def dataset_stats(name, inter_users, inter_items, n_inter, item_images):
         "items_without_image": sum(1 for image in item_images.values() if not image),
         "rated_items": n_items,
         "rated_items_with_image": sum(1 for item in set(inter_items) if item_images.get(item)),
+        "missing_images": len(missing),
+        "malformed_lines": errors.counts,
     }
 
 
@@ -299,11 +309,22 @@ class Build:
         return json.loads((self.dir / "stats.json").read_text(encoding="utf-8"))
 
 
-def add_output_arguments(parser, example_name):
-    """The arguments every converter has: where the dataset goes, its name, local images, --force."""
-    parser.add_argument("--output", required=True, type=Path, help="output root: the dataset goes to <output>/<name>/ (RecBole's data_path)")
-    parser.add_argument("--name", required=True, help=f"dataset name, e.g. {example_name} (file prefix; properties/dataset/<name>.yaml)")
+def argument_parser(doc, example_name):
+    """A parser described by the script's docstring, with the arguments every converter has."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="output root: the dataset goes to <output>/<name>/ (RecBole's data_path)",
+    )
+    parser.add_argument(
+        "--name", required=True, help=f"dataset name, e.g. {example_name} (file prefix; properties/dataset/<name>.yaml)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    return parser
 
 
 def run_script(args, inputs, script, convert, ignored=()):
@@ -314,7 +335,11 @@ def run_script(args, inputs, script, convert, ignored=()):
     """
     if args.images is not None and not args.images.is_dir():
         raise SystemExit(f"--images {args.images}: not a folder")
-    settings = {k: v for k, v in vars(args).items() if k not in {"output", "force", *ignored}}
+    settings = {
+        k: v.resolve() if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if k not in {"output", "force", *ignored}
+    }
     outputs = [f"{args.name}.inter", f"{args.name}.item", "images"]
     build = Build(args.output, args.name, fingerprint(settings, inputs, [script]), outputs)
     return run_build(build, lambda b: convert(args, b), args.force)
@@ -337,4 +362,3 @@ def run_build(build, convert, force=False):
     print_stats(stats)
     print(f"wrote {build.dir}")
     return {**stats, "rebuilt": True}
-

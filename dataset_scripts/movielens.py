@@ -23,7 +23,6 @@ Written to ``<output>/<name>/`` (see common.py for the shared format):
   ``occupation`` (ml-1m codes turned into the README's names), ``zip_code``.
 """
 
-import argparse
 import re
 import zipfile
 from pathlib import Path
@@ -47,8 +46,20 @@ ML100K_GENRES = [
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]  # fmt: skip
 
-ITEM_FIELDS = [("item_id", "token"), ("title", "token_seq"), ("year", "token"), ("genres", "token_seq"), ("image", "token")]
-USER_FIELDS = [("user_id", "token"), ("age", "token"), ("gender", "token"), ("occupation", "token"), ("zip_code", "token")]
+ITEM_FIELDS = [
+    ("item_id", "token"),
+    ("title", "token_seq"),
+    ("year", "token"),
+    ("genres", "token_seq"),
+    ("image", "token"),
+]
+USER_FIELDS = [
+    ("user_id", "token"),
+    ("age", "token"),
+    ("gender", "token"),
+    ("occupation", "token"),
+    ("zip_code", "token"),
+]
 _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 
@@ -69,6 +80,13 @@ class Release:
         for name in sorted(names, key=lambda n: (n.count("/"), n)):  # the shallowest copy wins
             self._members.setdefault(name.rsplit("/", 1)[-1], name)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._zip is not None:
+            self._zip.close()
+
     def has(self, base_name):
         return base_name in self._members
 
@@ -88,8 +106,10 @@ def split_title(raw_title):
 
 
 def _fields(line, separator, count, file, line_number, errors, at_least=False):
+    """The ``separator``-split fields of a line, or None (and the line counted as malformed)."""
     parts = line.split(separator)
-    if len(parts) < count if at_least else len(parts) != count:
+    wrong = len(parts) < count if at_least else len(parts) != count
+    if wrong:
         errors.add(file, line_number, f"expected {count} fields separated by {separator!r}, got {len(parts)}")
         return None
     return parts
@@ -163,13 +183,20 @@ def read_users(release, file, separator, order, errors):
         if not record["user_id"].isdigit():
             errors.add(file, line_number, f"user id {record['user_id']!r} is not an integer")
             continue
-        if file == "users.dat":  # ml-1m stores codes; the README names them
-            record["age"] = ML1M_AGES.get(record["age"], record["age"])
-            code = record["occupation"]
-            if code.isdigit() and int(code) < len(ML1M_OCCUPATIONS):
-                record["occupation"] = ML1M_OCCUPATIONS[int(code)]
-        users.setdefault(str(int(record["user_id"])), tuple(record[k] for k in ("age", "gender", "occupation", "zip_code")))
+        users.setdefault(
+            str(int(record["user_id"])), tuple(record[k] for k in ("age", "gender", "occupation", "zip_code"))
+        )
     return users
+
+
+def name_ml1m_codes(users):
+    """ml-1m's users.dat stores age and occupation as codes; its README names them."""
+    named = {}
+    for user, (age, gender, occupation, zip_code) in users.items():
+        if occupation.isdigit() and int(occupation) < len(ML1M_OCCUPATIONS):
+            occupation = ML1M_OCCUPATIONS[int(occupation)]
+        named[user] = (ML1M_AGES.get(age, age), gender, occupation, zip_code)
+    return named
 
 
 def read_release(release, errors):
@@ -178,7 +205,9 @@ def read_release(release, errors):
         ratings = read_ratings(release, "ratings.dat", "::", errors)
         movies = read_movies_1m(release, errors) if release.has("movies.dat") else {}
         order = ("user_id", "gender", "age", "occupation", "zip_code")
-        users = read_users(release, "users.dat", "::", order, errors) if release.has("users.dat") else None
+        users = (
+            name_ml1m_codes(read_users(release, "users.dat", "::", order, errors)) if release.has("users.dat") else None
+        )
     elif release.has("u.data"):
         ratings = read_ratings(release, "u.data", "\t", errors)
         movies = read_movies_100k(release, errors) if release.has("u.item") else {}
@@ -191,7 +220,8 @@ def read_release(release, errors):
 
 def convert(args, build):
     errors = common.LineErrors()
-    ratings, movies, users = read_release(Release(args.input), errors)
+    with Release(args.input) as release:
+        ratings, movies, users = read_release(release, errors)
     errors.report()
     if not ratings:
         raise SystemExit(f"--input {args.input}: no valid rating")
@@ -205,7 +235,7 @@ def convert(args, build):
     images, missing = common.normalise_images(sources, build.dir / "images")
     for item in rated_items:
         if item not in images and item not in missing:
-            missing[item] = f"no image file for it in {args.images}" if args.images else "no --images folder given"
+            missing[item] = f"no {item}.<ext> in --images" if args.images else "no --images folder given"
 
     name = build.name
     common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, ratings)
@@ -223,23 +253,25 @@ def convert(args, build):
         (build.dir / f"{name}.user").unlink(missing_ok=True)
     common.write_missing_images(build.dir / "missing_images.txt", missing)
 
-    stats = common.dataset_stats(name, rated_users, rated_items, len(ratings), {i: images.get(i, "") for i in rated_items})
+    item_images = {i: images.get(i, "") for i in rated_items}
+    stats = common.dataset_stats(name, (r[0] for r in ratings), (r[1] for r in ratings), item_images, missing, errors)
     stats.update(
         source_movies=len(movies),
         source_users=len(users) if users is not None else None,
         rated_items_missing_from_movies=sum(1 for item in rated_items if item not in movies),
         users_missing_from_users_file=sum(1 for u in rated_users if u not in users) if users is not None else None,
-        missing_images=len(missing),
-        malformed_lines=errors.counts,
     )
     return stats
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, type=Path, help="ml-100k.zip / ml-1m.zip as downloaded, or the extracted folder")
-    parser.add_argument("--images", type=Path, default=None, help="folder of posters named <MovieID>.jpg (any common image format)")
-    common.add_output_arguments(parser, "ml-1m-mm")
+    parser = common.argument_parser(__doc__, "ml-1m-mm")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="ml-100k.zip / ml-1m.zip as downloaded, or the extracted folder"
+    )
+    parser.add_argument(
+        "--images", type=Path, default=None, help="folder of posters named <MovieID>.jpg (any common image format)"
+    )
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,11 @@ def recbole(monkeypatch, tmp_path):
             model="SASRec",
             dataset=name,
             config_file_list=[str(REPO / "properties" / "dataset" / yaml)],
-            config_dict={"data_path": str(data_path), "train_neg_sample_args": None, "checkpoint_dir": str(tmp_path / "saved")},
+            config_dict={
+                "data_path": str(data_path),
+                "train_neg_sample_args": None,
+                "checkpoint_dir": str(tmp_path / "saved"),
+            },
         )
         return create_dataset(config)
 

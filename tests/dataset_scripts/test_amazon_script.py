@@ -73,7 +73,16 @@ META_2014 = [  # Python literals, as the 2014 dump ships them
 
 def test_k_core_is_iterative():
     inter = pd.DataFrame(
-        [("U1", "A1"), ("U1", "A2"), ("U1", "A3"), ("U2", "A1"), ("U2", "A2"), ("U3", "A3"), ("U3", "A4"), ("U4", "A1")],
+        [
+            ("U1", "A1"),
+            ("U1", "A2"),
+            ("U1", "A3"),
+            ("U2", "A1"),
+            ("U2", "A2"),
+            ("U3", "A3"),
+            ("U3", "A4"),
+            ("U4", "A1"),
+        ],
         columns=["user_id", "item_id"],
     )
     kept = amazon.k_core(inter, 2)
@@ -122,11 +131,24 @@ def test_2014_reviews_and_literal_meta(tmp_path, capsys):
 def test_2018_json_meta_min_rating_and_broken_local_images(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    reviews = [review_2014(u, i, r, t) for u, i, r, t in [("U1", "B1", 5, 1), ("U1", "B2", 4, 2), ("U1", "B3", 3, 3), ("U2", "B1", 5, 4)]]
-    reviews.append(b"\xff\xfe".decode("latin-1") + review_2014("U2", "B2", 5, 5))  # stray bytes: a bad line, not a crash
+    reviews = [
+        review_2014(u, i, r, t)
+        for u, i, r, t in [("U1", "B1", 5, 1), ("U1", "B2", 4, 2), ("U1", "B3", 3, 3), ("U2", "B1", 5, 4)]
+    ]
+    reviews.append(
+        b"\xff\xfe".decode("latin-1") + review_2014("U2", "B2", 5, 5)
+    )  # stray bytes: a bad line, not a crash
     reviews.append(review_2014("U2", "B4", 4, 6))
     meta = [
-        json.dumps({"category": ["Toys &amp; Games", "Puzzles"], "description": ["First.", "<p>Second</p>"], "title": "Cube", "asin": "B1", "imageURLHighRes": []}),
+        json.dumps(
+            {
+                "category": ["Toys &amp; Games", "Puzzles"],
+                "description": ["First.", "<p>Second</p>"],
+                "title": "Cube",
+                "asin": "B1",
+                "imageURLHighRes": [],
+            }
+        ),
         json.dumps({"title": "Kite", "brand": "Sky", "asin": "B2", "category": ["Toys &amp; Games"]}),
         json.dumps({"title": "Ball", "asin": "B4", "description": "Round " * 300}),
     ]
@@ -209,7 +231,9 @@ def served(tmp_path):
 def meta_2023(item, url=None, **fields):
     images = []
     if url:
-        images = [{"thumb": f"{url}/{item}_thumb.jpg", "large": f"{url}/{item}_large.jpg", "variant": "MAIN", "hi_res": None}]
+        images = [
+            {"thumb": f"{url}/{item}_thumb.jpg", "large": f"{url}/{item}_large.jpg", "variant": "MAIN", "hi_res": None}
+        ]
     return json.dumps({"parent_asin": item, "main_category": "All Beauty", "images": images, **fields})
 
 
@@ -219,16 +243,28 @@ def test_2023_jsonl_with_downloads_that_resume(tmp_path, served):
     reviews = []
     for user in ("X1", "X2"):
         for n, item in enumerate(["P1", "P2", "P3", "P4", "P5", "P6"]):
-            record = {"user_id": user, "asin": f"{item}-variant", "parent_asin": item, "rating": 4.0, "timestamp": 1588687728923 + n}
+            record = {
+                "user_id": user,
+                "asin": f"{item}-variant",
+                "parent_asin": item,
+                "rating": 4.0,
+                "timestamp": 1588687728923 + n,
+            }
             reviews.append(json.dumps(record))
     meta = [
-        meta_2023("P1", served.url, title="Serum", store="Glow", categories=[], description=[], features=["Light", "Fresh"]),
+        meta_2023(
+            "P1", served.url, title="Serum", store="Glow", categories=[], description=[], features=["Light", "Fresh"]
+        ),
         meta_2023("P2", served.url, title="Mask", details={"Brand": "Clay Inc"}),
         meta_2023("P3", served.url, title="Comb"),
         meta_2023("P4", served.url, title="Soap"),
         meta_2023("P5", title="Towel"),
     ]  # P6 has no metadata at all
-    arguments = (tmp_path, write_lines(raw / "All_Beauty.jsonl", reviews), write_lines(raw / "meta_All_Beauty.jsonl.gz", meta))
+    arguments = (
+        tmp_path,
+        write_lines(raw / "All_Beauty.jsonl", reviews),
+        write_lines(raw / "meta_All_Beauty.jsonl.gz", meta),
+    )
     stats = build(*arguments, extra=["--k-core", "2", "--retries", "2"])
     out = tmp_path / "out" / "amazon-beauty-mm"
 
@@ -270,7 +306,14 @@ def test_runs_as_a_script_and_recbole_loads_it(tmp_path, recbole):
     raw.mkdir()
     reviews = write_lines(raw / "reviews_Beauty_5.json.gz", REVIEWS_2014)
     meta = write_lines(raw / "meta_Beauty.json.gz", META_2014)
-    command = [sys.executable, str(REPO / "dataset_scripts" / "amazon.py"), "--reviews", str(reviews), "--meta", str(meta)]
+    command = [
+        sys.executable,
+        str(REPO / "dataset_scripts" / "amazon.py"),
+        "--reviews",
+        str(reviews),
+        "--meta",
+        str(meta),
+    ]
     command += ["--output", str(tmp_path / "out"), "--name", "amazon-beauty-mm", "--k-core", "2", "--no-download"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=True)
     assert "amazon-beauty-mm: 2 users, 2 items, 4 interactions" in result.stdout
@@ -284,7 +327,9 @@ def test_runs_as_a_script_and_recbole_loads_it(tmp_path, recbole):
 
 def test_non_utf8_bytes_are_replaced_not_dropped(tmp_path):
     reviews = tmp_path / "r.json"
-    reviews.write_bytes(b'{"reviewerID": "U1", "asin": "A1", "overall": 5, "unixReviewTime": 1, "summary": "caf\xe9"}\n')
+    reviews.write_bytes(
+        b'{"reviewerID": "U1", "asin": "A1", "overall": 5, "unixReviewTime": 1, "summary": "caf\xe9"}\n'
+    )
     meta = tmp_path / "m.json"
     meta.write_bytes(b"{'asin': 'A1', 'title': 'Caf\xe9 Cream'}\n")
     errors = amazon.common.LineErrors()

@@ -41,10 +41,7 @@ ML100K_FILES = {
         "267|unknown||||1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0",
     ],
     "u.user": ["1|24|M|technician|85711", "2|53|F|other|94043", "3|23|M|writer|32067"],
-    "u.genre": [
-        f"{g}|{i}"
-        for i, g in enumerate(movielens.ML100K_GENRES)
-    ],
+    "u.genre": [f"{g}|{i}" for i, g in enumerate(movielens.ML100K_GENRES)],
 }
 
 
@@ -197,7 +194,9 @@ def test_shared_ml1m_done_criterion(tmp_path, recbole):
     assert (stats["interactions"], stats["users"], stats["items"]) == (1_000_209, 6_040, 3_706)
 
     posters = {p.stem for p in (data / "posters").iterdir()}
-    rated = {row.split("\t", 1)[0] for row in (tmp_path / "out" / "ml-1m-mm" / "ml-1m-mm.item").read_text().splitlines()[1:]}
+    rated = {
+        row.split("\t", 1)[0] for row in (tmp_path / "out" / "ml-1m-mm" / "ml-1m-mm.item").read_text().splitlines()[1:]
+    }
     images = {p.stem for p in (tmp_path / "out" / "ml-1m-mm" / "images").iterdir()}
     assert images == rated & posters  # every rated movie that has a poster has its image
     assert stats["rated_items_with_image"] == len(images)
