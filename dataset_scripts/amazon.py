@@ -59,6 +59,7 @@ ITEM_FIELDS = [
     ("description", "token_seq"), ("image", "token"),
 ]  # fmt: skip
 RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
+MAX_IMAGE_BYTES = 32 * 2**20  # a larger answer is no product image
 NO_NETWORK_AFTER = 8  # consecutive connection failures, with no success yet, that mean "no network"
 USER_AGENT = "recbole_mllm-dataset-scripts (+urllib)"
 _TAG = re.compile(r"<[^>]+>")
@@ -242,7 +243,9 @@ class Downloader:
             try:
                 request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    data = response.read()
+                    data = response.read(MAX_IMAGE_BYTES + 1)
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ValueError(f"larger than {MAX_IMAGE_BYTES} bytes")
                 with self._lock:
                     self.successes += 1
                     self.connection_failures = 0
@@ -257,7 +260,7 @@ class Downloader:
                     raise
             time.sleep(self.backoff * 2**attempt)
 
-    def download(self, item_id, urls, dst):
+    def download(self, urls, dst):
         """Try ``urls`` in order until one gives a usable image at ``dst``; ``None`` or the reason."""
         reasons = []
         for url in urls:
@@ -309,7 +312,7 @@ def collect_images(items, images_dir, local, download, downloader, workers):
             )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         jobs = {
-            item: pool.submit(downloader.download, item, urls, images_dir / common.image_file_name(item))
+            item: pool.submit(downloader.download, urls, images_dir / common.image_file_name(item))
             for item, urls in queue.items()
         }
         for item_id, job in tqdm(jobs.items(), desc="download", unit="img", disable=None):
