@@ -1,0 +1,364 @@
+"""What the dataset scripts share: RecBole atomic files, image normalisation, idempotent builds.
+
+The MovieLens and Amazon converters differ only in how they read their raw files; everything they
+write goes through here, so both produce the same shape:
+
+    <output>/<name>/<name>.inter   user_id:token  item_id:token  rating:float  timestamp:float
+    <output>/<name>/<name>.item    item_id:token  <text fields>  image:token
+    <output>/<name>/<name>.user    (MovieLens only) demographics
+    <output>/<name>/images/<item_id>.jpg   RGB JPEG, one per item that has a usable image
+    <output>/<name>/stats.json, missing_images.txt, .fingerprint
+
+Why the details matter:
+- RecBole reads atomic files with ``pandas.read_csv(sep='\\t', engine='python')``: a tab or newline
+  inside a value breaks the row, and a value that starts with ``"`` is parsed as a quoted field. Text
+  is therefore cleaned of control characters and written with csv quoting, which read_csv undoes.
+- ``token_seq`` values are split on ``seq_separator`` (a space): text fields are stored as words
+  joined by single spaces (``' '.join(tokens)`` gives the text back) and multi-word labels such as
+  Amazon categories become one token with ``_`` for the inner spaces (see :func:`label_token`).
+- RecBole silently drops interactions whose item (or user) is missing from ``.item`` (``.user``) and
+  counts every ``.item`` row in ``item_num``: the converters write exactly the interacted items.
+- A build is skipped when ``.fingerprint`` matches the inputs, the arguments and this code, so a
+  second run does nothing; any change rebuilds (no cache whose key misses a parameter).
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+JPEG_QUALITY = 95
+FINGERPRINT_FILE = ".fingerprint"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # tabs, newlines, C0/C1 controls (a latin-1 0x85 is NEL)
+_SPACES = re.compile(r"\s+")
+
+
+# ----------------------------------------------------------------------------------------- text
+def clean_text(value):
+    """One line of text: control characters become spaces, runs of white space one space."""
+    if value is None:
+        return ""
+    return _SPACES.sub(" ", _CONTROL.sub(" ", str(value))).strip()
+
+
+def label_token(value):
+    """A multi-word label (``Skin Care``) as one token_seq token (``Skin_Care``)."""
+    return clean_text(value).replace(" ", "_")
+
+
+def decode_bytes(data):
+    """Text of a raw file: UTF-8 when it is valid UTF-8, else latin-1 (the MovieLens releases).
+
+    Latin-1 text with accented letters is practically never valid UTF-8, so trying UTF-8 first
+    reads both the original GroupLens files and re-encoded copies correctly; latin-1 maps every
+    byte, so nothing is dropped. Returns ``(text, encoding)``.
+    """
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), "latin-1"
+
+
+def text_lines(text):
+    """``(line_number, line)`` pairs; splits on ``\\n`` only (``str.splitlines`` also splits on NEL)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line
+
+
+class LineErrors:
+    """Counts malformed input lines per file and keeps the first few for the report."""
+
+    def __init__(self, keep=5):
+        self.keep = keep
+        self.counts = {}
+        self.examples = []
+
+    def add(self, file, line_number, reason):
+        self.counts[file] = self.counts.get(file, 0) + 1
+        if self.counts[file] <= self.keep:
+            self.examples.append(f"{file}:{line_number}: {reason}")
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def report(self):
+        for file, count in self.counts.items():
+            print(f"warning: {count:,} malformed line(s) skipped in {file}", file=sys.stderr)
+        for example in self.examples:
+            print(f"  {example}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------- atomic files
+def write_atomic_file(path, fields, rows):
+    """Write a RecBole atomic file: header ``name:type``, tab separated, csv quoting where needed.
+
+    ``fields`` is a list of ``(name, type)``; ``rows`` an iterable of sequences in that order.
+    Written to a temporary name first, so an interrupted run never leaves a half file behind.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writerow([f"{name}:{ftype}" for name, ftype in fields])
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def number(value):
+    """A rating or timestamp as RecBole float text without a spurious ``.0``."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# ----------------------------------------------------------------------------------------- images
+def find_images(folder):
+    """``{file stem: path}`` of the image files in ``folder`` (``<item_id>.jpg`` and the like)."""
+    found = {}
+    if folder is None:
+        return found
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(path.stem, path)
+    return found
+
+
+def _to_rgb(image):
+    """RGB copy of any Pillow image; transparency is composited on white, not dropped to black."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def is_clean_jpeg(path):
+    """True when ``path`` is a complete, decodable RGB JPEG (what :func:`normalise_image` writes)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.format == "JPEG" and image.mode == "RGB"
+    except Exception:  # noqa: BLE001 - Pillow raises many types for bad files; any means "not clean"
+        return False
+
+
+def normalise_image(src, dst):
+    """Check ``src`` with Pillow (verify, then a full decode) and write it to ``dst`` as RGB JPEG.
+
+    A file that already is a clean RGB JPEG is copied byte for byte; CMYK, palette, grayscale and
+    alpha images are converted. Returns ``None`` on success, else the reason the image is unusable
+    (nothing is written then). Pillow signals bad files with OSError, SyntaxError, ValueError,
+    DecompressionBombError and others, so every exception counts as "unusable", with its message.
+    """
+    src, dst = Path(src), Path(dst)
+    try:
+        if src.stat().st_size == 0:
+            return "empty file"
+        with Image.open(src) as image:
+            image.verify()  # structure checks (PNG CRCs, ...); the image is unusable afterwards
+        with Image.open(src) as image:
+            image.load()  # full decode: catches truncated JPEGs that verify() lets through
+            tmp = dst.with_name(dst.name + ".tmp")
+            if image.format == "JPEG" and image.mode == "RGB":
+                shutil.copyfile(src, tmp)
+            else:
+                _to_rgb(image).save(tmp, "JPEG", quality=JPEG_QUALITY)
+        os.replace(tmp, dst)
+        return None
+    except Exception as error:  # noqa: BLE001 - see docstring
+        return f"unreadable image ({type(error).__name__}: {error})"
+
+
+def normalise_images(sources, images_dir):
+    """Normalise ``{item_id: source path}`` into ``images_dir/<item_id>.jpg``.
+
+    Returns ``({item_id: file name}, {item_id: reason})``. Output files of items not in ``sources``
+    are removed, so a rebuild with other inputs leaves no stale image behind.
+    """
+    images_dir.mkdir(parents=True, exist_ok=True)
+    done, failed = {}, {}
+    for item_id, src in tqdm(sorted(sources.items()), desc="images", unit="img", disable=None):
+        file_name = image_file_name(item_id)
+        reason = normalise_image(src, images_dir / file_name)
+        if reason is None:
+            done[item_id] = file_name
+        else:
+            failed[item_id] = f"{reason}: {src.name}"
+    remove_stale_images(images_dir, keep=set(done.values()))
+    return done, failed
+
+
+def image_file_name(item_id):
+    """File name of an item's image: the item id with anything outside ``[A-Za-z0-9._-]`` as ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", item_id) + ".jpg"
+
+
+def remove_stale_images(images_dir, keep):
+    for path in images_dir.iterdir():
+        if path.is_file() and path.name not in keep:
+            path.unlink()
+
+
+def write_missing_images(path, missing):
+    """``missing_images.txt``: one ``<item_id>\\t<reason>`` line per item left without an image."""
+    lines = [f"{item_id}\t{clean_text(reason)}\n" for item_id, reason in sorted(missing.items())]
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------------- statistics
+def dataset_stats(name, inter_users, inter_items, item_images, missing, errors):
+    """The numbers every build prints and stores.
+
+    ``inter_users``/``inter_items``: the user and item of each interaction; ``item_images``: each
+    ``.item`` id to its image file or ''; ``missing``: the missing_images.txt entries; ``errors``:
+    the :class:`LineErrors` of the raw files.
+    """
+    inter_users, inter_items = list(inter_users), list(inter_items)
+    n_inter = len(inter_users)
+    n_users, n_items = len(set(inter_users)), len(set(inter_items))
+    return {
+        "dataset": name,
+        "users": n_users,
+        "items": len(item_images),
+        "interactions": n_inter,
+        "density": n_inter / (n_users * n_items) if n_users and n_items else 0.0,
+        "items_with_image": sum(1 for image in item_images.values() if image),
+        "items_without_image": sum(1 for image in item_images.values() if not image),
+        "rated_items": n_items,
+        "rated_items_with_image": sum(1 for item in set(inter_items) if item_images.get(item)),
+        "missing_images": len(missing),
+        "malformed_lines": errors.counts,
+    }
+
+
+def print_stats(stats):
+    print(
+        f"{stats['dataset']}: {stats['users']:,} users, {stats['items']:,} items, "
+        f"{stats['interactions']:,} interactions, density {stats['density']:.4%}"
+    )
+    print(
+        f"images: {stats['items_with_image']:,} items with an image, {stats['items_without_image']:,} text-only; "
+        f"{stats['rated_items_with_image']:,} of {stats['rated_items']:,} rated items have one"
+    )
+
+
+# --------------------------------------------------------------------------------- idempotent build
+def _describe_path(path):
+    """What identifies an input's content cheaply: size and mtime of the file or of every file below."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [str(path), [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def fingerprint(arguments, inputs, code_files):
+    """Digest of the arguments, the inputs (sizes, mtimes) and the converter's source code."""
+    digest = hashlib.sha256()
+    code = [Path(__file__), *map(Path, code_files)]
+    digest.update(json.dumps(sorted(arguments.items()), default=str).encode())
+    digest.update(json.dumps([_describe_path(p) for p in inputs if p is not None]).encode())
+    for path in code:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class Build:
+    """One dataset folder, ``<output>/<name>``, rebuilt only when its fingerprint changes."""
+
+    def __init__(self, output, name, fingerprint_value, outputs):
+        self.dir = Path(output) / name
+        self.name = name
+        self.fingerprint = fingerprint_value
+        self.outputs = [self.dir / o for o in (*outputs, "stats.json", "missing_images.txt")]
+
+    def up_to_date(self):
+        marker = self.dir / FINGERPRINT_FILE
+        return (
+            marker.is_file()
+            and marker.read_text().strip() == self.fingerprint
+            and all(path.exists() for path in self.outputs)
+        )
+
+    def begin(self):
+        """Invalidate the folder first: an interrupted build is never taken for a finished one."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / FINGERPRINT_FILE).unlink(missing_ok=True)
+
+    def finish(self, stats):
+        with open(self.dir / "stats.json", "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        (self.dir / FINGERPRINT_FILE).write_text(self.fingerprint + "\n")
+
+    def stored_stats(self):
+        return json.loads((self.dir / "stats.json").read_text(encoding="utf-8"))
+
+
+def argument_parser(doc, example_name):
+    """A parser described by the script's docstring, with the arguments every converter has."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="output root: the dataset goes to <output>/<name>/ (RecBole's data_path)",
+    )
+    parser.add_argument(
+        "--name", required=True, help=f"dataset name, e.g. {example_name} (file prefix; properties/dataset/<name>.yaml)"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    return parser
+
+
+def run_script(args, inputs, script, convert, ignored=()):
+    """The converters' main: fingerprint what shapes the output, then convert or report "up to date".
+
+    Every argument except ``--output``, ``--force`` and ``ignored`` (settings that cannot change the
+    result, such as the number of download workers) is part of the fingerprint.
+    """
+    if args.images is not None and not args.images.is_dir():
+        raise SystemExit(f"--images {args.images}: not a folder")
+    settings = {
+        k: v.resolve() if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if k not in {"output", "force", *ignored}
+    }
+    outputs = [f"{args.name}.inter", f"{args.name}.item", "images"]
+    build = Build(args.output, args.name, fingerprint(settings, inputs, [script]), outputs)
+    return run_build(build, lambda b: convert(args, b), args.force)
+
+
+def run_build(build, convert, force=False):
+    """Convert unless ``build`` is up to date; print the statistics either way and return them.
+
+    ``convert(build)`` writes the files into ``build.dir`` and returns the statistics. The result
+    carries ``"rebuilt": False`` when there was nothing to do.
+    """
+    if build.up_to_date() and not force:
+        print(f"{build.dir} is up to date (same inputs, arguments and code): nothing to do; --force rebuilds")
+        stats = build.stored_stats()
+        print_stats(stats)
+        return {**stats, "rebuilt": False}
+    build.begin()
+    stats = convert(build)
+    build.finish(stats)
+    print_stats(stats)
+    print(f"wrote {build.dir}")
+    return {**stats, "rebuilt": True}

@@ -1,0 +1,285 @@
+"""MovieLens-100K / -1M (+ an optional poster folder) to a multimodal RecBole dataset.
+
+MovieLens with posters is the real multimodal data set this project can use without a network: the
+ratings give the sequences, movies.dat/u.item the text (title, year, genres), users.dat/u.user a
+profile for the prompt, and ``<MovieID>.jpg`` posters the images. Reads the releases exactly as
+GroupLens ships them, as the zip or as its extracted folder:
+
+    ml-100k: u.data (tab separated), u.item (``|``, latin-1, 19 genre flags), u.user, u.genre
+    ml-1m:   ratings.dat, movies.dat (latin-1), users.dat, all ``::`` separated
+
+Usage (idempotent, like nanoGPT's ``prepare.py``: a second run with the same inputs does nothing):
+
+    python dataset_scripts/movielens.py --input ../shared/data/ml-1m/ml-1m.zip \\
+        --images ../shared/data/ml-1m/posters --output dataset --name ml-1m-mm
+
+Written to ``<output>/<name>/`` (see common.py for the shared format):
+- ``.inter``: every rating, ``user_id item_id rating timestamp``.
+- ``.item``: the rated movies only (RecBole counts every ``.item`` row as an item): ``title`` (words
+  of the title without the trailing ``(year)``), ``year``, ``genres`` (one token per genre, e.g.
+  ``Children's Film-Noir``), ``image`` (``<item_id>.jpg`` under ``images/``, empty for text-only).
+  A rated movie missing from the movies file gets an empty row rather than losing its ratings.
+- ``.user``: ``age`` (ml-1m: the README's range label such as ``25-34``; ml-100k: years), ``gender``,
+  ``occupation`` (ml-1m codes turned into the README's names), ``zip_code``.
+"""
+
+import re
+import zipfile
+from pathlib import Path
+
+if __package__:
+    from . import common
+else:  # run as a script: python dataset_scripts/movielens.py
+    import common
+
+# ml-1m README: users.dat codes
+ML1M_AGES = {"1": "Under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49", "50": "50-55", "56": "56+"}
+ML1M_OCCUPATIONS = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer",
+    "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
+    "tradesman/craftsman", "unemployed", "writer",
+]  # fmt: skip
+# ml-100k u.genre, in flag order (used when u.genre is absent)
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]  # fmt: skip
+
+ITEM_FIELDS = [
+    ("item_id", "token"),
+    ("title", "token_seq"),
+    ("year", "token"),
+    ("genres", "token_seq"),
+    ("image", "token"),
+]
+USER_FIELDS = [
+    ("user_id", "token"),
+    ("age", "token"),
+    ("gender", "token"),
+    ("occupation", "token"),
+    ("zip_code", "token"),
+]
+_TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
+
+
+class Release:
+    """The files of a MovieLens release, from the zip or from a folder, found by base name."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            names = [n for n in self._zip.namelist() if not n.endswith("/")]
+        elif self.path.is_dir():
+            self._zip = None
+            names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
+        else:
+            raise SystemExit(f"--input {self.path}: neither a zip file nor a folder")
+        self._members = {}
+        for name in sorted(names, key=lambda n: (n.count("/"), n)):  # the shallowest copy wins
+            self._members.setdefault(name.rsplit("/", 1)[-1], name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._zip is not None:
+            self._zip.close()
+
+    def has(self, base_name):
+        return base_name in self._members
+
+    def lines(self, base_name):
+        """``(line_number, line)`` of a member, decoded as UTF-8 or latin-1 (see common.decode_bytes)."""
+        member = self._members[base_name]
+        data = self._zip.read(member) if self._zip else (self.path / member).read_bytes()
+        text, _ = common.decode_bytes(data)
+        return common.text_lines(text)
+
+
+def split_title(raw_title):
+    """``'Toy Story (1995)'`` -> ``('Toy Story', '1995')``; a title without a year keeps it empty."""
+    title = common.clean_text(raw_title)
+    match = _TITLE_YEAR.match(title)
+    return (match.group(1), match.group(2)) if match else (title, "")
+
+
+def _fields(line, separator, count, file, line_number, errors, at_least=False):
+    """The ``separator``-split fields of a line, or None (and the line counted as malformed)."""
+    parts = line.split(separator)
+    wrong = len(parts) < count if at_least else len(parts) != count
+    if wrong:
+        errors.add(file, line_number, f"expected {count} fields separated by {separator!r}, got {len(parts)}")
+        return None
+    return parts
+
+
+def read_ratings(release, file, separator, errors):
+    """``[(user, item, rating, timestamp)]`` as strings; ids must be integers, the rest numbers."""
+    ratings = []
+    for line_number, line in release.lines(file):
+        parts = _fields(line.strip(), separator, 4, file, line_number, errors)
+        if parts is None:
+            continue
+        try:
+            user, item = str(int(parts[0])), str(int(parts[1]))
+            rating, timestamp = common.number(parts[2]), common.number(parts[3])
+        except ValueError as error:
+            errors.add(file, line_number, f"not a number ({error})")
+            continue
+        ratings.append((user, item, rating, timestamp))
+    return ratings
+
+
+def read_movies_1m(release, errors):
+    """``{item_id: (title, year, genres)}`` from movies.dat (``MovieID::Title::Genre|Genre``)."""
+    movies = {}
+    for line_number, line in release.lines("movies.dat"):
+        parts = _fields(line, "::", 3, "movies.dat", line_number, errors, at_least=True)
+        if parts is None:
+            continue
+        if not parts[0].strip().isdigit():
+            errors.add("movies.dat", line_number, f"movie id {parts[0]!r} is not an integer")
+            continue
+        title, year = split_title("::".join(parts[1:-1]))
+        genres = [common.label_token(g) for g in parts[-1].split("|") if g.strip()]
+        movies.setdefault(str(int(parts[0])), (title, year, genres))
+    return movies
+
+
+def read_movies_100k(release, errors):
+    """``{item_id: (title, year, genres)}`` from u.item (id|title|date|video date|url|19 genre flags)."""
+    genres_names = ML100K_GENRES
+    if release.has("u.genre"):
+        pairs = [line.rsplit("|", 1) for _, line in release.lines("u.genre")]
+        genres_names = [name for name, _ in sorted((p for p in pairs if len(p) == 2), key=lambda p: int(p[1]))]
+    movies = {}
+    n = len(genres_names)
+    for line_number, line in release.lines("u.item"):
+        parts = _fields(line, "|", n + 5, "u.item", line_number, errors, at_least=True)
+        if parts is None:
+            continue
+        flags = parts[-n:]
+        if not parts[0].strip().isdigit() or any(flag.strip() not in ("0", "1") for flag in flags):
+            errors.add("u.item", line_number, "movie id is not an integer or a genre flag is not 0/1")
+            continue
+        title, year = split_title("|".join(parts[1 : -n - 3]))
+        release_date = parts[-n - 3].strip()  # e.g. 01-Jan-1995, used when the title has no year
+        year = year or (release_date[-4:] if release_date[-4:].isdigit() else "")
+        genres = [common.label_token(g) for g, flag in zip(genres_names, flags) if flag.strip() == "1"]
+        movies.setdefault(str(int(parts[0])), (title, year, genres))
+    return movies
+
+
+def read_users(release, file, separator, order, errors):
+    """``{user_id: (age, gender, occupation, zip_code)}``; ``order`` gives the file's column order."""
+    users = {}
+    for line_number, line in release.lines(file):
+        parts = _fields(line.strip(), separator, 5, file, line_number, errors)
+        if parts is None:
+            continue
+        record = dict(zip(order, (common.clean_text(p) for p in parts)))
+        if not record["user_id"].isdigit():
+            errors.add(file, line_number, f"user id {record['user_id']!r} is not an integer")
+            continue
+        users.setdefault(
+            str(int(record["user_id"])), tuple(record[k] for k in ("age", "gender", "occupation", "zip_code"))
+        )
+    return users
+
+
+def name_ml1m_codes(users):
+    """ml-1m's users.dat stores age and occupation as codes; its README names them."""
+    named = {}
+    for user, (age, gender, occupation, zip_code) in users.items():
+        if occupation.isdigit() and int(occupation) < len(ML1M_OCCUPATIONS):
+            occupation = ML1M_OCCUPATIONS[int(occupation)]
+        named[user] = (ML1M_AGES.get(age, age), gender, occupation, zip_code)
+    return named
+
+
+def read_release(release, errors):
+    """Ratings, movies and users (``None`` when the release has no user file) of either layout."""
+    if release.has("ratings.dat"):
+        ratings = read_ratings(release, "ratings.dat", "::", errors)
+        movies = read_movies_1m(release, errors) if release.has("movies.dat") else {}
+        order = ("user_id", "gender", "age", "occupation", "zip_code")
+        users = (
+            name_ml1m_codes(read_users(release, "users.dat", "::", order, errors)) if release.has("users.dat") else None
+        )
+    elif release.has("u.data"):
+        ratings = read_ratings(release, "u.data", "\t", errors)
+        movies = read_movies_100k(release, errors) if release.has("u.item") else {}
+        order = ("user_id", "age", "gender", "occupation", "zip_code")
+        users = read_users(release, "u.user", "|", order, errors) if release.has("u.user") else None
+    else:
+        raise SystemExit(f"--input {release.path}: no ratings.dat (ml-1m) or u.data (ml-100k) inside")
+    return ratings, movies, users
+
+
+def convert(args, build):
+    errors = common.LineErrors()
+    with Release(args.input) as release:
+        ratings, movies, users = read_release(release, errors)
+    errors.report()
+    if not ratings:
+        raise SystemExit(f"--input {args.input}: no valid rating")
+
+    ratings.sort(key=lambda r: (int(r[0]), float(r[3]), int(r[1])))  # ids are integers (read_ratings)
+    rated_items = sorted({r[1] for r in ratings}, key=int)
+    rated_users = sorted({r[0] for r in ratings}, key=int)
+
+    posters = common.find_images(args.images)
+    sources = {item: posters[item] for item in rated_items if item in posters}
+    images, missing = common.normalise_images(sources, build.dir / "images")
+    for item in rated_items:
+        if item not in images and item not in missing:
+            missing[item] = f"no {item}.<ext> in --images" if args.images else "no --images folder given"
+
+    name = build.name
+    common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, ratings)
+    no_movie = ("", "", [])
+    item_rows = []
+    for item in rated_items:
+        title, year, genres = movies.get(item, no_movie)
+        item_rows.append((item, title, year, " ".join(genres), images.get(item, "")))
+    common.write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
+    if users is not None:
+        no_user = ("", "", "", "")
+        user_rows = [(user, *users.get(user, no_user)) for user in rated_users]
+        common.write_atomic_file(build.dir / f"{name}.user", USER_FIELDS, user_rows)
+    else:
+        (build.dir / f"{name}.user").unlink(missing_ok=True)
+    common.write_missing_images(build.dir / "missing_images.txt", missing)
+
+    item_images = {i: images.get(i, "") for i in rated_items}
+    stats = common.dataset_stats(name, (r[0] for r in ratings), (r[1] for r in ratings), item_images, missing, errors)
+    stats.update(
+        source_movies=len(movies),
+        source_users=len(users) if users is not None else None,
+        rated_items_missing_from_movies=sum(1 for item in rated_items if item not in movies),
+        users_missing_from_users_file=sum(1 for u in rated_users if u not in users) if users is not None else None,
+    )
+    return stats
+
+
+def parse_args(argv=None):
+    parser = common.argument_parser(__doc__, "ml-1m-mm")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="ml-100k.zip / ml-1m.zip as downloaded, or the extracted folder"
+    )
+    parser.add_argument(
+        "--images", type=Path, default=None, help="folder of posters named <MovieID>.jpg (any common image format)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Build the dataset (or find it up to date); returns the statistics, ``rebuilt`` among them."""
+    args = parse_args(argv)
+    return common.run_script(args, [args.input, args.images], __file__, convert)
+
+
+if __name__ == "__main__":
+    main()
