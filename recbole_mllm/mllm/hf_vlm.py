@@ -3,8 +3,9 @@
 The processor owns everything model specific (image tokens, their count, pixel tensors, the chat
 template), so this backend only writes chat messages in the multimodal content-list form and lets
 ``processor.apply_chat_template`` and ``processor(text=..., images=...)`` do the rest. Requests
-without an image go through the same model text-only; batches never mix the two kinds (see
-``HFChatBackend._batches``), so every processor sees exactly one image per text or none.
+without an image go through the same model text-only. ``prepare_inputs`` accepts mixed batches (the
+ranker's); the generate / score loops still keep the two kinds apart (``HFChatBackend._batches``), so
+no text-only row pays for padded image slots.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ class HFVisionLM(HFChatBackend):
     def prepare_inputs(self, requests: Sequence[ChatRequest],
                        completions: Optional[Sequence[str]] = None) -> dict:
         texts = [self.render(r) for r in requests]
-        images = [[r.image.convert("RGB")] for r in requests if r.image is not None]
-        if images and len(images) != len(requests):
-            raise ValueError("a batch must have an image for every request or for none")
-        enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        # one image list per text (empty for text-only rows): the form every processor reads unambiguously
+        images = [[r.image.convert("RGB")] if r.image is not None else [] for r in requests]
+        has_image = any(r.image is not None for r in requests)
+        enc = self.processor(text=texts, images=images if has_image else None, padding=True, return_tensors="pt")
         inputs = dict(enc)
         if completions is not None:
             inputs = append_completions(inputs, self.completion_token_ids(completions), self.tokenizer.pad_token_id)
