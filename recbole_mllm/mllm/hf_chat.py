@@ -63,6 +63,12 @@ def chat_messages(request: ChatRequest, content_lists: bool = False, image_first
     return messages
 
 
+def left_pad(rows: Sequence[torch.Tensor], value: int) -> torch.Tensor:
+    """Stack 1-d tensors of different lengths, padded on the left with ``value``: ``[B, max_len]``."""
+    width = max(len(r) for r in rows)
+    return torch.stack([F.pad(r, (width - len(r), 0), value=value) for r in rows])
+
+
 def append_completions(inputs: dict, completion_ids: Sequence[Sequence[int]], pad_id: int) -> dict:
     """Append each row's completion tokens after its prompt, re-pad on the left, and add ``labels``.
 
@@ -70,24 +76,17 @@ def append_completions(inputs: dict, completion_ids: Sequence[Sequence[int]], pa
     the answer only. Other per-token tensors (e.g. ``mm_token_type_ids``) are extended with zeros.
     """
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    per_token = [k for k, v in inputs.items()
-                 if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")]
-    rows = []
-    for i, completion in enumerate(completion_ids):
-        completion = torch.as_tensor(list(completion), dtype=ids.dtype, device=ids.device)
-        row = {"input_ids": torch.cat([ids[i][mask[i]], completion]),
-               "labels": torch.cat([torch.full_like(ids[i][mask[i]], IGNORE_INDEX), completion])}
-        for k in per_token:
-            row[k] = torch.cat([inputs[k][i][mask[i]], torch.zeros_like(completion, dtype=inputs[k].dtype)])
-        rows.append(row)
-    width = max(len(r["input_ids"]) for r in rows)
+    per_token = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "input_ids"]
     out = dict(inputs)
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
-    for k in ["input_ids", "labels", *per_token]:
-        out[k] = torch.stack([F.pad(r[k], (width - len(r[k]), 0), value=fill.get(k, 0)) for r in rows])
-    out["attention_mask"] = torch.stack([
-        F.pad(torch.ones_like(r["input_ids"], dtype=inputs["attention_mask"].dtype), (width - len(r["input_ids"]), 0))
-        for r in rows])
+    prompts = [ids[i][mask[i]] for i in range(len(ids))]
+    completions = [torch.as_tensor(list(c), dtype=ids.dtype, device=ids.device) for c in completion_ids]
+    out["input_ids"] = left_pad([torch.cat([p, c]) for p, c in zip(prompts, completions)], pad_id)
+    out["labels"] = left_pad([torch.cat([torch.full_like(p, IGNORE_INDEX), c]) for p, c in zip(prompts, completions)],
+                             IGNORE_INDEX)
+    for k in per_token:
+        tail = 1 if k == "attention_mask" else 0
+        out[k] = left_pad([torch.cat([inputs[k][i][mask[i]], torch.full_like(c, tail, dtype=inputs[k].dtype)])
+                           for i, c in enumerate(completions)], 0)
     return out
 
 

