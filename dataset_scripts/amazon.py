@@ -366,18 +366,13 @@ def convert(args, build):
 
 
 def parse_args(argv=None):
-    parser = common.argument_parser(__doc__, "amazon-beauty-mm")
+    images_help = "folder of local images named <item_id>.<ext>; used before downloading"
+    parser = common.argument_parser(__doc__, "amazon-beauty-mm", images_help)
     parser.add_argument(
         "--reviews", required=True, type=Path, help="review file: .json/.jsonl, gzipped or not (2014, 2018 or 2023)"
     )
     parser.add_argument(
         "--meta", type=Path, default=None, help="metadata file of the same category and vintage (text and image URLs)"
-    )
-    parser.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        help="folder of local images named <item_id>.<ext>; used before downloading",
     )
     parser.add_argument(
         "--k-core",

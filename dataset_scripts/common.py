@@ -309,7 +309,7 @@ class Build:
         return json.loads((self.dir / "stats.json").read_text(encoding="utf-8"))
 
 
-def argument_parser(doc, example_name):
+def argument_parser(doc, example_name, images_help):
     """A parser described by the script's docstring, with the arguments every converter has."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,6 +323,7 @@ def argument_parser(doc, example_name):
     parser.add_argument(
         "--name", required=True, help=f"dataset name, e.g. {example_name} (file prefix; properties/dataset/<name>.yaml)"
     )
+    parser.add_argument("--images", type=Path, default=None, help=images_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     return parser
 

@@ -265,12 +265,10 @@ def convert(args, build):
 
 
 def parse_args(argv=None):
-    parser = common.argument_parser(__doc__, "ml-1m-mm")
+    images_help = "folder of posters named <MovieID>.jpg (any common image format)"
+    parser = common.argument_parser(__doc__, "ml-1m-mm", images_help)
     parser.add_argument(
         "--input", required=True, type=Path, help="ml-100k.zip / ml-1m.zip as downloaded, or the extracted folder"
-    )
-    parser.add_argument(
-        "--images", type=Path, default=None, help="folder of posters named <MovieID>.jpg (any common image format)"
     )
     return parser.parse_args(argv)
 
