@@ -27,9 +27,13 @@ def write_tiny_dataset(root, name="tiny", n_users=40, n_items=30, per_user=12, s
         for t, i in enumerate(dict.fromkeys(items)):
             lines.append(f"u{u}\ti{i}\t{int(rng.integers(1, 6))}\t{1_000_000 + 3600 * t + u}")
     (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
-    item_lines = ["item_id:token\ttitle:token_seq\tgenres:token_seq"]
-    item_lines += [f"i{i}\tMovie number {i}\t{'Drama' if i % 2 else 'Comedy'}" for i in range(1, n_items + 1)]
+    item_lines = ["item_id:token\ttitle:token_seq\tgenres:token_seq"]  # titles unique, never substrings of each other
+    item_lines += [f"i{i}\tFilm{i}x\t{'Drama' if i % 2 else 'Comedy'}{' Action' if i % 3 == 0 else ''}"
+                   for i in range(1, n_items + 1)]
     (folder / f"{name}.item").write_text("\n".join(item_lines) + "\n")
+    user_lines = ["user_id:token\tage:token\tgender:token"]
+    user_lines += [f"u{u}\t{18 + u % 40}\t{'F' if u % 2 else 'M'}" for u in range(1, n_users + 1)]
+    (folder / f"{name}.user").write_text("\n".join(user_lines) + "\n")
     return folder
 
 

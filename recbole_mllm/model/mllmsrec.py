@@ -129,34 +129,25 @@ class MLLMSRec(SequentialRecommender):
             raise ValueError(f"checkpoint was trained on base model {para.get('base_model')}, not {expected}")
 
     # ------------------------------------------------------------------ prompt assembly
-    def _user_part(self, uid, t, user_state):
-        token = self.context.user_tokens[uid]
+    def _user_part(self, uid, t, user_token):
+        """Token ids and soft slots of a user's shared prompt part; ``user_token`` is its soft embedding ``[1, H]``."""
         preference = self.summaries.get((uid, t), "unknown") if self.use_summaries else "unknown"
-        values = {"user_id": token, "profile": self.context.profiles[uid], "preference": preference,
-                  "evolution": self.context.evolution(uid, t, self.recent_count),
+        values = {"user_id": self.context.user_tokens[uid], "profile": self.context.profiles[uid],
+                  "preference": preference, "evolution": self.context.evolution(uid, t, self.recent_count),
                   "recent_items": self.context.recent_titles(uid, t, self.recent_count)}
         ids, slots = assemble(self.layout.user, values, {"user_state": 1}, self.tokenize, self.field_tokens)
-        soft = {"user_state": (slots["user_state"], self.user_projection(user_state).unsqueeze(0))} \
-            if "user_state" in slots else {}
-        return ids, soft
+        return ids, {"user_state": (slots["user_state"], user_token)} if "user_state" in slots else {}
 
-    def _target_part(self, uid, t, iid, user_state, item_state):
-        image = None
-        if self.image_projector is not None and bool(self.has_image[iid]):
-            image = self.image_projector(self.image_features[iid:iid + 1], self.image_logits[iid:iid + 1])[0]
+    def _target_part(self, uid, t, iid, item_token, match_token, image_tokens):
+        """Token ids and soft slots of one candidate's prompt part (``image_tokens`` None: no image)."""
         values = {"user_id": self.context.user_tokens[uid], "item_text": self.context.item_text[iid],
                   "item_summary": self.context.item_summary[iid],
                   "match": self.context.match(uid, t, iid, self.recent_count)}
-        sizes = {"item_state": 1, "match_state": 1, "image": 0 if image is None else image.shape[0]}
+        sizes = {"item_state": 1, "match_state": 1, "image": 0 if image_tokens is None else image_tokens.shape[0]}
         ids, slots = assemble(self.layout.target, values, sizes, self.tokenize, self.field_tokens)
-        soft = {}
-        if "item_state" in slots:
-            soft["item_state"] = (slots["item_state"], self.item_projection(item_state).unsqueeze(0))
-        if "match_state" in slots:
-            soft["match_state"] = (slots["match_state"], self.match_projection(user_state * item_state).unsqueeze(0))
-        if image is not None and slots.get("image"):
-            soft["image"] = (slots["image"], image)
-        return ids, soft
+        soft = {"item_state": (slots.get("item_state"), item_token), "match_state": (slots.get("match_state"), match_token),
+                "image": (slots.get("image"), image_tokens)}
+        return ids, {name: value for name, value in soft.items() if value[0]}
 
     def _positions(self, interaction):
         uids = interaction[self.USER_ID].tolist()
@@ -166,10 +157,23 @@ class MLLMSRec(SequentialRecommender):
 
     def _llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
-        item_states = self.encoder.item_states(candidates)
-        users = PromptBatch(*zip(*[self._user_part(u, t, s) for u, t, s in zip(uids, ts, user_states)]))
-        targets = PromptBatch(*zip(*[self._target_part(uids[o], ts[o], int(i), user_states[o], e)
-                                     for o, i, e in zip(owner.tolist(), candidates.tolist(), item_states)]))
+        item_states = self.encoder.item_states(candidates)  # [C H]
+        user_tokens = self.user_projection(user_states).unsqueeze(1)  # [U 1 H']
+        item_tokens = self.item_projection(item_states).unsqueeze(1)  # [C 1 H']
+        match_tokens = self.match_projection(user_states[owner] * item_states).unsqueeze(1)  # [C 1 H']
+        image_tokens = [None] * len(candidates)
+        if self.image_projector is not None:
+            with_image = self.has_image[candidates].nonzero().squeeze(1)
+            if len(with_image):
+                items = candidates[with_image]
+                projected = self.image_projector(self.image_features[items], self.image_logits[items])  # [I n H']
+                for k, c in enumerate(with_image.tolist()):
+                    image_tokens[c] = projected[k]
+        users = PromptBatch(*zip(*[self._user_part(u, t, user_tokens[k])
+                                   for k, (u, t) in enumerate(zip(uids, ts))]))
+        owners = owner.tolist()
+        targets = PromptBatch(*zip(*[self._target_part(uids[o], ts[o], i, item_tokens[c], match_tokens[c], image_tokens[c])
+                                     for c, (o, i) in enumerate(zip(owners, candidates.tolist()))]))
         if labels is not None:
             return self.ranker.loss(users, targets, owner, labels)
         return self.ranker.score(users, targets, owner)

@@ -28,17 +28,6 @@ class PromptBatch:
     soft: list
 
 
-def left_pad_embeddings(embeddings: list, hidden: int, dtype, device):
-    """Left-pad ``[L_i, H]`` tensors into ``[N, L, H]`` plus the attention mask ``[N, L]``."""
-    length = max(e.shape[0] for e in embeddings)
-    out = torch.zeros(len(embeddings), length, hidden, dtype=dtype, device=device)
-    mask = torch.zeros(len(embeddings), length, dtype=torch.long, device=device)
-    for i, e in enumerate(embeddings):
-        out[i, length - e.shape[0]:] = e
-        mask[i, length - e.shape[0]:] = 1
-    return out, mask
-
-
 class LoRARanker(nn.Module):
     """A frozen causal LLM with LoRA adapters that scores (user part, candidate part) prompts."""
 
@@ -59,18 +48,30 @@ class LoRARanker(nn.Module):
         return self.llm.get_input_embeddings().weight.shape[1]
 
     def embed(self, batch: PromptBatch):
-        """Token embeddings with the soft slots filled in; left-padded ``[N, L, H]`` and mask."""
+        """Token embeddings with the soft slots filled in; left-padded ``[N, L, H]`` and mask ``[N, L]``.
+
+        One embedding lookup and one scatter for the whole batch (no per-row kernels).
+        """
         table = self.llm.get_input_embeddings()
         device, dtype = table.weight.device, table.weight.dtype
-        rows = []
-        for ids, soft in zip(batch.ids, batch.soft):
-            row = table(torch.tensor(ids, dtype=torch.long, device=device))
-            for positions, values in soft.values():
+        length = max(len(ids) for ids in batch.ids)
+        ids = torch.zeros(len(batch.ids), length, dtype=torch.long)
+        mask = torch.zeros(len(batch.ids), length, dtype=torch.long)
+        rows, cols, values = [], [], []
+        for i, (row_ids, soft) in enumerate(zip(batch.ids, batch.soft)):
+            offset = length - len(row_ids)
+            ids[i, offset:] = torch.tensor(row_ids, dtype=torch.long)
+            mask[i, offset:] = 1
+            for positions, value in soft.values():
                 if positions:
-                    index = torch.tensor(positions, device=device)
-                    row = row.index_copy(0, index, values.to(device=device, dtype=dtype))
-            rows.append(row)
-        return left_pad_embeddings(rows, self.hidden_size, dtype, device)
+                    rows += [i] * len(positions)
+                    cols += [offset + p for p in positions]
+                    values.append(value)
+        embeds = table(ids.to(device))
+        if values:
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            embeds = embeds.index_put(index, torch.cat(values).to(device=device, dtype=dtype))
+        return embeds, mask.to(device)
 
     def answer_logits(self, users: PromptBatch, candidates: PromptBatch, owner: torch.Tensor):
         """Full-vocabulary logits at the answer position of every candidate, ``[C, V]``.

@@ -65,8 +65,8 @@ def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
     requests = [(token, t) for token, history in histories.items()
                 for t in user_profile.needed_positions(len(history.items), config)]
     texts = _load_or_run(
-        config, "user_profile", lambda: user_profile.load_user_summaries(config, requests, backend),
-        lambda: user_profile.run_user_profile(config, backend, dataset=full_dataset))
+        config, "user_profile", lambda: user_profile.load_user_summaries(config, requests, backend, histories),
+        lambda: user_profile.run_user_profile(config, backend, histories))
     uid = {token: i for i, token in enumerate(user_tokens)}
     user_summaries = {(uid[token], t): text for (token, t), text in zip(requests, texts)}
     profile_by_token = user_profile.user_profiles(config)

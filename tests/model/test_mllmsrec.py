@@ -1,0 +1,91 @@
+"""MLLMSRec end to end on CPU with a tiny random Llama: RecBole train/evaluate, invariances, checkpoints, leakage."""
+
+import os
+
+import pytest
+import torch
+
+from recbole_mllm.config import Config
+from recbole_mllm.data import create_dataset, data_preparation
+from recbole_mllm.quick_start import run
+from recbole_mllm.utils import get_model
+from tests.mllm.mllm_tiny import build_tiny_causal
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    return str(build_tiny_causal(tmp_path_factory.mktemp("tiny_llm")))
+
+
+@pytest.fixture
+def mllm_config(tiny_data, tiny_llm, tmp_path):
+    return dict(tiny_data, mllm=tiny_llm, stage_cache_dir=str(tmp_path / "stage_cache"), encoder_warmup_epochs=1,
+                epochs=1, item_text_fields=["title", "genres"], item_title_field="title", item_category_field="genres",
+                item_image_field=None, stage_batch_size=8, item_fusion_max_new_tokens=6, user_summary_max_new_tokens=6,
+                user_window_size=4, user_window_step=4, ranker_eval_batch_size=128, rerank_top_k=5, train_batch_size=64,
+                ranker_train_negatives=2, lora_target_modules=["q_proj", "v_proj"], hidden_size=8, inner_size=16)
+
+
+def _model_and_data(config_dict):
+    config = Config("MLLMSRec", "tiny", config_dict=config_dict)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    model = get_model("MLLMSRec")(config, train_data._dataset).to(config["device"]).eval()
+    return config, model, test_data
+
+
+def test_full_recbole_train_and_test_cycle(mllm_config):
+    result = run("MLLMSRec", "tiny", config_dict=mllm_config)
+    assert set(result["test_result"]) == {"uni100", "full"}
+    for metrics in result["test_result"].values():
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+
+
+@torch.no_grad()
+def test_predict_ignores_candidate_order_and_block_position(mllm_config):
+    _, model, test_data = _model_and_data(mllm_config)
+    interaction, row_idx, _, _ = next(iter(test_data["uni100"]))
+    scores = model.predict(interaction)
+    perm = torch.randperm(len(row_idx), generator=torch.Generator().manual_seed(0))
+    permuted = model.predict(interaction[perm])
+    torch.testing.assert_close(permuted, scores[perm], atol=1e-4, rtol=1e-4)
+    one_user = (row_idx == row_idx[0]).nonzero().squeeze(1)
+    torch.testing.assert_close(model.predict(interaction[one_user]), scores[one_user], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(mllm_config, tmp_path):
+    _, model, test_data = _model_and_data(mllm_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    interaction = next(iter(test_data["uni100"]))[0]
+    expected = model.predict(interaction)
+    state = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    assert not any(k.endswith("embed_tokens.weight") or "base_layer" in k for k in state)
+    torch.save({"state_dict": state, "other_parameter": model.other_parameter()}, tmp_path / "ckpt.pth")
+    _, fresh, _ = _model_and_data(mllm_config)
+    checkpoint = torch.load(tmp_path / "ckpt.pth", weights_only=False)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    fresh.load_other_parameter(checkpoint["other_parameter"])
+    torch.testing.assert_close(fresh.predict(interaction), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_no_user_prompt_or_summary_mentions_the_target(mllm_config):
+    _, model, test_data = _model_and_data(mllm_config)
+    tokenizer = model.backend.tokenizer
+    context = model.context
+    for interaction, _, _, positive_i in test_data["full"]:
+        uids = interaction[model.USER_ID].tolist()
+        for uid, t, target in zip(uids, model._positions(interaction), positive_i.tolist()):
+            assert t == len(context.histories[uid]) - 1  # leave-one-out test target: the last interaction
+            ids, _ = model._user_part(uid, t, torch.zeros(model.hidden_size))
+            text = tokenizer.decode(ids)
+            assert context.item_title[target] not in text
+            assert context.item_title[target] not in model.summaries.get((uid, t), "")
