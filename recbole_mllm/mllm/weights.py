@@ -95,7 +95,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> Path:
-    """Rename a fully written temp folder into place; if another process won the race, keep theirs."""
+    """Rename a fully written temp folder into place; if another process won the race, keep theirs.
+
+    ``mkdtemp`` folders (and some writers' files) are private; the published folder gets the usual
+    umask permissions so a shared cache home serves every user.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_dir, *tmp_dir.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     try:
         os.rename(tmp_dir, final_dir)
     except OSError:

@@ -92,8 +92,7 @@ def test_identity_is_stable_and_names_the_model(tiny_backend):
     identity = tiny_backend.identity
     assert identity.backend == tiny_backend.backend and identity.dtype == "float32"
     assert len(identity.weights_sha256) == 64
-    type(tiny_backend).identity.func(tiny_backend)  # recomputing (hash cache hit) gives the same
-    assert type(tiny_backend).identity.func(tiny_backend) == identity
+    assert type(tiny_backend).identity.func(tiny_backend) == identity  # recomputed (hash cache hit): same
 
 
 def test_text_only_backend_warns_once_about_images(tiny_folder, caplog):

@@ -79,7 +79,7 @@ def test_batched_generation_and_scores_match_single(offline_mllm):
     requests = [ChatRequest("Describe the poster in a few words.", image=poster_or_synthetic(2)),
                 ChatRequest("Jumanji (1995), Adventure|Children's|Fantasy. Describe the movie in a few words."),
                 ChatRequest("What genre is this poster?", image=synthetic_image(5))]
-    config = GenerationConfig(max_new_tokens=6, batch_size=4)
+    config = GenerationConfig(max_new_tokens=4, batch_size=4)
     assert offline_mllm.generate(requests, config) == [offline_mllm.generate([r], config)[0] for r in requests]
     scores = offline_mllm.answer_logprobs(requests, ["Yes", "No"])
     single = torch.cat([offline_mllm.answer_logprobs([r], ["Yes", "No"]) for r in requests])
