@@ -40,10 +40,8 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -51,6 +49,7 @@ import torch
 
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
+from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, load_backend, process_group_if_launched
 from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -59,13 +58,9 @@ logger = logging.getLogger(__name__)
 STAGE = "item_fusion"
 
 DEFAULTS = {
-    "mllm": "offline-default",
-    "mllm_dtype": None,
-    "stage_cache_dir": "saved/stage_cache",
+    **STAGE_DEFAULTS,
     "item_fusion_prompt": "v1",
     "item_fusion_max_new_tokens": 96,
-    "stage_batch_size": 16,
-    "stage_shard_size": 256,
     "item_text_fields": None,
     "item_image_field": "image",
     "item_image_dir": "images",
@@ -87,9 +82,7 @@ _PROMPT_FIELDS = {"system": [], "image": ["item_text"], "text_only": ["item_text
 
 def _get(config: Mapping, key: str):
     """``config[key]`` for a dict or a RecBole ``Config``; missing (or None, for most keys) is the default."""
-    if key in config and (config[key] is not None or key in _NONE_MEANS_NONE):
-        return config[key]
-    return DEFAULTS.get(key)
+    return config_value(config, key, DEFAULTS, _NONE_MEANS_NONE)
 
 
 def text_fields(config: Mapping, table: ItemTable) -> list[tuple[str, str]]:
@@ -219,19 +212,6 @@ def _shard_compute(config: Mapping, plan: _Plan, backend: MultimodalLM):
     return compute
 
 
-def load_backend(config: Mapping) -> MultimodalLM:
-    """The backend named by ``config['mllm']``, on this process's device (its rank's GPU under torchrun)."""
-    from recbole_mllm.mllm import load_mllm  # deferred: backends import heavy libraries
-
-    device = config["device"] if "device" in config and config["device"] is not None else None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return load_mllm(_get(config, "mllm"), device=device, dtype=_get(config, "mllm_dtype"))
-
-
 def run_item_fusion(config: Mapping, backend: Optional[MultimodalLM] = None, progress: bool = True) -> StageCache:
     """Build (or finish, or just verify) the item fusion cache of ``config``; returns it, complete.
 
@@ -301,17 +281,8 @@ def stage_config(argv: Sequence[str]) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = stage_config(sys.argv[1:] if argv is None else argv)
-    started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
-        torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
-        started_group = True
-    try:
-        cache = run_item_fusion(config)
-        print(cache.path)
-    finally:
-        if started_group:
-            torch.distributed.destroy_process_group()
+    with process_group_if_launched():
+        print(run_item_fusion(config).path)
 
 
 if __name__ == "__main__":
