@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Collection, Iterator, Mapping
 
 import torch
@@ -30,6 +31,13 @@ def config_value(config: Mapping, key: str, defaults: Mapping, none_means_none: 
     if key in config and (config[key] is not None or key in none_means_none):
         return config[key]
     return defaults.get(key)
+
+
+def dataset_location(config: Mapping) -> tuple[str, Path]:
+    """The dataset name and its resolved folder (``data_path``: the one holding ``<dataset>.item``)."""
+    if "dataset" not in config or not config["dataset"]:
+        raise ValueError("the config names no dataset (key 'dataset')")
+    return str(config["dataset"]), Path(config_value(config, "data_path", {"data_path": "dataset/"}))
 
 
 def load_backend(config: Mapping) -> MultimodalLM:

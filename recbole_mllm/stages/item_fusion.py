@@ -49,7 +49,8 @@ import torch
 
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, load_backend, process_group_if_launched
+from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
+                                        process_group_if_launched)
 from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -123,13 +124,6 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
     return "\n".join(lines)
 
 
-def _dataset(config: Mapping) -> tuple[str, Path]:
-    """The dataset name and its resolved folder (the one holding ``<dataset>.item``)."""
-    if "dataset" not in config or not config["dataset"]:
-        raise ValueError("the config names no dataset (key 'dataset')")
-    return str(config["dataset"]), Path(_get(config, "data_path"))
-
-
 def _generation_config(config: Mapping) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=int(_get(config, "item_fusion_max_new_tokens")),
                             batch_size=int(_get(config, "stage_batch_size")), do_sample=False)
@@ -147,7 +141,7 @@ class _Plan:
 
 
 def _plan(config: Mapping, backend: MultimodalLM) -> _Plan:
-    dataset, dataset_dir = _dataset(config)
+    dataset, dataset_dir = dataset_location(config)
     table = read_item_file(dataset_dir, dataset, id_field=_get(config, "ITEM_ID_FIELD"),
                            field_separator=_get(config, "field_separator"), encoding=_get(config, "encoding"))
     template = load_prompt(STAGE, _get(config, "item_fusion_prompt")).require(_PROMPT_FIELDS)
