@@ -6,11 +6,13 @@ Every stage reads a RecBole-style mapping (a ``dict`` or a RecBole ``Config``: `
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Collection, Iterator, Mapping
+from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -67,3 +69,12 @@ def process_group_if_launched() -> Iterator[None]:
     finally:
         if started:
             torch.distributed.destroy_process_group()
+
+
+def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callable) -> None:
+    """A stage's ``main``: config from ``--key=value`` arguments, the run (one rank of several under
+    torchrun), and the cache folder printed on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = make_config(sys.argv[1:] if argv is None else argv)
+    with process_group_if_launched():
+        print(run(config).path)

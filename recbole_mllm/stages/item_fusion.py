@@ -40,7 +40,6 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -50,7 +49,7 @@ import torch
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
-                                        process_group_if_launched)
+                                        stage_main)
 from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -273,10 +272,7 @@ def stage_config(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = stage_config(sys.argv[1:] if argv is None else argv)
-    with process_group_if_launched():
-        print(run_item_fusion(config).path)
+    stage_main(argv, stage_config, run_item_fusion)
 
 
 if __name__ == "__main__":
