@@ -147,8 +147,9 @@ def user_profiles(config: Mapping) -> dict:
     """``{raw user token: profile sentence}`` from ``<dataset>.user`` (``{}`` when the dataset has none).
 
     ``aged 25-34, male, occupation programmer, zip code 55455``: fields in the configured order, ``_``
-    read as a space, M/F as male/female, ML-1M age and occupation codes named. A user without a row
-    or with only empty fields gets ``""`` (the prompt then says the template's ``[no_profile]``).
+    read as a space, M/F as male/female, ML-1M age and occupation codes named. Users without a row or
+    with only empty fields are left out: ``profiles.get(token, "unknown")`` (the stage's prompt says the
+    template's ``[no_profile]`` text).
     """
     dataset, folder = dataset_location(config)
     path = folder / f"{dataset}.user"
@@ -161,7 +162,9 @@ def user_profiles(config: Mapping) -> dict:
     profiles = {}
     for token, row in table.rows.items():
         values = [(label, name, " ".join(row[name].replace("_", " ").split())) for label, name in fields]
-        profiles[token] = ", ".join(_profile_part(label, name, value, codes) for label, name, value in values if value)
+        sentence = ", ".join(_profile_part(label, name, value, codes) for label, name, value in values if value)
+        if sentence:
+            profiles[token] = sentence
     return profiles
 
 
