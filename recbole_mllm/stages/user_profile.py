@@ -53,12 +53,14 @@ model reads too (``llm_train_targets_per_user``, the window keys) must reach the
 The item fusion cache of the same configuration must be built first.
 
 Config keys, besides those of item fusion (``mllm``, ``stage_cache_dir``, ``stage_batch_size``, item text
-fields, ...; ``stage_shard_size`` counts users here):
+fields, ...; ``stage_shard_size`` is part of the item cache's key, so it is not reused for users):
     user_window_size (int): W, items per window.
     user_window_step (int): S, items between the starts of two windows.
     user_summary_max_windows (int): M, most windows in one chain; 0 = from the first window.
     user_window_partial_first (bool): summarise histories shorter than W in one partial window.
     llm_train_targets_per_user (int): training targets per user the LLM is trained on (the last ones).
+    user_shard_size (int): users per cache shard: the unit of resume and of multi-process work; each
+        shard's chains advance together, one batched generation per window index.
     user_profile_prompt (str): template version (``v1`` -> ``prompts/user_profile_v1.txt``) or a .txt path.
     user_summary_max_new_tokens (int): longest summary, in tokens.
     user_profile_fields (list | dict | None): ``.user`` fields of the profile sentence, as field names or
@@ -101,6 +103,7 @@ DEFAULTS = {
     "user_summary_max_windows": 6,
     "user_window_partial_first": True,
     "llm_train_targets_per_user": 2,
+    "user_shard_size": 256,
     "user_profile_prompt": "v1",
     "user_summary_max_new_tokens": 64,
     "user_time_format": "unix_s",
@@ -339,7 +342,7 @@ def _plan(config: Mapping, backend: MultimodalLM, histories: Mapping) -> _Plan:
                    "encoding": _get(config, "encoding")},
     }
     cache = StageCache(_get(config, "stage_cache_dir"), STAGE, manifest, keys=summary_keys(histories, config),
-                       shard_size=int(_get(config, "stage_shard_size")), group_by_first=True,
+                       shard_size=int(_get(config, "user_shard_size")), group_by_first=True,
                        command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
     return _Plan(cache, histories, rule, clock, template, profiles, item_texts)
 

@@ -40,7 +40,7 @@ def recbole_config(root: Path, **overrides):
         "data_path": str(root), "use_gpu": False, "show_progress": False, "normalize_all": False,
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "item_inter_num_interval": "[2,inf)",
         "MAX_ITEM_LIST_LENGTH": 50, "stage_cache_dir": str(root / "cache"), "item_image_field": None,
-        "stage_shard_size": 2, "user_window_size": 2, "user_window_step": 2, "user_summary_max_new_tokens": 6,
+        "user_shard_size": 2, "user_window_size": 2, "user_window_step": 2, "user_summary_max_new_tokens": 6,
         **overrides})
 
 
@@ -248,11 +248,12 @@ def test_command_line_builds_through_recbole_config(toy, capsys):
     item_fusion.main(["--dataset=toy", *args])
     user_profile.main(["--dataset=toy", *args, "--use_gpu=False", "--normalize_all=False",
                        "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", "--user_window_size=2",
-                       "--user_summary_max_new_tokens=4", "--show_progress=False"])
+                       "--user_summary_max_new_tokens=4", "--show_progress=False", "--user_shard_size=1"])
     path = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert path.parent.name == "user_profile" and (path / "complete.json").is_file()
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["model"]["backend"] == "hf-causal" and manifest["params"]["window_size"] == 2
+    assert manifest["cache"]["shard_size"] == 1  # users per shard: the item cache (256 items per shard) is still found
     assert manifest["dataset"]["n_interactions"] == 15  # the command line kept every item (no filter given)
     with pytest.raises(SystemExit, match="--dataset"):
         user_profile.stage_config(["--mllm=x"])

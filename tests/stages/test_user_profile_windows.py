@@ -122,7 +122,7 @@ def test_overlapping_windows_and_max_windows(items_ready):
 def test_only_needed_summaries_are_generated(items_ready):
     histories = {"u1": history([f"i{k}" for k in range(25)]), "u2": history(["e0", "e1"]), "u3": history(["e2"]),
                  "u4": history([f"i{k}" for k in range(7)]), "u5": history([f"i{k}" for k in range(13)])}
-    config = dict(user_window_size=3, user_window_step=3, user_summary_max_windows=3, stage_shard_size=2)
+    config = dict(user_window_size=3, user_window_step=3, user_summary_max_windows=3, user_shard_size=2)
     # u1: t 21..24 -> c 21, 24: chains of windows 5-7 and 6-8 (3 + 3); u2: t 1 -> c 1 (partial, 1);
     # u3: none; u4: t 3..6 -> c 3, 6: one chain (2); u5: t 9..12 -> c 9, 12: chains 1-3 and 2-4 (3 + 3)
     assert summary_keys(histories, toy_config(items_ready, **config)) == [

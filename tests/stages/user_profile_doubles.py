@@ -41,7 +41,7 @@ def write_items(folder: Path, name: str, tokens) -> None:
 def toy_config(root: Path, name: str = "toy", **overrides) -> dict:
     """A plain config dict for a dataset folder ``root/name`` and caches under ``root/cache``."""
     return {"dataset": name, "data_path": str(root / name), "stage_cache_dir": str(root / "cache"),
-            "item_image_field": None, "stage_batch_size": 4, "stage_shard_size": 2,
+            "item_image_field": None, "stage_batch_size": 4, "user_shard_size": 2,
             "user_summary_max_new_tokens": 8, "item_fusion_max_new_tokens": 4, **overrides}
 
 
