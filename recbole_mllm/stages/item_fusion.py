@@ -40,10 +40,7 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -51,6 +48,8 @@ import torch
 
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
+from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
+                                        stage_main)
 from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -59,13 +58,9 @@ logger = logging.getLogger(__name__)
 STAGE = "item_fusion"
 
 DEFAULTS = {
-    "mllm": "offline-default",
-    "mllm_dtype": None,
-    "stage_cache_dir": "saved/stage_cache",
+    **STAGE_DEFAULTS,
     "item_fusion_prompt": "v1",
     "item_fusion_max_new_tokens": 96,
-    "stage_batch_size": 16,
-    "stage_shard_size": 256,
     "item_text_fields": None,
     "item_image_field": "image",
     "item_image_dir": "images",
@@ -87,9 +82,7 @@ _PROMPT_FIELDS = {"system": [], "image": ["item_text"], "text_only": ["item_text
 
 def _get(config: Mapping, key: str):
     """``config[key]`` for a dict or a RecBole ``Config``; missing (or None, for most keys) is the default."""
-    if key in config and (config[key] is not None or key in _NONE_MEANS_NONE):
-        return config[key]
-    return DEFAULTS.get(key)
+    return config_value(config, key, DEFAULTS, _NONE_MEANS_NONE)
 
 
 def text_fields(config: Mapping, table: ItemTable) -> list[tuple[str, str]]:
@@ -130,13 +123,6 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
     return "\n".join(lines)
 
 
-def _dataset(config: Mapping) -> tuple[str, Path]:
-    """The dataset name and its resolved folder (the one holding ``<dataset>.item``)."""
-    if "dataset" not in config or not config["dataset"]:
-        raise ValueError("the config names no dataset (key 'dataset')")
-    return str(config["dataset"]), Path(_get(config, "data_path"))
-
-
 def _generation_config(config: Mapping) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=int(_get(config, "item_fusion_max_new_tokens")),
                             batch_size=int(_get(config, "stage_batch_size")), do_sample=False)
@@ -154,7 +140,7 @@ class _Plan:
 
 
 def _plan(config: Mapping, backend: MultimodalLM) -> _Plan:
-    dataset, dataset_dir = _dataset(config)
+    dataset, dataset_dir = dataset_location(config)
     table = read_item_file(dataset_dir, dataset, id_field=_get(config, "ITEM_ID_FIELD"),
                            field_separator=_get(config, "field_separator"), encoding=_get(config, "encoding"))
     template = load_prompt(STAGE, _get(config, "item_fusion_prompt")).require(_PROMPT_FIELDS)
@@ -217,19 +203,6 @@ def _shard_compute(config: Mapping, plan: _Plan, backend: MultimodalLM):
         return ShardOutput(summaries, embeddings, metas)
 
     return compute
-
-
-def load_backend(config: Mapping) -> MultimodalLM:
-    """The backend named by ``config['mllm']``, on this process's device (its rank's GPU under torchrun)."""
-    from recbole_mllm.mllm import load_mllm  # deferred: backends import heavy libraries
-
-    device = config["device"] if "device" in config and config["device"] is not None else None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return load_mllm(_get(config, "mllm"), device=device, dtype=_get(config, "mllm_dtype"))
 
 
 def run_item_fusion(config: Mapping, backend: Optional[MultimodalLM] = None, progress: bool = True) -> StageCache:
@@ -299,19 +272,7 @@ def stage_config(argv: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = stage_config(sys.argv[1:] if argv is None else argv)
-    started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
-        torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
-        started_group = True
-    try:
-        cache = run_item_fusion(config)
-        print(cache.path)
-    finally:
-        if started_group:
-            torch.distributed.destroy_process_group()
+    stage_main(argv, stage_config, run_item_fusion)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Items as the LLM stages see them: raw rows of a RecBole ``.item`` atomic file and their images.
+"""Items as the LLM stages see them: raw rows of a RecBole ``.item`` atomic file and their images
+(and the same reader for other atomic files, e.g. ``.user``).
 
 The stages work on raw tokens and raw text, before RecBole remaps ids or filters anything, so that
 their caches do not depend on the split or the filtering settings. The file is read the way RecBole
@@ -20,8 +21,8 @@ from recbole_mllm.stages.cache import canonical_json, sha256_file
 
 
 @dataclass
-class ItemTable:
-    """The rows of ``<dataset>.item``: ``rows[raw token][field] = raw string``, in file order."""
+class AtomicTable:
+    """The rows of an atomic file (``.item``, ``.user``): ``rows[raw token][field] = raw string``, in file order."""
 
     path: Path
     id_field: str
@@ -29,12 +30,17 @@ class ItemTable:
     rows: dict
 
 
-def read_item_file(dataset_dir, dataset: str, id_field: str = "item_id", field_separator: str = "\t",
-                   encoding: str = "utf-8") -> ItemTable:
-    """Read ``<dataset_dir>/<dataset>.item``; duplicate item tokens are an error (RecBole would keep both)."""
-    path = Path(dataset_dir) / f"{dataset}.item"
-    if not path.is_file():
-        raise FileNotFoundError(f"the item file {path} does not exist: the item stages need the dataset's .item atomic file")
+ItemTable = AtomicTable
+"""The table of ``<dataset>.item`` (the name the item stage uses)."""
+
+
+def read_atomic_file(path, id_field: str, field_separator: str = "\t", encoding: str = "utf-8", kind: str = "item",
+                     id_key: str = "ITEM_ID_FIELD") -> AtomicTable:
+    """Read the atomic file ``path`` keyed by ``id_field``; duplicate tokens are an error (RecBole would keep both).
+
+    ``kind`` (``item``, ``user``) and ``id_key`` (the config key naming the id field) word the errors.
+    """
+    path = Path(path)
     frame = pd.read_csv(path, delimiter=field_separator, dtype=str, encoding=encoding, engine="python",
                         keep_default_na=False, na_filter=False)
     field_types = {}
@@ -43,12 +49,21 @@ def read_item_file(dataset_dir, dataset: str, id_field: str = "item_id", field_s
         field_types[name] = ftype
     frame.columns = list(field_types)
     if id_field not in field_types:
-        raise ValueError(f"{path} has no item id field {id_field!r} (ITEM_ID_FIELD); its fields are {list(field_types)}")
+        raise ValueError(f"{path} has no {kind} id field {id_field!r} ({id_key}); its fields are {list(field_types)}")
     duplicated = frame[id_field][frame[id_field].duplicated()].tolist()
     if duplicated:
-        raise ValueError(f"{path} lists {len(duplicated)} item token(s) more than once, e.g. {duplicated[:5]}")
+        raise ValueError(f"{path} lists {len(duplicated)} {kind} token(s) more than once, e.g. {duplicated[:5]}")
     rows = {row[id_field]: row for row in frame.to_dict(orient="records")}
-    return ItemTable(path=path, id_field=id_field, field_types=field_types, rows=rows)
+    return AtomicTable(path=path, id_field=id_field, field_types=field_types, rows=rows)
+
+
+def read_item_file(dataset_dir, dataset: str, id_field: str = "item_id", field_separator: str = "\t",
+                   encoding: str = "utf-8") -> ItemTable:
+    """Read ``<dataset_dir>/<dataset>.item``; duplicate item tokens are an error (RecBole would keep both)."""
+    path = Path(dataset_dir) / f"{dataset}.item"
+    if not path.is_file():
+        raise FileNotFoundError(f"the item file {path} does not exist: the item stages need the dataset's .item atomic file")
+    return read_atomic_file(path, id_field, field_separator, encoding)
 
 
 def load_image(path: Optional[Path]) -> tuple[Optional[Image.Image], str]:

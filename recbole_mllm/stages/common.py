@@ -1,0 +1,80 @@
+"""What the LLM stages share: config lookup with defaults, the backend loader, the torchrun process group.
+
+Every stage reads a RecBole-style mapping (a ``dict`` or a RecBole ``Config``: ``key in config`` and
+``config[key]``) where a missing key, or None for most keys, means the stage's default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from recbole_mllm.mllm.base import MultimodalLM
+
+STAGE_DEFAULTS = {
+    "mllm": "offline-default",
+    "mllm_dtype": None,
+    "stage_cache_dir": "saved/stage_cache",
+    "stage_batch_size": 16,
+    "stage_shard_size": 256,
+}
+"""Keys every stage reads (the model, where caches live, batch and shard sizes); see item_fusion's docstring."""
+
+
+def config_value(config: Mapping, key: str, defaults: Mapping, none_means_none: Collection[str] = ()):
+    """``config[key]``; missing (or None, unless ``key`` is in ``none_means_none``) gives ``defaults[key]``."""
+    if key in config and (config[key] is not None or key in none_means_none):
+        return config[key]
+    return defaults.get(key)
+
+
+def dataset_location(config: Mapping) -> tuple[str, Path]:
+    """The dataset name and its resolved folder (``data_path``: the one holding ``<dataset>.item``)."""
+    if "dataset" not in config or not config["dataset"]:
+        raise ValueError("the config names no dataset (key 'dataset')")
+    return str(config["dataset"]), Path(config_value(config, "data_path", {"data_path": "dataset/"}))
+
+
+def load_backend(config: Mapping) -> MultimodalLM:
+    """The backend named by ``config['mllm']``, on this process's device (its rank's GPU under torchrun)."""
+    from recbole_mllm.mllm import load_mllm  # deferred: backends import heavy libraries
+
+    device = config["device"] if "device" in config and config["device"] is not None else None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return load_mllm(config_value(config, "mllm", STAGE_DEFAULTS),
+                     device=device, dtype=config_value(config, "mllm_dtype", STAGE_DEFAULTS, {"mllm_dtype"}))
+
+
+@contextmanager
+def process_group_if_launched() -> Iterator[None]:
+    """Under ``torchrun`` (WORLD_SIZE > 1) start a gloo group for the cache's barriers, and end it after."""
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
+        torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callable) -> None:
+    """A stage's ``main``: config from ``--key=value`` arguments, the run (one rank of several under
+    torchrun), and the cache folder printed on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = make_config(sys.argv[1:] if argv is None else argv)
+    with process_group_if_launched():
+        print(run(config).path)
