@@ -46,14 +46,23 @@ class RankerContext:
     profiles: list  # per user: profile sentence
     positions: dict = field(default_factory=dict)  # (uid, iid) -> list of positions in the history
 
-    def position(self, uid: int, iid: int, timestamp: float | None = None) -> int:
-        """Number of the user's interactions before this target (``t``)."""
-        found = self.positions.get((uid, iid))
+    def position(self, uid: int, item_seq, seq_len: int, max_len: int, timestamp: float | None = None) -> int:
+        """Number of the user's interactions before a target (``t``), from the model's input sequence alone.
+
+        Never from the candidate item: in an evaluation block every candidate shares the user's input,
+        so ``t`` (and every text built from ``history[:t]``) is the same for the positive and the negatives.
+        """
+        if seq_len < max_len:  # RecBole's sequence is the whole history before the target
+            return int(seq_len)
+        last = int(item_seq[seq_len - 1])
+        found = [p + 1 for p in self.positions.get((uid, last), [])]
+        history = self.histories[uid]
+        found = [t for t in found if t >= seq_len and np.array_equal(history[t - seq_len:t], np.asarray(item_seq[:seq_len]))]
         if not found:
-            raise KeyError(f"user {self.user_tokens[uid]} never interacted with item {self.item_tokens[iid]}")
+            raise KeyError(f"user {self.user_tokens[uid]}: the input sequence is not part of the user's history")
         if len(found) == 1 or timestamp is None:
             return found[-1]
-        return min(found, key=lambda p: abs(self.timestamps[uid][p] - timestamp))
+        return min(found, key=lambda t: abs(self.timestamps[uid][t - 1] - timestamp))
 
     def evolution(self, uid: int, t: int, window: int) -> str:
         """Step 1: how the user's categories moved from the older history to the latest window."""
@@ -123,6 +132,8 @@ def encode_item_images(backend, item_tokens, table, image_field, image_dir: Path
     """Vision features of every item image with the backend's tower; rows of items without one stay 0."""
     from recbole_mllm.stages.items import image_path, load_image
 
+    if image_field is None:
+        return None, None, torch.zeros(len(item_tokens), dtype=torch.bool)
     paths = [image_path(table, str(t), image_field, image_dir) if str(t) in table.rows else None for t in item_tokens]
     index = [i for i, p in enumerate(paths) if p is not None]
     features = logits = None

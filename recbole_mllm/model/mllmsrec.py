@@ -49,6 +49,7 @@ class MLLMSRec(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         # load parameters info
+        self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
         self.hidden_size = config["hidden_size"]
         self.train_negatives = config["ranker_train_negatives"]
         self.llm_targets_per_user = config["llm_train_targets_per_user"]
@@ -94,7 +95,7 @@ class MLLMSRec(SequentialRecommender):
         self.image_projector = None
         if self.use_images and getattr(self.backend, "projector", None) is not None:
             features, logits, has_image = encode_item_images(self.backend, inputs.item_tokens, inputs.item_table,
-                                                             config["item_image_field"], inputs.image_dir)
+                                                             inputs.image_field, inputs.image_dir)
             if features is not None:
                 self.image_projector = self.backend.projector  # its zero-initialised residual is trained
                 self.register_buffer("image_features", features, persistent=False)
@@ -150,10 +151,12 @@ class MLLMSRec(SequentialRecommender):
         return ids, {name: value for name, value in soft.items() if value[0]}
 
     def _positions(self, interaction):
+        """``t`` of every row, from its input sequence (see ``RankerContext.position``)."""
+        seqs = interaction[self.ITEM_SEQ].cpu().numpy()
+        lens = interaction[self.ITEM_SEQ_LEN].tolist()
         uids = interaction[self.USER_ID].tolist()
-        iids = interaction[self.POS_ITEM_ID].tolist()
         times = interaction[self.TIME_FIELD].tolist() if self.TIME_FIELD in interaction else [None] * len(uids)
-        return [self.context.position(u, i, ts) for u, i, ts in zip(uids, iids, times)]
+        return [self.context.position(u, s, n, self.max_seq_length, ts) for u, s, n, ts in zip(uids, seqs, lens, times)]
 
     def _llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""

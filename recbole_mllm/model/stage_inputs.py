@@ -14,6 +14,7 @@ from pathlib import Path
 from recbole_mllm.data import create_dataset
 from recbole_mllm.stages import item_fusion, user_profile
 from recbole_mllm.stages.cache import StageCacheError
+from recbole_mllm.stages.common import config_value, load_backend
 from recbole_mllm.stages.items import read_item_file
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class StageInputs:
     item_token2id: dict
     item_table: object
     text_fields: list
+    image_field: object  # .item field naming the image file, or None
     image_dir: Path
     item_summaries: list
     item_embeddings: object  # [n_items, H] float tensor, row 0 ([PAD]) zero
@@ -50,7 +52,7 @@ def _load_or_run(config, stage, load, run):
 
 def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
     """Everything the ranker needs from the stages; ``dataset`` is RecBole's (split) training dataset."""
-    backend = item_fusion.load_backend(config)
+    backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
     user_tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
     data_dir = Path(config["data_path"])
@@ -72,5 +74,7 @@ def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
     profile_by_token = user_profile.user_profiles(config)
     profiles = [profile_by_token.get(token, "unknown") for token in user_tokens]
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
-                       item_fusion.text_fields(config, table), data_dir / (config["item_image_dir"] or "images"),
+                       item_fusion.text_fields(config, table),
+                       config_value(config, "item_image_field", item_fusion.DEFAULTS, {"item_image_field"}),
+                       data_dir / config_value(config, "item_image_dir", item_fusion.DEFAULTS),
                        summaries, embeddings, full_dataset, histories, profiles, user_summaries)

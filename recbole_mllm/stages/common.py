@@ -77,4 +77,38 @@ def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callab
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = make_config(sys.argv[1:] if argv is None else argv)
     with process_group_if_launched():
-        print(run(config).path)
+        path = run(config).path
+    if torch.cuda.is_available():
+        logging.getLogger(__name__).info(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(path)
+
+
+def stage_config(argv: Sequence[str]):
+    """The plugin ``Config`` from ``--dataset=... [--model=MLLMSRec] [--config_files="a.yaml b.yaml"] --key=value``.
+
+    The model defaults to MLLMSRec, so a stage run from the command line reads ``MLLMSRec.yaml`` and the
+    dataset yaml exactly as the model will, and builds the cache the model looks for.
+    """
+    from recbole_mllm.config import Config
+
+    dataset, model, files, overrides = None, "MLLMSRec", [], []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"arguments are --key=value; got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key == "dataset":
+            dataset = value
+        elif key == "model":
+            model = value
+        elif key == "config_files":
+            files = value.split()
+        else:
+            overrides.append(arg)
+    if not dataset:
+        raise SystemExit("name the dataset: --dataset=<name>")
+    config_dict = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # RecBole would hide every GPU but gpu_id from the ranks
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        config_dict["gpu_id"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(local)))
+    return Config(model=model, dataset=dataset, config_file_list=files or None, config_dict=config_dict,
+                  cmd_args=overrides)

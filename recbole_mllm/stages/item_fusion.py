@@ -49,7 +49,7 @@ import torch
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
-                                        stage_main)
+                                        stage_config, stage_main)
 from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -238,37 +238,6 @@ def load_item_fusion(config: Mapping, item_tokens: Sequence[str],
         if token in row:
             out[i] = embeddings[row[token]]
     return [texts[row[t]] if t in row else "" for t in item_tokens], out
-
-
-def stage_config(argv: Sequence[str]) -> dict:
-    """A config dict from ``--dataset=... --config_files="a.yaml b.yaml" --key=value`` (RecBole's syntax).
-
-    Precedence: stage defaults, then the YAML files in order, then the command line. ``data_path`` is
-    resolved as RecBole does: ``<data_path>/<dataset>``, and RecBole's bundled folder for ml-100k.
-    A stopgap until ``recbole_mllm.config.Config`` feeds the stages.
-    """
-    import yaml
-
-    given: dict = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --key=value; got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        given[key] = value if key in ("dataset", "config_files", "data_path") else yaml.safe_load(value)
-    config = dict(DEFAULTS)
-    for path in str(given.pop("config_files", "") or "").split():
-        with open(path, encoding="utf-8") as f:
-            config.update(yaml.safe_load(f) or {})
-    config.update(given)
-    if not config.get("dataset"):
-        raise SystemExit("name the dataset: --dataset=<name>")
-    if config["dataset"] == "ml-100k":
-        import recbole
-
-        config["data_path"] = str(Path(recbole.__file__).parent / "dataset_example" / "ml-100k")
-    else:
-        config["data_path"] = str(Path(config["data_path"]) / config["dataset"])
-    return config
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -86,7 +86,7 @@ from tqdm import tqdm
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache, canonical_json, sha256_file
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
-                                        stage_main)
+                                        stage_config, stage_main)
 from recbole_mllm.stages.item_fusion import item_fusion_cache, load_item_fusion, render_item_text, text_fields
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
@@ -514,33 +514,6 @@ def load_user_summaries(config: Mapping, requests: Sequence[tuple], backend: Opt
     with :func:`open_user_summaries` when asking many times; ``histories`` spares building the dataset.
     """
     return open_user_summaries(config, backend, histories).texts(requests)
-
-
-def stage_config(argv: Sequence[str]):
-    """RecBole ``Config`` from ``--dataset=... [--model=SASRec] [--config_files="a.yaml b.yaml"] --key=value``."""
-    from recbole_mllm.config import Config
-
-    dataset, model, files, overrides = None, "SASRec", [], []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --key=value; got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        if key == "dataset":
-            dataset = value
-        elif key == "model":
-            model = value
-        elif key == "config_files":
-            files = value.split()
-        else:
-            overrides.append(arg)
-    if not dataset:
-        raise SystemExit("name the dataset: --dataset=<name>")
-    config_dict = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # RecBole would hide every GPU but gpu_id from the ranks
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        config_dict["gpu_id"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(local)))
-    return Config(model=model, dataset=dataset, config_file_list=files or None, config_dict=config_dict,
-                  cmd_args=overrides)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

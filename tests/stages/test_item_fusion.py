@@ -166,15 +166,19 @@ def test_real_tiny_llm_interrupted_then_resumed_is_byte_identical(toy, tmp_path,
     assert json.loads((resumed.path / "manifest.json").read_text())["model"]["backend"] == "tiny-llama"
 
 
-def test_stage_config_from_command_line(tmp_path):
+def test_stage_config_is_the_plugin_config_of_mllmsrec(tmp_path):
+    """The command line builds the same layered Config the model sees, so both find the same cache."""
     yaml_file = tmp_path / "a.yaml"
     yaml_file.write_text("stage_batch_size: 4\nitem_text_fields: [title]\nmllm: from-file\n")
+    (tmp_path / "data" / "ml-1m-mm").mkdir(parents=True)
     config = stage_config(["--dataset=ml-1m-mm", f"--config_files={yaml_file}", "--mllm=qwen",
-                           "--item_text_fields={Title: movie_title, Year: release_year}", "--data_path=data"])
+                           "--item_text_fields={'Title': 'movie_title', 'Year': 'release_year'}",
+                           f"--data_path={tmp_path / 'data'}"])
+    assert config["model"] == "MLLMSRec" and config["rerank_top_k"] is not None  # MLLMSRec.yaml is read
     assert config["stage_batch_size"] == 4 and config["mllm"] == "qwen"
     assert config["item_text_fields"] == {"Title": "movie_title", "Year": "release_year"}
-    assert Path(config["data_path"]) == Path("data") / "ml-1m-mm" and config["stage_shard_size"] == 256
-    assert Path(stage_config(["--dataset=ml-100k"])["data_path"]) == ML100K
+    assert Path(config["data_path"]) == tmp_path / "data" / "ml-1m-mm"
+    assert Path(stage_config(["--dataset=ml-100k"])["data_path"]).resolve() == ML100K.resolve()
     with pytest.raises(SystemExit):
         stage_config(["--mllm=x"])
 
