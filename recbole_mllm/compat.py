@@ -10,6 +10,11 @@ What breaks, and what this module does about it (nothing else in the project pat
   every checkpoint, so ``torch.load`` of a file RecBole just wrote fails. :func:`load_checkpoint`
   loads such a file with ``weights_only=False``. Use it only for checkpoints this project wrote.
 
+* Importing ``recbole.model.sequential_recommender`` runs ``sine.py``, which calls
+  ``torch.autograd.set_detect_anomaly(True)`` for the whole process: every backward pass of every
+  model then checks for NaNs and records stack traces (about 3x slower SASRec steps on a GPU).
+  :func:`disable_anomaly_detection` turns it back off; ``utils.get_model`` calls it after an import.
+
 ``pandas>=3`` silently breaks RecBole's ``fillna`` and ``token_seq`` loading; it is excluded in
 ``setup.py`` rather than patched. ``recbole.quick_start`` (which imports ray) is never imported.
 """
@@ -30,3 +35,8 @@ def apply_numpy_aliases():
 def load_checkpoint(path, map_location="cpu"):
     """Load a RecBole checkpoint written by this run (it holds a pickled ``Config``)."""
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def disable_anomaly_detection():
+    """Undo the process-wide anomaly detection that importing RecBole's SINE model switches on."""
+    torch.autograd.set_detect_anomaly(False)

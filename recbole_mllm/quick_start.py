@@ -12,6 +12,7 @@ import time
 from datetime import datetime
 from logging import getLogger
 
+import numpy as np
 import torch
 from recbole.utils import init_logger, init_seed, set_color
 
@@ -27,13 +28,17 @@ def protocol_fingerprint(eval_data):
 
     Two models whose fingerprints match were tested on exactly the same users, targets and candidates.
     """
-    digest = hashlib.sha256()
     uid_field, iid_field = eval_data._dataset.uid_field, eval_data._dataset.iid_field
+    users, items, targets = [], [], []
     for interaction, _, _, positive_i in eval_data:
-        digest.update(interaction[uid_field].numpy().tobytes())
+        users.append(interaction[uid_field].numpy())
         if iid_field in interaction:
-            digest.update(interaction[iid_field].numpy().tobytes())
-        digest.update(positive_i.numpy().tobytes())
+            items.append(interaction[iid_field].numpy())
+        targets.append(positive_i.numpy())
+    digest = hashlib.sha256()
+    for parts in (users, items, targets):  # whole arrays, so batching does not change the hash
+        if parts:
+            digest.update(np.concatenate(parts).astype(np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -9,6 +9,8 @@ import importlib
 
 from recbole.utils import get_trainer as get_recbole_trainer
 
+from recbole_mllm import compat
+
 MODEL_PACKAGES = (
     "recbole_mllm.model",
     "recbole.model.sequential_recommender",
@@ -32,6 +34,7 @@ def get_model(model_name):
         except ModuleNotFoundError:  # a package whose optional dependency is not installed
             found = False
         if found and hasattr(module := importlib.import_module(module_path), model_name):
+            compat.disable_anomaly_detection()  # RecBole's sine.py turned it on during the import
             return getattr(module, model_name)
     raise ValueError(
         f"Unknown model '{model_name}': it is neither a recbole_mllm model nor a RecBole model. "

@@ -60,3 +60,11 @@ def test_plugin_model_shadows_recbole(tmp_path, monkeypatch):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown model 'SASRecc'"):
         get_model("SASRecc")
+
+
+def test_resolving_a_recbole_model_leaves_anomaly_detection_off():
+    """Importing RecBole's sequential models runs sine.py, which turns it on for the whole process."""
+    import torch
+
+    get_model("SASRec")
+    assert not torch.is_anomaly_enabled()
