@@ -32,9 +32,11 @@ class GenerationConfig:
     max_new_tokens: int = 96
     batch_size: int = 16
     do_sample: bool = False
+    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram (small LLMs loop under greedy decoding)
 
     def as_dict(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                "no_repeat_ngram_size": self.no_repeat_ngram_size}
 
 
 @dataclass

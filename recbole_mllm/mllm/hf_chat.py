@@ -238,6 +238,8 @@ class HFChatBackend(MultimodalLM):
         """New tokens only, ``[B, T]``; greedy unless ``config.do_sample``."""
         kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_token_ids())
+        if config.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = config.no_repeat_ngram_size
         if not config.do_sample:  # silence sampling settings a model's generation_config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(**inputs, **kwargs)

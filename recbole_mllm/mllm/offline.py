@@ -90,6 +90,28 @@ def imagenet_class_names() -> list[str]:
     return names
 
 
+def _complete_from_gguf_metadata(tokenizer, gguf_path: Path) -> None:
+    """Fill in the chat template and pad token from the GGUF's own metadata where the tokenizer lacks them.
+
+    Some transformers releases (5.17 seen) drop ``tokenizer.chat_template`` and the padding token id
+    when they build a tokenizer from a GGUF file, although the file carries both.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+
+    def value(key):
+        field = fields.get(key)
+        return None if field is None else field.parts[field.data[0]]
+
+    template = value("tokenizer.chat_template")
+    if not tokenizer.chat_template and template is not None:
+        tokenizer.chat_template = bytes(template).decode("utf-8")
+    pad = value("tokenizer.ggml.padding_token_id")
+    if tokenizer.pad_token is None and pad is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad[0]))
+
+
 def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     """A plain Hugging Face folder for a GGUF chat model, written once under ``root`` and reused.
 
@@ -109,6 +131,7 @@ def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to %s (once)", gguf_path.name, final)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _complete_from_gguf_metadata(tokenizer, gguf_path)
     if not tokenizer.chat_template or tokenizer.pad_token is None:
         raise ValueError(f"{gguf_path} carries no chat template or pad token; it cannot serve as a chat LLM")
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,

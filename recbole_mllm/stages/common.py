@@ -24,6 +24,7 @@ STAGE_DEFAULTS = {
     "stage_cache_dir": "saved/stage_cache",
     "stage_batch_size": 16,
     "stage_shard_size": 256,
+    "stage_no_repeat_ngram_size": 3,
 }
 """Keys every stage reads (the model, where caches live, batch and shard sizes); see item_fusion's docstring."""
 

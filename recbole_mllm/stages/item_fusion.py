@@ -25,6 +25,7 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
     item_fusion_prompt (str): template version (``v1`` -> ``prompts/item_fusion_v1.txt``) or a .txt path.
     item_fusion_max_new_tokens (int): longest summary, in tokens.
     stage_batch_size (int): requests per generation / embedding batch.
+    stage_no_repeat_ngram_size (int): greedy decoding never repeats an n-gram of this size (0: off).
     stage_shard_size (int): items per cache shard (the unit of resume and of multi-process work).
     item_text_fields (list | dict | None): ``.item`` fields written into the prompt, as a list of field
         names or a ``{label: field}`` mapping (``{Title: movie_title, Year: release_year, Genres: class}``
@@ -125,7 +126,8 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
 
 def _generation_config(config: Mapping) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=int(_get(config, "item_fusion_max_new_tokens")),
-                            batch_size=int(_get(config, "stage_batch_size")), do_sample=False)
+                            batch_size=int(_get(config, "stage_batch_size")), do_sample=False,
+                            no_repeat_ngram_size=int(_get(config, "stage_no_repeat_ngram_size")))
 
 
 @dataclass

@@ -282,7 +282,8 @@ class _Plan:
 
 def _generation_config(config: Mapping) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=int(_get(config, "user_summary_max_new_tokens")),
-                            batch_size=int(_get(config, "stage_batch_size")), do_sample=False)
+                            batch_size=int(_get(config, "stage_batch_size")), do_sample=False,
+                            no_repeat_ngram_size=int(_get(config, "stage_no_repeat_ngram_size")))
 
 
 def _histories_sha256(histories: Mapping) -> str:

