@@ -223,15 +223,16 @@ class MLLMSRec(SequentialRecommender):
     def _score_blocks(self, uids, ts, user_states, candidates, owner):
         """LLM scores in chunks of whole users, at most ``ranker_eval_batch_size`` candidates each."""
         scores = torch.empty(len(candidates), device=user_states.device)
+        counts = torch.bincount(owner, minlength=len(uids)).tolist()
         start = 0
         while start < len(uids):
-            end, count = start, 0
-            while end < len(uids) and (end == start or count + int((owner == end).sum()) <= self.candidates_per_forward):
-                count += int((owner == end).sum())
+            end, total = start + 1, counts[start]
+            while end < len(uids) and total + counts[end] <= self.candidates_per_forward:
+                total += counts[end]
                 end += 1
             chosen = ((owner >= start) & (owner < end)).nonzero().squeeze(1)
             scores[chosen] = self._llm_scores(uids[start:end], ts[start:end], user_states[start:end],
-                                              candidates[chosen], owner[chosen] - start)
+                                              candidates[chosen], owner[chosen] - start).to(scores.dtype)
             start = end
         return scores
 
