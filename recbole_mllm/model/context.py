@@ -52,17 +52,21 @@ class RankerContext:
         Never from the candidate item: in an evaluation block every candidate shares the user's input,
         so ``t`` (and every text built from ``history[:t]``) is the same for the positive and the negatives.
         """
+        history = self.histories[uid]
         if seq_len < max_len:  # RecBole's sequence is the whole history before the target
+            if not np.array_equal(history[:seq_len], np.asarray(item_seq[:seq_len])):
+                raise KeyError(f"user {self.user_tokens[uid]}: the input sequence is not the start of the user's "
+                               f"history (stage histories and RecBole's disagree)")
             return int(seq_len)
         last = int(item_seq[seq_len - 1])
         found = [p + 1 for p in self.positions.get((uid, last), [])]
-        history = self.histories[uid]
         found = [t for t in found if t >= seq_len and np.array_equal(history[t - seq_len:t], np.asarray(item_seq[:seq_len]))]
         if not found:
             raise KeyError(f"user {self.user_tokens[uid]}: the input sequence is not part of the user's history")
         if len(found) == 1 or timestamp is None:
             return found[-1]
-        return min(found, key=lambda t: abs(self.timestamps[uid][t - 1] - timestamp))
+        times = self.timestamps[uid]  # the target's own time sits at index t
+        return min(found, key=lambda t: abs(times[min(t, len(times) - 1)] - timestamp))
 
     def evolution(self, uid: int, t: int, window: int) -> str:
         """Step 1: how the user's categories moved from the older history to the latest window."""

@@ -38,6 +38,7 @@ from recbole_mllm.model.prompting import PieceTokenizer, assemble, build_layout
 from recbole_mllm.model.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import load_stage_inputs
+from recbole_mllm.stages import user_profile
 from recbole_mllm.stages.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class MLLMSRec(SequentialRecommender):
         self.llm_targets_per_user = config["llm_train_targets_per_user"]
         self.recent_count = config["ranker_recent_items"]
         self.rerank_top_k = config["rerank_top_k"]
+        self.rerank_exclude_seen = config["rerank_exclude_seen"]
         self.candidates_per_forward = config["ranker_eval_batch_size"]
         self.encoder_loss_weight = config["encoder_loss_weight"]
         self.use_images = config["ranker_use_images"]
@@ -76,7 +78,8 @@ class MLLMSRec(SequentialRecommender):
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
-        self.user_seen = [set(h.tolist()) for h in histories]
+        held_out = user_profile.held_out_count(config)  # valid/test targets are labels, never negatives' filter
+        self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
 
         # define layers
         self.encoder = FusedSequenceEncoder(inputs.item_embeddings, self.hidden_size, config["n_layers"],
@@ -87,6 +90,9 @@ class MLLMSRec(SequentialRecommender):
         self.item_projection = self._projection(llm_hidden)
         self.match_projection = self._projection(llm_hidden)
         template = load_prompt("ranker", config["ranker_prompt"])
+        self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(),
+                                "switches": [self.use_images, self.use_summaries, self.use_soft_tokens, self.use_cot],
+                                "recent_items": self.recent_count, "field_tokens": self.field_tokens}
         self.layout = build_layout(template, self.backend.tokenizer, self.use_cot, self.use_soft_tokens)
         self.tokenize = PieceTokenizer(self.backend.tokenizer)
         self.ranker = LoRARanker(self.backend.model, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
@@ -121,13 +127,19 @@ class MLLMSRec(SequentialRecommender):
                                f"unexpected {sorted(unexpected)[:5]}")
         return super().load_state_dict(state_dict, strict=False)
 
+    def _identity(self):
+        base = {k: v for k, v in self.backend.identity.as_dict().items() if k != "dtype"}  # CPU fp32 may load GPU bf16
+        return {"base_model": base, "inputs": self.inputs_identity}
+
     def other_parameter(self):
-        return {"base_model": self.backend.identity.as_dict()}
+        return self._identity()
 
     def load_other_parameter(self, para):
-        expected = self.backend.identity.as_dict()
-        if para and para.get("base_model") != expected:
-            raise ValueError(f"checkpoint was trained on base model {para.get('base_model')}, not {expected}")
+        """Refuse a checkpoint trained on another base model, other stage caches, template or switches."""
+        expected = self._identity()
+        for key, value in expected.items():
+            if para and para.get(key) != value:
+                raise ValueError(f"checkpoint {key} {para.get(key)} does not match this model's {value}")
 
     # ------------------------------------------------------------------ prompt assembly
     def _user_part(self, uid, t, user_token):
@@ -203,20 +215,22 @@ class MLLMSRec(SequentialRecommender):
             self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
         if self.score_mode == "encoder":
             return loss
-        ts = self._positions(interaction)
-        uids = interaction[self.USER_ID].tolist()
-        rows = [r for r, (u, t) in enumerate(zip(uids, ts))
-                if t >= len(self.context.histories[u]) - 2 - self.llm_targets_per_user]
+        uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
+        # the LLM trains on each user's last llm_targets_per_user training targets (found cheaply by the target,
+        # which training may read); their prompts then use the same position rule as evaluation
+        rows = [r for r, (u, i) in enumerate(zip(uids, targets))
+                if self.context.positions[(u, i)][-1] >= len(self.context.histories[u]) - 2 - self.llm_targets_per_user]
         if not rows:
             return loss
+        ts = self._positions(interaction[torch.tensor(rows, device=user_states.device)])
         candidates, owner, labels = [], [], []
         for k, r in enumerate(rows):
-            items = [int(interaction[self.POS_ITEM_ID][r])] + self._sample_negatives(uids[r], self.train_negatives)
+            items = [targets[r]] + self._sample_negatives(uids[r], self.train_negatives)
             candidates += items
             owner += [k] * len(items)
             labels += [1] + [0] * self.train_negatives
         device = user_states.device
-        return loss + self._llm_scores([uids[r] for r in rows], [ts[r] for r in rows], user_states[rows],
+        return loss + self._llm_scores([uids[r] for r in rows], ts, user_states[rows],
                                        torch.tensor(candidates, device=device), torch.tensor(owner, device=device),
                                        torch.tensor(labels, device=device))
 
@@ -241,8 +255,8 @@ class MLLMSRec(SequentialRecommender):
         uids_all = interaction[self.USER_ID]
         # rows of one user share its history; group them by user (never by position in the block)
         unique_uids, owner = torch.unique(uids_all, return_inverse=True)
-        first = torch.zeros_like(unique_uids)
-        first.scatter_(0, owner.flip(0), torch.arange(len(owner) - 1, -1, -1, device=owner.device))
+        rows = torch.arange(len(owner), device=owner.device)
+        first = torch.full_like(unique_uids, len(owner)).scatter_reduce_(0, owner, rows, "amin")
         item_seq, item_seq_len = interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first]
         user_states = self.forward(item_seq, item_seq_len)
         candidates = interaction[self.ITEM_ID]
@@ -254,17 +268,22 @@ class MLLMSRec(SequentialRecommender):
     def full_sort_predict(self, interaction):
         """Retrieve-then-rerank: the encoder picks the top-K items, the LLM reranks them, the rest get -inf."""
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        encoder_scores = self.encoder.full_scores(user_states)  # [B n_items]
+        encoder_scores = self.encoder.full_scores(user_states).float()  # [B n_items]
         encoder_scores[:, 0] = -torch.inf
         if self.score_mode == "encoder":
             return encoder_scores
-        top = encoder_scores.topk(self.rerank_top_k, dim=1).indices  # [B K]
         uids = interaction[self.USER_ID].tolist()
         ts = self._positions(interaction)
+        if self.rerank_exclude_seen:  # a model choice: RecBole masks no history in sequential full ranking
+            rows = [b for b, (u, t) in enumerate(zip(uids, ts)) for _ in range(t)]
+            cols = [int(i) for u, t in zip(uids, ts) for i in self.context.histories[u][:t]]
+            encoder_scores[torch.tensor(rows, dtype=torch.long, device=encoder_scores.device),
+                           torch.tensor(cols, dtype=torch.long, device=encoder_scores.device)] = -torch.inf
+        top = encoder_scores.topk(self.rerank_top_k, dim=1).indices  # [B K]
         owner = torch.arange(len(uids), device=top.device).repeat_interleave(self.rerank_top_k)
         reranked = self._score_blocks(uids, ts, user_states, top.reshape(-1), owner)
-        scores = torch.full_like(encoder_scores, -torch.inf)
-        scores.scatter_(1, top, reranked.view(len(uids), -1).to(scores.dtype))
+        scores = torch.full_like(encoder_scores, -torch.inf)  # float32
+        scores.scatter_(1, top, reranked.view(len(uids), -1).float())
         # stage-1 recall is measured after scoring and never feeds back into a score
         targets = interaction[self.POS_ITEM_ID].view(-1, 1)
         self.stage1_hits += int((top == targets).any(1).sum())

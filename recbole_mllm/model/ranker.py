@@ -74,26 +74,31 @@ class LoRARanker(nn.Module):
         return embeds, mask.to(device)
 
     def answer_logits(self, users: PromptBatch, candidates: PromptBatch, owner: torch.Tensor):
-        """Full-vocabulary logits at the answer position of every candidate, ``[C, V]``.
+        """Full-vocabulary logits at the answer position of every candidate, float32 ``[C, V]``.
 
-        ``owner[c]`` is the row in ``users`` whose prompt part candidate ``c`` continues.
+        ``owner[c]`` is the row in ``users`` whose prompt part candidate ``c`` continues. The output
+        layer runs in float32 on the last hidden state: bf16 logits are too coarse (steps of 0.06-0.12
+        at typical sizes) for ``logit(Yes) - logit(No)`` to rank 100 candidates without ties.
         """
+        base = self.llm.get_base_model()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
         user_embeds, user_mask = self.embed(users)
         cand_embeds, cand_mask = self.embed(candidates)
         owner = owner.to(user_embeds.device)
         mask = torch.cat([user_mask[owner], cand_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         if self.gradient_checkpointing and self.training:
-            out = self.llm(inputs_embeds=torch.cat([user_embeds[owner], cand_embeds], dim=1), attention_mask=mask,
-                           position_ids=positions, use_cache=False, logits_to_keep=1)
-            return out.logits[:, -1].float()
-        prefix = self.llm(inputs_embeds=user_embeds, attention_mask=user_mask,
-                          position_ids=(user_mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-        cache = prefix.past_key_values
-        cache.reorder_cache(owner)  # one copy of the user's keys/values per candidate
-        out = self.llm(inputs_embeds=cand_embeds, attention_mask=mask, position_ids=positions[:, user_mask.shape[1]:],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+            hidden = decoder(inputs_embeds=torch.cat([user_embeds[owner], cand_embeds], dim=1), attention_mask=mask,
+                             position_ids=positions, use_cache=False).last_hidden_state
+        else:
+            prefix = decoder(inputs_embeds=user_embeds, attention_mask=user_mask,
+                             position_ids=(user_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+            cache = prefix.past_key_values
+            cache.reorder_cache(owner)  # one copy of the user's keys/values per candidate
+            hidden = decoder(inputs_embeds=cand_embeds, attention_mask=mask, position_ids=positions[:, user_mask.shape[1]:],
+                             past_key_values=cache, use_cache=True).last_hidden_state
+        logits = hidden[:, -1].float() @ head.weight.float().T
+        return logits if head.bias is None else logits + head.bias.float()
 
     def answer_log_probs(self, users, candidates, owner):
         """``(log p(Yes), log p(No))`` per candidate, each ``[C]``."""

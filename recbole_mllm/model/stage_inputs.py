@@ -36,6 +36,7 @@ class StageInputs:
     histories: dict  # user token -> UserHistory (time-ordered items and timestamps, as RecBole orders them)
     profiles: list  # per internal user id
     user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
+    cache_keys: dict  # stage -> cache folder name (the hash of everything its output depends on)
 
 
 def _load_or_run(config, stage, load, run):
@@ -73,8 +74,10 @@ def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
     user_summaries = {(uid[token], t): text for (token, t), text in zip(requests, texts)}
     profile_by_token = user_profile.user_profiles(config)
     profiles = [profile_by_token.get(token, "unknown") for token in user_tokens]
+    cache_keys = {"item_fusion": item_fusion.item_fusion_cache(config, backend).path.name,
+                  "user_profile": user_profile.user_profile_cache(config, backend, histories).path.name}
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
                        item_fusion.text_fields(config, table),
                        config_value(config, "item_image_field", item_fusion.DEFAULTS, {"item_image_field"}),
                        data_dir / config_value(config, "item_image_dir", item_fusion.DEFAULTS),
-                       summaries, embeddings, full_dataset, histories, profiles, user_summaries)
+                       summaries, embeddings, full_dataset, histories, profiles, user_summaries, cache_keys)

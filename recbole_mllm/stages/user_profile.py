@@ -173,7 +173,7 @@ def needed_positions(n: int, config: Mapping) -> list:
     one or two out (``valid_and_test``: t = n-2 valid and t = n-1 test, fewer for short histories,
     as RecBole does); the LLM trains on the last ``llm_train_targets_per_user`` of the rest.
     """
-    leave = _leave_out(config)
+    leave = held_out_count(config)
     if n < 2:
         return []
     held_out = min(leave, n - 2)
@@ -181,7 +181,7 @@ def needed_positions(n: int, config: Mapping) -> list:
     return list(range(max(1, first_held_out - int(_get(config, "llm_train_targets_per_user"))), n))
 
 
-def _leave_out(config: Mapping) -> int:
+def held_out_count(config: Mapping) -> int:
     """How many targets per user the configured leave-one-out split holds out (2 or 1)."""
     eval_args = config["eval_args"] if "eval_args" in config and config["eval_args"] else {}
     split = eval_args.get("split") or {"LS": "valid_and_test"}
@@ -334,7 +334,7 @@ def _plan(config: Mapping, backend: MultimodalLM, histories: Mapping) -> _Plan:
                     "n_interactions": sum(len(h.items) for h in histories.values())},
         "item_fusion": {"cache": item_fusion_cache(config, backend).key_hash},
         "params": {"window_size": rule.size, "window_step": rule.step, "max_windows": rule.max_windows,
-                   "partial_first": rule.partial_first, "leave_out": _leave_out(config),
+                   "partial_first": rule.partial_first, "leave_out": held_out_count(config),
                    "train_targets_per_user": int(_get(config, "llm_train_targets_per_user")),
                    "time_format": clock.format, "text_format": USER_TEXT_FORMAT,
                    "profile_fields": _get(config, "user_profile_fields"), "item_text_fields": [list(p) for p in fields],

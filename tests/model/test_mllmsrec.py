@@ -99,3 +99,19 @@ def test_no_user_prompt_or_summary_mentions_the_target(mllm_config):
             text = tokenizer.decode(ids)
             assert context.item_title[target] not in text
             assert context.item_title[target] not in model.summaries.get((uid, t), "")
+
+
+def test_training_negatives_are_never_training_items_of_the_user(mllm_config):
+    _, model, _ = _model_and_data(mllm_config)
+    for uid in range(1, 6):
+        history = model.context.histories[uid]
+        negatives = model._sample_negatives(uid, 5)
+        assert len(set(negatives)) == 5
+        assert not set(negatives) & set(history[:len(history) - 2].tolist())
+
+
+def test_checkpoint_of_other_switches_is_refused(mllm_config):
+    _, model, _ = _model_and_data(mllm_config)
+    _, other, _ = _model_and_data(dict(mllm_config, ranker_use_cot=False))
+    with pytest.raises(ValueError, match="inputs"):
+        other.load_other_parameter(model.other_parameter())
