@@ -99,6 +99,9 @@ class MLLMSRec(SequentialRecommender):
                                  config["lora_target_modules"], self.layout.yes_id, self.layout.no_id,
                                  config["gradient_checkpointing"])
         self.image_projector = None
+        if self.use_images and getattr(self.backend, "projector", None) is None:
+            logger.warning(f"ranker_use_images: the {self.backend.identity.backend} backend has no image projector "
+                           f"the ranker can use yet, so target images are left out of its prompts (text only)")
         if self.use_images and getattr(self.backend, "projector", None) is not None:
             features, logits, has_image = encode_item_images(self.backend, inputs.item_tokens, inputs.item_table,
                                                              inputs.image_field, inputs.image_dir)
