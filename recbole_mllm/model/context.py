@@ -115,7 +115,7 @@ def build_item_material(config, item_tokens, table, text_fields, category_field,
     return texts, titles, categories
 
 
-def build_histories(full_dataset, histories_by_token, user_tokens, item_token2id):
+def build_histories(histories_by_token, user_tokens, item_token2id):
     """Internal-id histories and the (uid, iid) -> positions index."""
     histories, timestamps, positions = [], [], {}
     for uid, token in enumerate(user_tokens):

@@ -73,7 +73,7 @@ class MLLMSRec(SequentialRecommender):
         texts, titles, categories = build_item_material(config, inputs.item_tokens, inputs.item_table,
                                                         inputs.text_fields, config["item_category_field"],
                                                         config["item_title_field"])
-        histories, timestamps, positions = build_histories(inputs.full_dataset, inputs.histories,
+        histories, timestamps, positions = build_histories(inputs.histories,
                                                            inputs.user_tokens, inputs.item_token2id)
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions)

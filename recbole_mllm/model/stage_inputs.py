@@ -32,7 +32,6 @@ class StageInputs:
     image_dir: Path
     item_summaries: list
     item_embeddings: object  # [n_items, H] float tensor, row 0 ([PAD]) zero
-    full_dataset: object
     histories: dict  # user token -> UserHistory (time-ordered items and timestamps, as RecBole orders them)
     profiles: list  # per internal user id
     user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
@@ -80,4 +79,4 @@ def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
                        item_fusion.text_fields(config, table),
                        config_value(config, "item_image_field", item_fusion.DEFAULTS, {"item_image_field"}),
                        data_dir / config_value(config, "item_image_dir", item_fusion.DEFAULTS),
-                       summaries, embeddings, full_dataset, histories, profiles, user_summaries, cache_keys)
+                       summaries, embeddings, histories, profiles, user_summaries, cache_keys)

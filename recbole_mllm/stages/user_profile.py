@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
