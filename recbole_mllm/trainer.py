@@ -13,8 +13,10 @@ from recbole_mllm import compat
 class MLLMSRecTrainer(Trainer):
     """RecBole's trainer loop with what an LLM ranker needs.
 
-    * an encoder warm-up (``encoder_warmup_epochs``) before the LLM joins: a curriculum from the
-      collaborative encoder alone to hybrid prompts, so soft tokens carry signal from the first LLM step;
+    * an encoder warm-up (at most ``encoder_warmup_epochs``, early-stopped on the validation metric after
+      ``encoder_warmup_stopping_step`` epochs without gain, best encoder kept) before the LLM joins: a
+      curriculum from the collaborative encoder alone to hybrid prompts, so soft tokens carry a converged
+      collaborative signal from the first LLM step and the first stage of full ranking is a good retriever;
     * gradient accumulation (``gradient_accumulation_steps``) and bfloat16 autocast on GPU
       (``enable_amp``; RecBole's own autocast would pick float16);
     * only trainable parameters in the optimizer; checkpoints hold only trained tensors (the model's
@@ -26,6 +28,7 @@ class MLLMSRecTrainer(Trainer):
         super().__init__(config, model)
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
         self.warmup_epochs = int(config["encoder_warmup_epochs"] or 0)
+        self.warmup_stopping_step = int(config["encoder_warmup_stopping_step"] or 0)
         self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
 
     def _build_optimizer(self, **kwargs):
@@ -57,13 +60,35 @@ class MLLMSRecTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
-            self.model.score_mode = "encoder"
-            for epoch in range(self.warmup_epochs):
-                loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
-                if verbose:
-                    self.logger.info(f"encoder warm-up epoch {epoch}: train loss {loss:.4f}")
-            self.model.score_mode = "llm"
+            self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _warm_up_encoder(self, train_data, valid_data, verbose, show_progress):
+        """Train the encoder alone (the model scores with it meanwhile); keep its best validated state."""
+        self.model.score_mode = "encoder"
+        validate = valid_data is not None and self.warmup_stopping_step > 0
+        best_score, best_state, stale = None, None, 0
+        for epoch in range(self.warmup_epochs):
+            loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
+            message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
+            if validate:
+                score, _ = self._valid_epoch(valid_data, show_progress=show_progress)
+                message += f", valid {self.valid_metric} {score:.4f}"
+                better = best_score is None or (score > best_score if self.valid_metric_bigger else score < best_score)
+                if better:
+                    best_score, stale = score, 0
+                    best_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+                else:
+                    stale += 1
+            if verbose:
+                self.logger.info(message)
+            if validate and stale >= self.warmup_stopping_step:
+                break
+        if best_state is not None:
+            self.model.encoder.load_state_dict(best_state)
+            if verbose:
+                self.logger.info(f"encoder warm-up done: best valid {self.valid_metric} {best_score:.4f} kept")
+        self.model.score_mode = "llm"
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

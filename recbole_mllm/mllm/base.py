@@ -32,11 +32,14 @@ class GenerationConfig:
     max_new_tokens: int = 96
     batch_size: int = 16
     do_sample: bool = False
-    no_repeat_ngram_size: int = 0  # > 0: never repeat an n-gram (small LLMs loop under greedy decoding)
+    no_repeat_ngram_size: int = 0  # > 0: the reply never repeats one of its own n-grams (small LLMs loop greedily)
 
     def as_dict(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        out = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+               "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        if self.no_repeat_ngram_size:
+            out["ngram_scope"] = "reply"  # n-grams of the prompt are not blocked (transformers' own rule blocks them)
+        return out
 
 
 @dataclass

@@ -18,10 +18,38 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from .base import ChatRequest, GenerationConfig, ModelIdentity, MultimodalLM
 from .weights import combined_sha256
 
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
+
+
+class ReplyNGramBlocker(LogitsProcessor):
+    """Bans the token that would repeat an n-gram of the reply itself; the prompt's n-grams stay allowed.
+
+    transformers' ``no_repeat_ngram_size`` counts the prompt too, so a summary could never quote a
+    three-token title or genre list it was shown. Vectorised on the device (one unfold per step).
+    """
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        if ngram_size < 1:
+            raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
+        self.ngram_size, self.prompt_length = ngram_size, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        reply = input_ids[:, self.prompt_length:]
+        n, length = self.ngram_size, reply.shape[1]
+        if length < n:
+            return scores
+        prefix = reply[:, length + 1 - n:]  # the last n-1 tokens: an n-gram starting with them is complete next
+        windows = reply.unfold(1, n, 1)  # [B, length-n+1, n]
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(-1)
+        vocab = scores.shape[-1]
+        banned = scores.new_zeros(scores.shape[0], vocab + 1, dtype=torch.bool)  # column `vocab`: no ban
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -float("inf"))
 
 
 def resolve_device(device=None) -> torch.device:
@@ -239,7 +267,9 @@ class HFChatBackend(MultimodalLM):
         kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.stop_token_ids())
         if config.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = config.no_repeat_ngram_size
+            prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [ReplyNGramBlocker(config.no_repeat_ngram_size, prompt_length)])
         if not config.do_sample:  # silence sampling settings a model's generation_config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(**inputs, **kwargs)

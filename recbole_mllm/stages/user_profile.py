@@ -516,6 +516,25 @@ def load_user_summaries(config: Mapping, requests: Sequence[tuple], backend: Opt
     return open_user_summaries(config, backend, histories).texts(requests)
 
 
+def summary_chain(config: Mapping, user: str, windows: int, backend: Optional[MultimodalLM] = None,
+                  histories: Optional[Mapping] = None) -> list:
+    """One user's recurrent chain from window 0: ``[(c, summary)]`` for its first ``windows`` full windows.
+
+    For reading how a summary evolves (``scripts/stage_examples.py``); nothing is cached. The cache
+    holds only the summaries the split needs, each from at most ``user_summary_max_windows`` windows.
+    """
+    backend = backend if backend is not None else load_backend(config)
+    histories = _histories(config, histories)
+    if user not in histories:
+        raise KeyError(f"user {user!r} is not in the dataset {config['dataset']}")
+    plan = _plan(config, backend, {user: histories[user]})
+    plan.rule = WindowRule(plan.rule.size, plan.rule.step, 0, plan.rule.partial_first)
+    ends = [plan.rule.size + k * plan.rule.step for k in range(windows)]
+    ends = [c for c in ends if c <= len(histories[user].items)]
+    output = _ShardCompute(config, plan, backend, progress=False)([(user, c) for c in ends])
+    return list(zip(ends, output.texts))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     stage_main(argv, stage_config, run_user_profile)
 

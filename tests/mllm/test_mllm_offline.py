@@ -128,3 +128,16 @@ def test_no_repeat_ngram_size_stops_greedy_loops(offline_mllm):
     token_bigrams = list(zip(ids, ids[1:]))
     assert len(token_bigrams) == len(set(token_bigrams)), text
     assert words and len(bigrams) >= 1
+
+
+def test_reply_ngram_blocker_bans_repeats_of_the_reply_only():
+    from recbole_mllm.mllm.hf_chat import ReplyNGramBlocker
+
+    prompt = [5, 6, 7, 5, 6]  # "5 6" -> 7 is a prompt trigram: quoting it stays allowed
+    reply = [8, 9, 4, 8, 9]  # "8 9" -> 4 already occurred in the reply: banned
+    blocker = ReplyNGramBlocker(3, prompt_length=len(prompt))
+    scores = blocker(torch.tensor([prompt + reply]), torch.zeros(1, 12))
+    assert scores[0, 4] == -float("inf")
+    assert torch.isfinite(scores[0, [i for i in range(12) if i != 4]]).all()
+    quoting = blocker(torch.tensor([prompt + [1, 5, 6]]), torch.zeros(1, 12))
+    assert torch.isfinite(quoting).all()  # the reply's own "5 6" never ended in 7

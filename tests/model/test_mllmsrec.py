@@ -115,3 +115,26 @@ def test_checkpoint_of_other_switches_is_refused(mllm_config):
     _, other, _ = _model_and_data(dict(mllm_config, ranker_use_cot=False))
     with pytest.raises(ValueError, match="inputs"):
         other.load_other_parameter(model.other_parameter())
+
+
+def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, _ = _model_and_data(dict(mllm_config, encoder_warmup_epochs=6, encoder_warmup_stopping_step=1))
+    trainer = MLLMSRecTrainer(config, model)
+    valid_scores, states = iter([0.1, 0.3, 0.2, 0.5]), []
+
+    def train_epoch(train_data, epoch_idx, loss_func=None, show_progress=False):
+        assert model.score_mode == "encoder"
+        with torch.no_grad():
+            next(model.encoder.parameters()).add_(1.0)
+        states.append({k: v.clone() for k, v in model.encoder.state_dict().items()})
+        return 0.0
+
+    trainer._train_epoch = train_epoch
+    trainer._valid_epoch = lambda valid_data, show_progress=False: (next(valid_scores), {})
+    trainer._warm_up_encoder(None, "valid", verbose=False, show_progress=False)
+    assert len(states) == 3  # 0.1, 0.3 (best), 0.2: one epoch without gain stops it
+    assert model.score_mode == "llm"
+    for name, value in model.encoder.state_dict().items():
+        torch.testing.assert_close(value, states[1][name])
