@@ -1,6 +1,8 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
+import io
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from recbole.trainer import Trainer
@@ -8,6 +10,12 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat
+from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
+
+WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "train_batch_size", "encoder_warmup_epochs",
+               "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size", "inner_size", "n_layers",
+               "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk")
+"""Config keys a warmed-up encoder depends on (with the stage caches it reads); the ranker switches are not among them."""
 
 
 class MLLMSRecTrainer(Trainer):
@@ -29,6 +37,7 @@ class MLLMSRecTrainer(Trainer):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
         self.warmup_epochs = int(config["encoder_warmup_epochs"] or 0)
         self.warmup_stopping_step = int(config["encoder_warmup_stopping_step"] or 0)
+        self.warmup_cache = self._warmup_cache_path(config) if config["encoder_warmup_cache"] else None
         self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
 
     def _build_optimizer(self, **kwargs):
@@ -63,11 +72,41 @@ class MLLMSRecTrainer(Trainer):
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
+    def _warmup_cache_path(self, config):
+        """``<stage_cache_dir>/encoder_warmup/<hash>.pth``: the hash covers the stage caches and ``WARMUP_KEYS``."""
+        identity = {"inputs": self.model.inputs_identity["stage_caches"], "dataset": config["dataset"],
+                    "config": {k: config[k] for k in WARMUP_KEYS}}
+        key = sha256_bytes(canonical_json(identity).encode())[:16]
+        return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
+
     def _warm_up_encoder(self, train_data, valid_data, verbose, show_progress):
-        """Train the encoder alone (the model scores with it meanwhile); keep its best validated state."""
+        """Warm the encoder up, or reuse the encoder an identical configuration warmed up (``encoder_warmup_cache``).
+
+        Runs that differ only in the ranker (the ablation ladder) then share one warm-up.
+        """
+        if self.warmup_cache is not None and self.warmup_cache.is_file():
+            saved = compat.load_checkpoint(self.warmup_cache, map_location=self.device)
+            self.model.encoder.load_state_dict(saved["encoder"])
+            self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
+                             f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")
+            return
+        best_score, epochs = self._train_encoder(train_data, valid_data, verbose, show_progress)
+        if self.warmup_cache is not None:
+            buffer = io.BytesIO()
+            torch.save({"encoder": self.model.encoder.state_dict(), "best_score": best_score or float("nan"),
+                        "epochs": epochs}, buffer)
+            self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.warmup_cache, buffer.getvalue())
+            self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
+
+    def _train_encoder(self, train_data, valid_data, verbose, show_progress):
+        """Train the encoder alone (the model scores with it meanwhile); keep its best validated state.
+
+        Returns ``(best valid score or None, epochs run)``.
+        """
         self.model.score_mode = "encoder"
         validate = valid_data is not None and self.warmup_stopping_step > 0
-        best_score, best_state, stale = None, None, 0
+        best_score, best_state, stale, epoch = None, None, 0, -1
         for epoch in range(self.warmup_epochs):
             loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
             message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
@@ -89,6 +128,7 @@ class MLLMSRecTrainer(Trainer):
             if verbose:
                 self.logger.info(f"encoder warm-up done: best valid {self.valid_metric} {best_score:.4f} kept")
         self.model.score_mode = "llm"
+        return best_score, epoch + 1
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

@@ -120,7 +120,8 @@ def test_checkpoint_of_other_switches_is_refused(mllm_config):
 def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
-    config, model, _ = _model_and_data(dict(mllm_config, encoder_warmup_epochs=6, encoder_warmup_stopping_step=1))
+    config, model, _ = _model_and_data(dict(mllm_config, encoder_warmup_epochs=6, encoder_warmup_stopping_step=1,
+                                            encoder_warmup_cache=False))
     trainer = MLLMSRecTrainer(config, model)
     valid_scores, states = iter([0.1, 0.3, 0.2, 0.5]), []
 
@@ -138,3 +139,31 @@ def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
     assert model.score_mode == "llm"
     for name, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, states[1][name])
+
+
+def test_warmed_up_encoder_is_reused_by_a_run_that_differs_only_in_the_ranker(mllm_config, tmp_path):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    settings = dict(mllm_config, encoder_warmup_epochs=2, encoder_warmup_stopping_step=0,
+                    stage_cache_dir=mllm_config["stage_cache_dir"], checkpoint_dir=str(tmp_path))
+    config, model, _ = _model_and_data(settings)
+    trainer = MLLMSRecTrainer(config, model)
+
+    def train_epoch(train_data, epoch_idx, loss_func=None, show_progress=False):
+        with torch.no_grad():
+            next(model.encoder.parameters()).add_(1.0)
+        return 0.0
+
+    trainer._train_epoch = train_epoch
+    trainer._warm_up_encoder(None, None, verbose=False, show_progress=False)
+    assert trainer.warmup_cache.is_file()
+
+    config2, ablated, _ = _model_and_data(dict(settings, ranker_use_cot=False))
+    reuser = MLLMSRecTrainer(config2, ablated)
+    assert reuser.warmup_cache == trainer.warmup_cache
+    reuser._train_epoch = lambda *args, **kwargs: pytest.fail("a reused warm-up must not train")
+    reuser._warm_up_encoder(None, None, verbose=False, show_progress=False)
+    for name, value in ablated.encoder.state_dict().items():
+        torch.testing.assert_close(value, model.encoder.state_dict()[name])
+    other = MLLMSRecTrainer(*_model_and_data(dict(settings, hidden_size=16))[:2])
+    assert other.warmup_cache != trainer.warmup_cache
