@@ -262,3 +262,17 @@ def test_command_line_builds_through_recbole_config(toy, capsys):
 def test_packaged_template_has_every_section():
     template = load_prompt("user_profile", "v1").require(user_profile._PROMPT_FIELDS)
     assert template.render("no_profile") == "unknown" and "{" not in template.render("empty")
+
+
+def test_summary_chain_runs_every_window_from_the_first_and_caches_nothing(toy):
+    config = recbole_config(toy, user_summary_max_windows=1)  # the cache's chains would be one window long
+    backend = EchoBackend()
+    build_items(config, backend)
+    backend.requests.clear()  # the item fusion requests
+    chain = user_profile.summary_chain(config, "A-1", windows=5, backend=backend)
+    assert [c for c, _ in chain] == [2, 4, 6]  # A-1 has 6 items: three full windows
+    assert [shown_items(r.prompt) for r in backend.requests] == [["x1", "x3"], ["x5", "x2"], ["x4", "x3"]]
+    assert chain[1][1] in backend.requests[2].prompt  # each window revises the previous summary
+    assert not (toy / "cache" / "user_profile").exists()
+    with pytest.raises(KeyError, match="nobody"):
+        user_profile.summary_chain(config, "nobody", 2, backend)
