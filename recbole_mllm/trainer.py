@@ -12,9 +12,9 @@ from tqdm import tqdm
 from recbole_mllm import compat
 from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
 
-WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "train_batch_size", "encoder_warmup_epochs",
-               "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size", "inner_size", "n_layers",
-               "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk")
+WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
+               "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
+               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads); the ranker switches are not among them."""
 
 
