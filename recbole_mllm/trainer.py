@@ -39,6 +39,7 @@ class MLLMSRecTrainer(Trainer):
         self.warmup_stopping_step = int(config["encoder_warmup_stopping_step"] or 0)
         self.warmup_cache = self._warmup_cache_path(config) if config["encoder_warmup_cache"] else None
         self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
+        self.skipped_steps = 0
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -61,11 +62,23 @@ class MLLMSRecTrainer(Trainer):
             (loss / self.accumulation_steps).backward()
             total_loss += loss.item()
             if (batch_idx + 1) % self.accumulation_steps == 0 or batch_idx + 1 == len(train_data):
-                if self.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad()
+                self._step()
         return total_loss
+
+    def _step(self):
+        """Clip and apply the summed gradients, or skip the update when any is inf/NaN (as AMP's GradScaler does).
+
+        On ml-1m-mm a finite loss once gave NaN gradients in the encoder (step 227 of a joint epoch); one
+        such update makes every later loss NaN. Skipped updates are counted and logged.
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, **(self.clip_grad_norm or {"max_norm": float("inf")}))
+        if torch.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            self.logger.warning(f"skipped an update with non-finite gradients ({self.skipped_steps} so far)")
+        self.optimizer.zero_grad()
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.start_epoch == 0 and self.warmup_epochs > 0:

@@ -167,3 +167,23 @@ def test_warmed_up_encoder_is_reused_by_a_run_that_differs_only_in_the_ranker(ml
         torch.testing.assert_close(value, model.encoder.state_dict()[name])
     other = MLLMSRecTrainer(*_model_and_data(dict(settings, hidden_size=16))[:2])
     assert other.warmup_cache != trainer.warmup_cache
+
+
+def test_an_update_with_non_finite_gradients_is_skipped(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, _ = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in before:
+        model.get_parameter(p).grad = torch.ones_like(before[p])
+    next(p for p in model.parameters() if p.requires_grad).grad[0] = float("nan")
+    trainer._step()
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(model.get_parameter(n), v) for n, v in before.items())
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    for p in before:
+        model.get_parameter(p).grad = torch.ones_like(before[p])
+    trainer._step()  # a finite update goes through
+    assert trainer.skipped_steps == 1
+    assert any(not torch.equal(model.get_parameter(n), v) for n, v in before.items())
