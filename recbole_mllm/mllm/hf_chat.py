@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from .base import ChatRequest, GenerationConfig, ModelIdentity, MultimodalLM
 from .weights import combined_sha256
@@ -26,30 +26,19 @@ from .weights import combined_sha256
 IGNORE_INDEX = -100  # the label value Hugging Face losses skip
 
 
-class ReplyNGramBlocker(LogitsProcessor):
-    """Bans the token that would repeat an n-gram of the reply itself; the prompt's n-grams stay allowed.
+class ReplyNGramBlocker(NoRepeatNGramLogitsProcessor):
+    """transformers' n-gram blocking applied to the reply only; the prompt's n-grams stay allowed.
 
-    transformers' ``no_repeat_ngram_size`` counts the prompt too, so a summary could never quote a
-    three-token title or genre list it was shown. Vectorised on the device (one unfold per step).
+    ``no_repeat_ngram_size`` counts the prompt too, so a summary could never quote a three-token
+    title or genre list it was shown.
     """
 
     def __init__(self, ngram_size: int, prompt_length: int):
-        if ngram_size < 1:
-            raise ValueError(f"ngram_size must be >= 1, got {ngram_size}")
-        self.ngram_size, self.prompt_length = ngram_size, prompt_length
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        reply = input_ids[:, self.prompt_length:]
-        n, length = self.ngram_size, reply.shape[1]
-        if length < n:
-            return scores
-        prefix = reply[:, length + 1 - n:]  # the last n-1 tokens: an n-gram starting with them is complete next
-        windows = reply.unfold(1, n, 1)  # [B, length-n+1, n]
-        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(-1)
-        vocab = scores.shape[-1]
-        banned = scores.new_zeros(scores.shape[0], vocab + 1, dtype=torch.bool)  # column `vocab`: no ban
-        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-        return scores.masked_fill(banned[:, :vocab], -float("inf"))
+        return super().__call__(input_ids[:, self.prompt_length:], scores)
 
 
 def resolve_device(device=None) -> torch.device:
