@@ -53,6 +53,7 @@ class MLLMSRec(SequentialRecommender):
         self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
         self.hidden_size = config["hidden_size"]
         self.train_negatives = config["ranker_train_negatives"]
+        self.hard_negatives = min(config["ranker_hard_negatives"], self.train_negatives)
         self.llm_targets_per_user = config["llm_train_targets_per_user"]
         self.recent_count = config["ranker_recent_items"]
         self.rerank_top_k = config["rerank_top_k"]
@@ -94,6 +95,7 @@ class MLLMSRec(SequentialRecommender):
                                 "switches": [self.use_images, self.use_summaries, self.use_soft_tokens, self.use_cot],
                                 "recent_items": self.recent_count, "field_tokens": self.field_tokens}
         self.layout = build_layout(template, self.backend.tokenizer, self.use_cot, self.use_soft_tokens)
+        self.prompt_has_rank = any(p.kind == "field" and p.value == "retrieval_rank" for p in self.layout.target)
         self.tokenize = PieceTokenizer(self.backend.tokenizer)
         self.ranker = LoRARanker(self.backend.model, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
                                  config["lora_target_modules"], self.layout.yes_id, self.layout.no_id,
@@ -114,8 +116,17 @@ class MLLMSRec(SequentialRecommender):
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 
     def _projection(self, llm_hidden):
-        """Encoder state -> one soft token in the LLM's embedding space."""
-        return nn.Sequential(nn.LayerNorm(self.hidden_size), nn.Linear(self.hidden_size, llm_hidden))
+        """Encoder state -> one soft token in the LLM's embedding space.
+
+        Initialised so a soft token starts at the scale of the LLM's own token embeddings: with
+        PyTorch's default init it was about 4x longer than any of SmolLM2's tokens, far out of the
+        distribution the frozen layers were trained on.
+        """
+        linear = nn.Linear(self.hidden_size, llm_hidden)
+        token_std = float(self.backend.model.get_input_embeddings().weight.float().std())
+        nn.init.normal_(linear.weight, std=token_std / self.hidden_size ** 0.5)  # LayerNorm output: unit variance
+        nn.init.zeros_(linear.bias)
+        return nn.Sequential(nn.LayerNorm(self.hidden_size), linear)
 
     # ------------------------------------------------------------------ checkpoints: trained tensors only
     def state_dict(self, *args, **kwargs):
@@ -154,11 +165,12 @@ class MLLMSRec(SequentialRecommender):
         ids, slots = assemble(self.layout.user, values, {"user_state": 1}, self.tokenize, self.field_tokens)
         return ids, {"user_state": (slots["user_state"], user_token)} if "user_state" in slots else {}
 
-    def _target_part(self, uid, t, iid, item_token, match_token, image_tokens):
+    def _target_part(self, uid, t, iid, item_token, match_token, image_tokens, rank):
         """Token ids and soft slots of one candidate's prompt part (``image_tokens`` None: no image)."""
         values = {"user_id": self.context.user_tokens[uid], "item_text": self.context.item_text[iid],
                   "item_summary": self.context.item_summary[iid],
-                  "match": self.context.match(uid, t, iid, self.recent_count)}
+                  "match": self.context.match(uid, t, iid, self.recent_count),
+                  "retrieval_rank": rank, "catalog_size": self.n_items - 1}
         sizes = {"item_state": 1, "match_state": 1, "image": 0 if image_tokens is None else image_tokens.shape[0]}
         ids, slots = assemble(self.layout.target, values, sizes, self.tokenize, self.field_tokens)
         soft = {"item_state": (slots.get("item_state"), item_token), "match_state": (slots.get("match_state"), match_token),
@@ -173,8 +185,23 @@ class MLLMSRec(SequentialRecommender):
         times = interaction[self.TIME_FIELD].tolist() if self.TIME_FIELD in interaction else [None] * len(uids)
         return [self.context.position(u, s, n, self.max_seq_length, ts) for u, s, n, ts in zip(uids, seqs, lens, times)]
 
+    @torch.no_grad()
+    def _retrieval_ranks(self, user_states, candidates, owner, chunk=256):
+        """1 + the number of catalogue items the encoder scores above each candidate, for its user ``[C]``.
+
+        A function of the user and the item alone (never of the other candidates in a block), so it can
+        be written into the prompt without breaking order invariance or revealing the target.
+        """
+        with torch.autocast(user_states.device.type, enabled=False):
+            scores = self.encoder.full_scores(user_states.float())  # [U n_items]
+        scores[:, 0] = -torch.inf  # padding
+        own = scores[owner, candidates]
+        ranks = torch.cat([(scores[o] > s.unsqueeze(1)).sum(1) for o, s in zip(owner.split(chunk), own.split(chunk))])
+        return (ranks + 1).tolist()
+
     def _llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
+        ranks = self._retrieval_ranks(user_states, candidates, owner) if self.prompt_has_rank else [None] * len(candidates)
         item_states = self.encoder.item_states(candidates)  # [C H]
         user_tokens = self.user_projection(user_states).unsqueeze(1)  # [U 1 H']
         item_tokens = self.item_projection(item_states).unsqueeze(1)  # [C 1 H']
@@ -190,7 +217,8 @@ class MLLMSRec(SequentialRecommender):
         users = PromptBatch(*zip(*[self._user_part(u, t, user_tokens[k])
                                    for k, (u, t) in enumerate(zip(uids, ts))]))
         owners = owner.tolist()
-        targets = PromptBatch(*zip(*[self._target_part(uids[o], ts[o], i, item_tokens[c], match_tokens[c], image_tokens[c])
+        targets = PromptBatch(*zip(*[self._target_part(uids[o], ts[o], i, item_tokens[c], match_tokens[c], image_tokens[c],
+                                                       ranks[c])
                                      for c, (o, i) in enumerate(zip(owners, candidates.tolist()))]))
         if labels is not None:
             return self.ranker.loss(users, targets, owner, labels)
@@ -204,18 +232,34 @@ class MLLMSRec(SequentialRecommender):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return nn.functional.cross_entropy(self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
 
-    def _sample_negatives(self, uid, count):
-        seen, out = self.user_seen[uid], []
-        while len(out) < count:
+    def _sample_negatives(self, uid, count, taken=()):
+        """``count`` uniform items the user never interacted with (before valid/test) and not in ``taken``."""
+        seen, out = self.user_seen[uid], list(taken)
+        while len(out) < len(taken) + count:
             item = int(np.random.randint(1, self.n_items))
             if item not in seen and item not in out:
                 out.append(item)
-        return out
+        return out[len(taken):]
+
+    @torch.no_grad()
+    def _hard_negatives(self, uid, scores):
+        """``ranker_hard_negatives`` unseen items drawn from the encoder's top ``rerank_top_k`` for this user.
+
+        These are the items full ranking asks the LLM to reorder; uniform negatives alone never teach it that.
+        """
+        scores = scores.float().clone()
+        scores[0] = -torch.inf
+        seen = torch.tensor(sorted(self.user_seen[uid]), dtype=torch.long, device=scores.device)
+        scores[seen] = -torch.inf
+        top = scores.topk(self.rerank_top_k).indices
+        top = top[torch.isfinite(scores[top])]
+        picked = torch.randperm(len(top))[:self.hard_negatives]
+        return top[picked.to(top.device)].tolist()
 
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        loss = self.encoder_loss_weight * nn.functional.cross_entropy(
-            self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
+        all_scores = self.encoder.full_scores(user_states)
+        loss = self.encoder_loss_weight * nn.functional.cross_entropy(all_scores, interaction[self.POS_ITEM_ID])
         if self.score_mode == "encoder":
             return loss
         uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
@@ -228,10 +272,11 @@ class MLLMSRec(SequentialRecommender):
         ts = self._positions(interaction[torch.tensor(rows, device=user_states.device)])
         candidates, owner, labels = [], [], []
         for k, r in enumerate(rows):
-            items = [targets[r]] + self._sample_negatives(uids[r], self.train_negatives)
+            hard = self._hard_negatives(uids[r], all_scores[r]) if self.hard_negatives else []
+            items = [targets[r]] + hard + self._sample_negatives(uids[r], self.train_negatives - len(hard), hard)
             candidates += items
             owner += [k] * len(items)
-            labels += [1] + [0] * self.train_negatives
+            labels += [1] + [0] * (len(items) - 1)
         device = user_states.device
         return loss + self._llm_scores([uids[r] for r in rows], ts, user_states[rows],
                                        torch.tensor(candidates, device=device), torch.tensor(owner, device=device),

@@ -38,6 +38,15 @@ def mllm_config(tiny_data, tiny_llm, shared_root):
                 ranker_train_negatives=2, lora_target_modules=["q_proj", "v_proj"], hidden_size=8, inner_size=16)
 
 
+def _sequences(model, uids):
+    """Left-aligned input sequences ``[B L]`` and lengths of each user's whole training history."""
+    histories = [model.context.histories[u][:len(model.context.histories[u]) - 2][-model.max_seq_length:] for u in uids]
+    seqs = torch.zeros(len(uids), model.max_seq_length, dtype=torch.long)
+    for row, history in enumerate(histories):
+        seqs[row, :len(history)] = torch.as_tensor(history)
+    return seqs, torch.tensor([len(h) for h in histories])
+
+
 def _model_and_data(config_dict):
     config = Config("MLLMSRec", "tiny", config_dict=config_dict)
     dataset = create_dataset(config)
@@ -108,6 +117,40 @@ def test_training_negatives_are_never_training_items_of_the_user(mllm_config):
         negatives = model._sample_negatives(uid, 5)
         assert len(set(negatives)) == 5
         assert not set(negatives) & set(history[:len(history) - 2].tolist())
+
+
+def test_hard_negatives_are_unseen_items_from_the_encoders_top_k(mllm_config):
+    _, model, _ = _model_and_data(dict(mllm_config, ranker_hard_negatives=2))
+    user_states = model.forward(*_sequences(model, range(1, 6)))
+    scores = model.encoder.full_scores(user_states)
+    for k, uid in enumerate(range(1, 6)):
+        hard = model._hard_negatives(uid, scores[k])
+        assert len(set(hard)) == 2 and not set(hard) & model.user_seen[uid] and 0 not in hard
+        unseen = scores[k].clone()
+        unseen[[0] + sorted(model.user_seen[uid])] = -torch.inf
+        assert set(hard) <= set(unseen.topk(model.rerank_top_k).indices.tolist())
+        uniform = model._sample_negatives(uid, 3, hard)
+        assert not set(uniform) & (set(hard) | model.user_seen[uid])
+
+
+def test_prompted_rank_counts_the_items_the_encoder_scores_higher(mllm_config):
+    _, model, _ = _model_and_data(mllm_config)
+    assert model.prompt_has_rank
+    user_states = model.forward(*_sequences(model, [1, 2]))
+    candidates, owner = torch.tensor([3, 7, 3, 9]), torch.tensor([0, 0, 1, 1])
+    ranks = model._retrieval_ranks(user_states, candidates, owner)
+    scores = model.encoder.full_scores(user_states)[:, 1:]  # never the padding item
+    expected = [1 + int((scores[o] > scores[o, c - 1]).sum()) for c, o in zip(candidates.tolist(), owner.tolist())]
+    assert ranks == expected
+    # alone, beside other candidates or in another order: the same rank
+    assert model._retrieval_ranks(user_states, candidates[[2]], owner[[2]]) == [ranks[2]]
+
+
+def test_soft_tokens_start_at_the_scale_of_token_embeddings(mllm_config):
+    _, model, _ = _model_and_data(mllm_config)
+    token_std = model.backend.model.get_input_embeddings().weight.std()
+    tokens = model.user_projection(torch.randn(256, model.hidden_size))
+    assert 0.7 < float(tokens.std() / token_std) < 1.4
 
 
 def test_checkpoint_of_other_switches_is_refused(mllm_config):
