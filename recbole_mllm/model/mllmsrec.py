@@ -60,6 +60,7 @@ class MLLMSRec(SequentialRecommender):
         self.rerank_exclude_seen = config["rerank_exclude_seen"]
         self.candidates_per_forward = config["ranker_eval_batch_size"]
         self.encoder_loss_weight = config["encoder_loss_weight"]
+        self.fusion_weight = float(config["late_fusion_weight"] or 0.0)
         self.use_images = config["ranker_use_images"]
         self.use_summaries = config["ranker_use_summaries"]
         self.use_soft_tokens = config["ranker_use_soft_tokens"]
@@ -311,7 +312,10 @@ class MLLMSRec(SequentialRecommender):
         if self.score_mode == "encoder":
             return (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
         ts = self._positions(interaction[first])
-        return self._score_blocks(unique_uids.tolist(), ts, user_states, candidates, owner)
+        scores = self._score_blocks(unique_uids.tolist(), ts, user_states, candidates, owner)
+        if self.fusion_weight:  # the fallback to compare against: the encoder's score added beside the LLM's
+            scores = scores + self.fusion_weight * (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
+        return scores
 
     def full_sort_predict(self, interaction):
         """Retrieve-then-rerank: the encoder picks the top-K items, the LLM reranks them, the rest get -inf."""
@@ -330,6 +334,8 @@ class MLLMSRec(SequentialRecommender):
         top = encoder_scores.topk(self.rerank_top_k, dim=1).indices  # [B K]
         owner = torch.arange(len(uids), device=top.device).repeat_interleave(self.rerank_top_k)
         reranked = self._score_blocks(uids, ts, user_states, top.reshape(-1), owner)
+        if self.fusion_weight:  # late fusion fallback (see predict)
+            reranked = reranked + self.fusion_weight * encoder_scores.gather(1, top).reshape(-1)
         scores = torch.full_like(encoder_scores, -torch.inf)  # float32
         scores.scatter_(1, top, reranked.view(len(uids), -1).float())
         # stage-1 recall is measured after scoring and never feeds back into a score

@@ -75,6 +75,17 @@ def test_predict_ignores_candidate_order_and_block_position(mllm_config):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def test_late_fusion_fallback_adds_the_weighted_encoder_score(mllm_config):
+    _, model, test_data = _model_and_data(mllm_config)
+    interaction = next(iter(test_data["uni100"]))[0]
+    llm = model.predict(interaction)
+    model.score_mode = "encoder"
+    encoder = model.predict(interaction)
+    model.score_mode, model.fusion_weight = "llm", 2.5
+    torch.testing.assert_close(model.predict(interaction), llm + 2.5 * encoder, atol=1e-4, rtol=1e-4)
+
+
 def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(mllm_config, tmp_path):
     _, model, test_data = _model_and_data(mllm_config)
     with torch.no_grad():
