@@ -241,3 +241,22 @@ def test_an_update_with_non_finite_gradients_is_skipped(mllm_config):
     trainer._step()  # a finite update goes through
     assert trainer.skipped_steps == 1
     assert any(not torch.equal(model.get_parameter(n), v) for n, v in before.items())
+
+
+def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
+    from scripts import score_fusion_eval
+
+    _, _, test_data = _model_and_data(mllm_config)
+    batches = sum(len(loader) for loader in test_data.values())
+    calls, score_blocks = [], get_model("MLLMSRec")._score_blocks
+
+    def counted(self, *args):
+        calls.append(1)
+        return score_blocks(self, *args)
+
+    argv = [f"--{k}={v!r}" for k, v in mllm_config.items()] + ["--dataset='tiny'", "--fusion_weights='0.5,2'"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(get_model("MLLMSRec"), "_score_blocks", counted)
+        results = score_fusion_eval.main(argv)
+    assert set(results) == {(p, n) for p in ("uni100", "full") for n in ("llm", "encoder", "fusion w=0.5", "fusion w=2")}
+    assert len(calls) == batches  # three LLM-scored passes per protocol, one LLM pass each
