@@ -87,10 +87,11 @@ class MLLMSRec(SequentialRecommender):
         self.encoder = FusedSequenceEncoder(inputs.item_embeddings, self.hidden_size, config["n_layers"],
                                             config["n_heads"], config["inner_size"], config["dropout_prob"],
                                             self.max_seq_length)
-        llm_hidden = self.backend.model.get_input_embeddings().weight.shape[1]
-        self.user_projection = self._projection(llm_hidden)
-        self.item_projection = self._projection(llm_hidden)
-        self.match_projection = self._projection(llm_hidden)
+        token_embeddings = self.backend.model.get_input_embeddings().weight
+        llm_hidden, token_std = token_embeddings.shape[1], float(token_embeddings.float().std())
+        self.user_projection = self._projection(llm_hidden, token_std)
+        self.item_projection = self._projection(llm_hidden, token_std)
+        self.match_projection = self._projection(llm_hidden, token_std)
         template = load_prompt("ranker", config["ranker_prompt"])
         self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(),
                                 "switches": [self.use_images, self.use_summaries, self.use_soft_tokens, self.use_cot],
@@ -116,7 +117,7 @@ class MLLMSRec(SequentialRecommender):
         self.stage1_hits = self.stage1_total = 0
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def _projection(self, llm_hidden):
+    def _projection(self, llm_hidden, token_std):
         """Encoder state -> one soft token in the LLM's embedding space.
 
         Initialised so a soft token starts at the scale of the LLM's own token embeddings: with
@@ -124,7 +125,6 @@ class MLLMSRec(SequentialRecommender):
         distribution the frozen layers were trained on.
         """
         linear = nn.Linear(self.hidden_size, llm_hidden)
-        token_std = float(self.backend.model.get_input_embeddings().weight.float().std())
         nn.init.normal_(linear.weight, std=token_std / self.hidden_size ** 0.5)  # LayerNorm output: unit variance
         nn.init.zeros_(linear.bias)
         return nn.Sequential(nn.LayerNorm(self.hidden_size), linear)
@@ -309,12 +309,13 @@ class MLLMSRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first]
         user_states = self.forward(item_seq, item_seq_len)
         candidates = interaction[self.ITEM_ID]
+        encoder_scores = (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
         if self.score_mode == "encoder":
-            return (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
+            return encoder_scores
         ts = self._positions(interaction[first])
         scores = self._score_blocks(unique_uids.tolist(), ts, user_states, candidates, owner)
         if self.fusion_weight:  # the fallback to compare against: the encoder's score added beside the LLM's
-            scores = scores + self.fusion_weight * (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
+            scores = scores + self.fusion_weight * encoder_scores
         return scores
 
     def full_sort_predict(self, interaction):
