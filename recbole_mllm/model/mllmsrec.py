@@ -43,6 +43,10 @@ from recbole_mllm.stages.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
 
+RERANK_FLOOR = 1000.0
+"""Items the LLM does not rerank score ``-(RERANK_FLOOR + encoder rank)``: exact in float32 (whole numbers), so their
+order is the encoder's, below every LLM score (log-odds, kept above ``-RERANK_FLOOR``)."""
+
 
 class MLLMSRec(SequentialRecommender):
     input_type = InputType.POINTWISE
@@ -187,18 +191,36 @@ class MLLMSRec(SequentialRecommender):
         return [self.context.position(u, s, n, self.max_seq_length, ts) for u, s, n, ts in zip(uids, seqs, lens, times)]
 
     @torch.no_grad()
-    def _retrieval_ranks(self, user_states, candidates, owner, chunk=256):
-        """1 + the number of catalogue items the encoder scores above each candidate, for its user ``[C]``.
+    def _catalogue_scores(self, user_states, uids=None, ts=None):
+        """The encoder's float32 scores of every item ``[U n_items]``: padding at -inf, and with
+        ``rerank_exclude_seen`` (when ``uids``/``ts`` are given) each user's history before ``t`` too.
 
-        A function of the user and the item alone (never of the other candidates in a block), so it can
-        be written into the prompt without breaking order invariance or revealing the target.
+        Float32 outside autocast, so ranks and the first stage's order are the same in training and evaluation.
         """
         with torch.autocast(user_states.device.type, enabled=False):
             scores = self.encoder.full_scores(user_states.float())  # [U n_items]
         scores[:, 0] = -torch.inf  # padding
-        own = scores[owner, candidates]
-        ranks = torch.cat([(scores[o] > s.unsqueeze(1)).sum(1) for o, s in zip(owner.split(chunk), own.split(chunk))])
-        return (ranks + 1).tolist()
+        if self.rerank_exclude_seen and uids is not None:  # a model choice: RecBole masks no history here
+            rows = [b for b, t in enumerate(ts) for _ in range(t)]
+            cols = [int(i) for u, t in zip(uids, ts) for i in self.context.histories[u][:t]]
+            scores[torch.tensor(rows, dtype=torch.long, device=scores.device),
+                   torch.tensor(cols, dtype=torch.long, device=scores.device)] = -torch.inf
+        return scores
+
+    @staticmethod
+    def _ranks(catalogue, candidates, owner, chunk=256):
+        """1 + the number of items ``catalogue[owner[c]]`` scores above ``candidates[c]`` ``[C]``."""
+        own = catalogue[owner, candidates]
+        return torch.cat([(catalogue[o] > s.unsqueeze(1)).sum(1) for o, s in zip(owner.split(chunk), own.split(chunk))]) + 1
+
+    @torch.no_grad()
+    def _retrieval_ranks(self, user_states, candidates, owner):
+        """The encoder's catalogue rank of each candidate for its user, as written into the prompt.
+
+        A function of the user and the item alone (never of the other candidates in a block), so it can
+        be written into the prompt without breaking order invariance or revealing the target.
+        """
+        return self._ranks(self._catalogue_scores(user_states), candidates, owner).tolist()
 
     def _llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
@@ -299,8 +321,34 @@ class MLLMSRec(SequentialRecommender):
             start = end
         return scores
 
+    def _two_stage(self, uids, ts, user_states, candidates, owner, catalogue, ranks):
+        """Final scores ``[C]``: the LLM's for candidates of encoder rank <= ``rerank_top_k``, below them the rest
+        as ``-(RERANK_FLOOR + rank)``.
+
+        Ranks rather than -inf or an offset score: no two candidates of different encoder score tie (float32 loses
+        the encoder's small gaps under a large offset), so no tie-break (which could follow the position of the
+        positive in a block) ever decides a metric, and metrics beyond ``rerank_top_k`` keep the encoder's order.
+        """
+        own = catalogue[owner, candidates]
+        scores = torch.where(torch.isfinite(own), -(RERANK_FLOOR + ranks.float()), own)  # excluded items stay -inf
+        chosen = (ranks <= self.rerank_top_k).nonzero().squeeze(1)
+        if len(chosen):
+            users, local = torch.unique(owner[chosen], return_inverse=True)  # only users with something to rerank
+            llm = self._score_blocks([uids[u] for u in users.tolist()], [ts[u] for u in users.tolist()],
+                                     user_states[users], candidates[chosen], local).float()
+            if self.fusion_weight:  # the fallback to compare against: the encoder's score added beside the LLM's
+                llm = llm + self.fusion_weight * own[chosen]
+            scores[chosen] = llm.clamp(min=1.0 - RERANK_FLOOR)
+        return scores
+
     def predict(self, interaction):
-        """Scores of RecBole's sampled blocks: each user's prompt part is encoded once for all its candidates."""
+        """Scores of RecBole's sampled blocks, by the same two stages as full ranking.
+
+        A candidate is scored by the LLM when the encoder ranks it within its top ``rerank_top_k`` of the
+        whole catalogue for this user (exactly the items full ranking reranks), otherwise it keeps the
+        encoder's order below those. Each user's prompt part is encoded once for all its reranked candidates.
+        A score depends on the user and the item only: never on candidate order or the block's other items.
+        """
         uids_all = interaction[self.USER_ID]
         # rows of one user share its history; group them by user (never by position in the block)
         unique_uids, owner = torch.unique(uids_all, return_inverse=True)
@@ -309,36 +357,27 @@ class MLLMSRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first]
         user_states = self.forward(item_seq, item_seq_len)
         candidates = interaction[self.ITEM_ID]
-        encoder_scores = (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
         if self.score_mode == "encoder":
-            return encoder_scores
-        ts = self._positions(interaction[first])
-        scores = self._score_blocks(unique_uids.tolist(), ts, user_states, candidates, owner)
-        if self.fusion_weight:  # the fallback to compare against: the encoder's score added beside the LLM's
-            scores = scores + self.fusion_weight * encoder_scores
-        return scores
+            return (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
+        uids, ts = unique_uids.tolist(), self._positions(interaction[first])
+        catalogue = self._catalogue_scores(user_states, uids, ts)
+        ranks = self._ranks(catalogue, candidates, owner)
+        return self._two_stage(uids, ts, user_states, candidates, owner, catalogue, ranks)
 
     def full_sort_predict(self, interaction):
-        """Retrieve-then-rerank: the encoder picks the top-K items, the LLM reranks them, the rest get -inf."""
+        """Retrieve-then-rerank: the encoder picks its top-K items, the LLM reranks them, the rest follow in the
+        encoder's order (the LLM never scores the whole catalogue)."""
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        encoder_scores = self.encoder.full_scores(user_states).float()  # [B n_items]
-        encoder_scores[:, 0] = -torch.inf
         if self.score_mode == "encoder":
-            return encoder_scores
-        uids = interaction[self.USER_ID].tolist()
-        ts = self._positions(interaction)
-        if self.rerank_exclude_seen:  # a model choice: RecBole masks no history in sequential full ranking
-            rows = [b for b, (u, t) in enumerate(zip(uids, ts)) for _ in range(t)]
-            cols = [int(i) for u, t in zip(uids, ts) for i in self.context.histories[u][:t]]
-            encoder_scores[torch.tensor(rows, dtype=torch.long, device=encoder_scores.device),
-                           torch.tensor(cols, dtype=torch.long, device=encoder_scores.device)] = -torch.inf
-        top = encoder_scores.topk(self.rerank_top_k, dim=1).indices  # [B K]
-        owner = torch.arange(len(uids), device=top.device).repeat_interleave(self.rerank_top_k)
-        reranked = self._score_blocks(uids, ts, user_states, top.reshape(-1), owner)
-        if self.fusion_weight:  # late fusion fallback (see predict)
-            reranked = reranked + self.fusion_weight * encoder_scores.gather(1, top).reshape(-1)
-        scores = torch.full_like(encoder_scores, -torch.inf)  # float32
-        scores.scatter_(1, top, reranked.view(len(uids), -1).float())
+            return self._catalogue_scores(user_states)
+        uids, ts = interaction[self.USER_ID].tolist(), self._positions(interaction)
+        catalogue = self._catalogue_scores(user_states, uids, ts)  # [B n_items] float32
+        ascending = catalogue.sort(dim=1).values
+        ranks = catalogue.shape[1] + 1 - torch.searchsorted(ascending, catalogue, right=True)  # as _ranks counts them
+        items = torch.arange(catalogue.shape[1], device=catalogue.device).repeat(len(uids))
+        owner = torch.arange(len(uids), device=catalogue.device).repeat_interleave(catalogue.shape[1])
+        scores = self._two_stage(uids, ts, user_states, items, owner, catalogue, ranks.view(-1)).view_as(catalogue)
+        top = catalogue.topk(self.rerank_top_k, dim=1).indices  # [B K]
         # stage-1 recall is measured after scoring and never feeds back into a score
         targets = interaction[self.POS_ITEM_ID].view(-1, 1)
         self.stage1_hits += int((top == targets).any(1).sum())
