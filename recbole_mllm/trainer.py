@@ -29,7 +29,8 @@ class MLLMSRecTrainer(Trainer):
       (``enable_amp``; RecBole's own autocast would pick float16);
     * only trainable parameters in the optimizer; checkpoints hold only trained tensors (the model's
       ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
-    * the first stage's recall is logged after every full-ranking evaluation.
+    * the first stage's recall is logged after every full-ranking evaluation, and with ``report_first_stage``
+      every evaluation is repeated with the encoder alone and logged beside it.
     """
 
     def __init__(self, config, model):
@@ -40,6 +41,8 @@ class MLLMSRecTrainer(Trainer):
         self.warmup_cache = self._warmup_cache_path(config) if config["encoder_warmup_cache"] else None
         self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
         self.skipped_steps = 0
+        self.report_first_stage = bool(config["report_first_stage"])
+        self.last_first_stage_result = None
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -155,7 +158,20 @@ class MLLMSRecTrainer(Trainer):
         if self.model.stage1_total:
             self.logger.info(f"stage-1 recall@{self.model.rerank_top_k}: "
                              f"{self.model.stage1_hits / self.model.stage1_total:.4f} ({self.model.stage1_total} users)")
+        if self.report_first_stage and self.model.score_mode == "llm":
+            self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
+            self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
         return result
+
+    @torch.no_grad()
+    def _first_stage_alone(self, eval_data, show_progress):
+        """The same evaluation scored by the encoder alone: what the LLM reranker adds is the difference."""
+        self.model.score_mode = "encoder"
+        try:
+            with self._autocast():
+                return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        finally:
+            self.model.score_mode = "llm"
 
     def resume_checkpoint(self, resume_file):
         checkpoint = compat.load_checkpoint(resume_file, map_location=self.device)

@@ -291,3 +291,18 @@ def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
         results = score_fusion_eval.main(argv)
     assert set(results) == {(p, n) for p in ("uni100", "full") for n in ("llm", "encoder", "fusion w=0.5", "fusion w=2")}
     assert 0 < len(calls) <= batches  # three LLM-scored passes per protocol, one LLM pass each
+
+
+def test_evaluation_also_reports_the_encoder_alone(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    result = trainer.evaluate(test_data["uni100"], load_best_model=False)
+    assert model.score_mode == "llm"
+    first_stage = trainer.last_first_stage_result
+    model.score_mode = "encoder"
+    expected = trainer.evaluate(test_data["uni100"], load_best_model=False)
+    model.score_mode = "llm"
+    assert dict(first_stage) == dict(expected)
+    assert dict(trainer.evaluate(test_data["uni100"], load_best_model=False)) == dict(result)
