@@ -321,15 +321,15 @@ class MLLMSRec(SequentialRecommender):
             start = end
         return scores
 
-    def _two_stage(self, uids, ts, user_states, candidates, owner, catalogue, ranks):
+    def _two_stage(self, uids, ts, user_states, candidates, owner, own, ranks):
         """Final scores ``[C]``: the LLM's for candidates of encoder rank <= ``rerank_top_k``, below them the rest
         as ``-(RERANK_FLOOR + rank)``.
 
-        Ranks rather than -inf or an offset score: no two candidates of different encoder score tie (float32 loses
+        ``own[c]`` is the encoder's catalogue score of ``candidates[c]`` (-inf for excluded items). Ranks rather
+        than -inf or an offset score: no two candidates of different encoder score tie (float32 loses
         the encoder's small gaps under a large offset), so no tie-break (which could follow the position of the
         positive in a block) ever decides a metric, and metrics beyond ``rerank_top_k`` keep the encoder's order.
         """
-        own = catalogue[owner, candidates]
         scores = torch.where(torch.isfinite(own), -(RERANK_FLOOR + ranks.float()), own)  # excluded items stay -inf
         chosen = (ranks <= self.rerank_top_k).nonzero().squeeze(1)
         if len(chosen):
@@ -362,7 +362,7 @@ class MLLMSRec(SequentialRecommender):
         uids, ts = unique_uids.tolist(), self._positions(interaction[first])
         catalogue = self._catalogue_scores(user_states, uids, ts)
         ranks = self._ranks(catalogue, candidates, owner)
-        return self._two_stage(uids, ts, user_states, candidates, owner, catalogue, ranks)
+        return self._two_stage(uids, ts, user_states, candidates, owner, catalogue[owner, candidates], ranks)
 
     def full_sort_predict(self, interaction):
         """Retrieve-then-rerank: the encoder picks its top-K items, the LLM reranks them, the rest follow in the
@@ -376,7 +376,8 @@ class MLLMSRec(SequentialRecommender):
         ranks = catalogue.shape[1] + 1 - torch.searchsorted(ascending, catalogue, right=True)  # as _ranks counts them
         items = torch.arange(catalogue.shape[1], device=catalogue.device).repeat(len(uids))
         owner = torch.arange(len(uids), device=catalogue.device).repeat_interleave(catalogue.shape[1])
-        scores = self._two_stage(uids, ts, user_states, items, owner, catalogue, ranks.view(-1)).view_as(catalogue)
+        scores = self._two_stage(uids, ts, user_states, items, owner, catalogue.view(-1), ranks.view(-1))
+        scores = scores.view_as(catalogue)
         top = catalogue.topk(self.rerank_top_k, dim=1).indices  # [B K]
         # stage-1 recall is measured after scoring and never feeds back into a score
         targets = interaction[self.POS_ITEM_ID].view(-1, 1)
