@@ -79,8 +79,10 @@ def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callab
     config = make_config(sys.argv[1:] if argv is None else argv)
     with process_group_if_launched():
         path = run(config).path
-    if torch.cuda.is_available():
-        logging.getLogger(__name__).info(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if torch.cuda.is_available():  # this rank's GPU: the default device is cuda:0 on every rank
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        peak = torch.cuda.max_memory_allocated(rank) / 2**30
+        logging.getLogger(__name__).info(f"rank {rank}: peak GPU memory {peak:.2f} GiB (cuda:{rank})")
     print(path)
 
 
