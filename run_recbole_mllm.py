@@ -1,21 +1,37 @@
-"""Train and evaluate one or more models through recbole_mllm.
+"""Train and evaluate one or more models through recbole_mllm, side by side on one split and one set of candidates.
 
-    python run_recbole_mllm.py --model=SASRec,BERT4Rec --dataset=ml-100k --epochs=1
+    python run_recbole_mllm.py --model=SASRec,BERT4Rec,MLLMSRec --dataset=ml-100k --seeds=2020,2021,2022
 
-Any other ``--key=value`` overrides a config key (highest precedence, as in RecBole).
+Any other --key=value sets a config key for every model (the highest layer, as in RecBole): e.g.
+--epochs=50, --gpu_id=1, --learning_rate=0.002. Per-model keys go in a YAML's per_model section. The keys,
+their defaults and meanings are in properties/overall.yaml (the shared protocol), properties/stages.yaml,
+properties/model/<Model>.yaml and RecBole's own properties; the comparison (mean and std over seeds,
+paired p-values against the best baseline, cold-item and short-history slices) goes to
+<output_dir>/<dataset>-<time>/.
 """
 
 import argparse
 
 from recbole_mllm.quick_start import run_comparison
 
+
+def parse_seeds(text):
+    """'2020,2021' -> [2020, 2021]; a non-integer is an argparse error naming it."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers; got {text!r}") from None
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare")
-    parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files)")
+    parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare (default SASRec)")
+    parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files; default ml-100k)")
     parser.add_argument("--config_files", default=None, help="YAML config files, separated by spaces or commas")
+    parser.add_argument("--seeds", type=parse_seeds, default=None,
+                        help="run every model once per seed, e.g. 2020,2021,2022 (default: the config's seed)")
     args, overrides = parser.parse_known_args()
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
-    run_comparison(models, args.dataset, config_file_list=config_files, cmd_args=overrides)
+    run_comparison(models, args.dataset, config_file_list=config_files, cmd_args=overrides, seeds=args.seeds)

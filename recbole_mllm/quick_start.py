@@ -20,6 +20,8 @@ from recbole_mllm import compat
 from recbole_mllm.comparison import write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
+from recbole_mllm.search_space import search_space_keys
+from recbole_mllm.evaluation import PerUserCollector, held_out_count, per_user_record, user_item_statistics
 from recbole_mllm.utils import get_model, get_trainer
 
 
@@ -45,9 +47,14 @@ def protocol_fingerprint(eval_data):
 def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True):
     """Train ``model`` on ``dataset``, select the best epoch on validation, test under every protocol.
 
-    Returns a dict with ``best_valid_score``, ``best_valid_result``, ``test_result`` (protocol ->
-    metrics), ``fingerprints`` (protocol -> candidate hash), ``epochs``, ``train_seconds``,
-    ``peak_gpu_memory_gb`` and the resolved ``config``.
+    Returns the run record ``recbole_mllm.comparison`` reads: ``model``, ``label`` (its row in the tables:
+    ``run_label``, else the model's name), ``dataset``, ``seed``,
+    ``best_valid_score``, ``best_valid_result``, ``test_result`` (protocol -> metrics), ``fingerprints``
+    (protocol -> candidate hash), ``per_user`` (protocol -> RecBole's ``rec.topk`` rows with user ids,
+    targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``,
+    ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
+    model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
+    ``first_stage_per_user`` from the same checkpoint.
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
@@ -56,12 +63,14 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     logger.info(config)
 
     dataset = create_dataset(config)
+    item_train_count, history_length = user_item_statistics(dataset, held_out_count(config))
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.eval_collector = collector = PerUserCollector(config)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -77,20 +86,34 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         model.load_other_parameter(checkpoint.get("other_parameter"))
         logger.info(f"Loaded the best model from {trainer.saved_model_file}")
 
-    test_result, fingerprints = {}, {}
+    record = {"test_result": {}, "fingerprints": {}, "per_user": {}}
+    collector.recording = True
     for protocol, loader in test_data.items():
-        test_result[protocol] = dict(trainer.evaluate(loader, load_best_model=False, show_progress=config["show_progress"]))
-        fingerprints[protocol] = protocol_fingerprint(loader)
-        logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {test_result[protocol]}")
+        collector.evaluations.clear()
+        record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
+                                                                show_progress=config["show_progress"]))
+        record["fingerprints"][protocol] = protocol_fingerprint(loader)
+        record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
+        logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
+        first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
+        if first_stage is not None:                                        # scored by its first stage alone
+            record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
+            record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
+                collector.evaluations[1], item_train_count, history_length)
+    collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
     return {
         "model": config["model"],
+        "label": config["run_label"] or config["model"],
         "dataset": config["dataset"],
+        "seed": config["seed"],
+        "hyper_parameters": {key: config[key] for key in search_space_keys(config["model"])},
+        **record,
+        "valid_metric": config["valid_metric"].lower(),
+        "valid_metric_bigger": config["valid_metric_bigger"],
         "best_valid_score": best_valid_score,
         "best_valid_result": dict(best_valid_result or {}),
-        "test_result": test_result,
-        "fingerprints": fingerprints,
         "epochs": len(trainer.train_loss_dict),
         "train_seconds": train_seconds,
         "peak_gpu_memory_gb": peak_gb,
@@ -98,19 +121,22 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     }
 
 
-def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True):
-    """Run each model in ``models`` on ``dataset`` and write the comparison table and chart.
+def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True, seeds=None):
+    """Run each model in ``models`` on ``dataset`` (once per seed in ``seeds``) and write the comparison.
 
-    Returns ``(results, output_dir)``; ``output_dir`` holds ``comparison.md``, ``.csv`` and ``.png``.
+    Every run shares the split and, per seed, the candidates (the seed also fixes the sampled ones).
+    Returns ``(results, output_dir)``; ``output_dir`` holds ``comparison.md``, ``.csv`` and ``.png``, the
+    slices and every run's record (``recbole_mllm.comparison``).
     """
-    results = [run(m, dataset, config_file_list, config_dict, cmd_args, saved) for m in models]
+    if seeds and any(arg.startswith("--seed=") for arg in cmd_args or []):
+        raise ValueError("give either --seed or --seeds, not both")
+    seed_dicts = [{"seed": seed} for seed in seeds] if seeds else [{}]
+    results = [run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved)
+               for m in models for seed_dict in seed_dicts]
     config = results[0]["config"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir = os.path.join(config["output_dir"], f"{config['dataset']}-{stamp}")
-    table = write_comparison(results, output_dir, topk=config["topk"])
-    logger = getLogger()
-    logger.info(set_color("Comparison", "green") + f" (written to {output_dir}):\n{table}")
-    for protocol in results[0]["fingerprints"]:
-        if len({r["fingerprints"].get(protocol) for r in results}) > 1:
-            logger.warning(f"Models were not tested on identical [{protocol}] candidates: {[r['fingerprints'] for r in results]}")
+    slices = {"cold_item_max": config["slice_cold_item_max"], "short_history_max": config["slice_short_history_max"]}
+    table = write_comparison(results, output_dir, topk=config["topk"], slices=slices)
+    getLogger().info(set_color("Comparison", "green") + f" (written to {output_dir}):\n{table}")
     return results, output_dir

@@ -14,7 +14,7 @@ from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
-               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk")
+               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads); the ranker switches are not among them."""
 
 
@@ -148,6 +148,7 @@ class MLLMSRecTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        self.last_first_stage_result = None
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])

@@ -23,7 +23,7 @@ def _main_command():
 def _known_keys():
     """Keys of the plugin's YAML layers, RecBole's defaults for ml-100k and the stages' documented defaults."""
     recbole_properties = Path(recbole.__file__).parent / "properties"
-    files = [properties_dir() / "overall.yaml", properties_dir() / "model" / "MLLMSRec.yaml",
+    files = [properties_dir() / "overall.yaml", properties_dir() / "stages.yaml", properties_dir() / "model" / "MLLMSRec.yaml",
              properties_dir() / "dataset" / "ml-100k.yaml", recbole_properties / "overall.yaml",
              recbole_properties / "dataset" / "ml-100k.yaml", recbole_properties / "dataset" / "sample.yaml"]
     keys = set(item_fusion.DEFAULTS) | set(user_profile.DEFAULTS)
@@ -42,7 +42,8 @@ def test_readme_main_command_runs_mllmsrec_with_the_quick_start_yaml():
 
 def test_every_quick_start_key_is_known():
     settings = yaml.safe_load(QUICK_START.read_text())
-    unknown = sorted(set(settings) - _known_keys())
+    per_model_keys = {key for section in settings.get("per_model", {}).values() for key in section}
+    unknown = sorted((set(settings) | per_model_keys) - _known_keys() - {"per_model"})
     assert not unknown, f"keys no YAML layer or stage documents (a typo is silently ignored by RecBole): {unknown}"
 
 
@@ -77,6 +78,8 @@ def test_every_quick_start_key_is_commented_with_its_type():
 def test_quick_start_yaml_loads_and_wins_over_the_default_layers(model):
     settings = yaml.safe_load(QUICK_START.read_text())
     config = Config(model, "ml-100k", config_file_list=[str(QUICK_START)])
-    for key, value in settings.items():
+    own = settings.pop("per_model", {}).get(model, {})
+    for key, value in {**settings, **own}.items():
         assert config[key] == value, f"{model}: {key} is {config[key]!r}, the quick start sets {value!r}"
+    assert config["per_model"] is None  # folded into the model's own layer, never left as a key
     assert config["test_protocols"] == ["uni100", "full"]  # the shared protocol is untouched

@@ -88,9 +88,7 @@ class MLLMSRec(SequentialRecommender):
         self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
 
         # define layers
-        self.encoder = FusedSequenceEncoder(inputs.item_embeddings, self.hidden_size, config["n_layers"],
-                                            config["n_heads"], config["inner_size"], config["dropout_prob"],
-                                            self.max_seq_length)
+        self.encoder = FusedSequenceEncoder.from_config(config, inputs.item_embeddings, self.max_seq_length)
         token_embeddings = self.backend.model.get_input_embeddings().weight
         llm_hidden, token_std = token_embeddings.shape[1], float(token_embeddings.float().std())
         self.user_projection = self._projection(llm_hidden, token_std)

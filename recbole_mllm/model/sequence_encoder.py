@@ -1,7 +1,11 @@
 """A SASRec-style encoder over fused item embeddings: the collaborative half of hybrid prompting.
 
 Items are represented by an id embedding plus a projection of their frozen MLLM fusion embedding
-(part 1 of MLLM-SRec), so items with few interactions still carry content. The encoder gives a user
+(part 1 of MLLM-SRec), so items with few interactions still carry content. ``item_input`` switches
+that representation for the controls that show what the content adds: ``id`` (SASRec's id embedding
+alone), ``id+fused`` (the design), ``fused`` (content alone, no id embedding: cold items are no
+different from warm ones) and ``shuffled`` (id + fused rows permuted across items: the same capacity
+and embedding statistics, no content). The encoder gives a user
 state (last position of a causal transformer) and item states; ``user_state @ item_states.T`` is a
 full-catalogue score, trained with cross-entropy like SASRec. It serves twice: its states enter the
 LLM prompt as soft tokens (as LLaRA does with SASRec embeddings), and its scores are the cheap first
@@ -13,13 +17,29 @@ from recbole.model.layers import TransformerEncoder
 from torch import nn
 
 
+ITEM_INPUTS = ("id", "id+fused", "fused", "shuffled")
+"""Values of ``encoder_item_input``: what represents an item in the encoder (see the module docstring)."""
+
+
+def shuffled_rows(embeddings, seed):
+    """``embeddings`` with rows 1.. permuted by a generator seeded by ``seed`` (row 0, padding, stays)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(len(embeddings) - 1, generator=generator)])
+    return embeddings[order]
+
+
 class FusedSequenceEncoder(nn.Module):
-    def __init__(self, fused_embeddings, hidden_size, n_layers, n_heads, inner_size, dropout, max_seq_length):
+    def __init__(self, fused_embeddings, hidden_size, n_layers, n_heads, inner_size, dropout, max_seq_length,
+                 item_input="id+fused", shuffle_seed=0):
         super().__init__()
+        if item_input not in ITEM_INPUTS:
+            raise ValueError(f"encoder_item_input must be one of {ITEM_INPUTS}; got {item_input!r}")
         n_items, fused_dim = fused_embeddings.shape
+        if item_input == "shuffled":
+            fused_embeddings = shuffled_rows(fused_embeddings, shuffle_seed)
         self.register_buffer("fused", fused_embeddings.float(), persistent=False)  # rebuilt from the stage cache
-        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
-        self.fused_projection = nn.Linear(fused_dim, hidden_size)
+        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if item_input != "fused" else None
+        self.fused_projection = nn.Linear(fused_dim, hidden_size) if item_input != "id" else None
         self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
         self.transformer = TransformerEncoder(n_layers=n_layers, n_heads=n_heads, hidden_size=hidden_size,
                                               inner_size=inner_size, hidden_dropout_prob=dropout,
@@ -27,6 +47,12 @@ class FusedSequenceEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
         self.apply(self._init_weights)
+
+    @classmethod
+    def from_config(cls, config, fused_embeddings, max_seq_length):
+        """The encoder the config describes (``hidden_size``, ``n_layers``, ... ``encoder_item_input``)."""
+        return cls(fused_embeddings, config["hidden_size"], config["n_layers"], config["n_heads"], config["inner_size"],
+                   config["dropout_prob"], max_seq_length, config["encoder_item_input"], config["seed"])
 
     @staticmethod
     def _init_weights(module):
@@ -37,9 +63,12 @@ class FusedSequenceEncoder(nn.Module):
 
     def item_states(self, items=None):
         """Item representations ``[..., hidden]`` (all items when ``items`` is None)."""
-        if items is None:
-            return self.item_embedding.weight + self.fused_projection(self.fused)
-        return self.item_embedding(items) + self.fused_projection(self.fused[items])
+        states = 0
+        if self.item_embedding is not None:
+            states = self.item_embedding.weight if items is None else self.item_embedding(items)
+        if self.fused_projection is not None:
+            states = states + self.fused_projection(self.fused if items is None else self.fused[items])
+        return states
 
     def forward(self, item_seq, item_seq_len):
         """User states ``[B hidden]`` from left-aligned item sequences ``[B L]`` and their lengths ``[B]``."""

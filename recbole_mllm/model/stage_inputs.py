@@ -50,6 +50,19 @@ def _load_or_run(config, stage, load, run):
         return load()
 
 
+def load_fused_item_embeddings(config, dataset):
+    """The item-fusion embeddings ``[n_items, H]`` in RecBole's item-id order (row 0, padding, zero).
+
+    Runs the item-fusion stage first when its cache is missing and ``run_missing_stages`` allows it.
+    """
+    backend = load_backend(config)
+    item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    _, embeddings = _load_or_run(
+        config, "item_fusion", lambda: item_fusion.load_item_fusion(config, item_tokens, backend),
+        lambda: item_fusion.run_item_fusion(config, backend))
+    return embeddings
+
+
 def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
     """Everything the ranker needs from the stages; ``dataset`` is RecBole's (split) training dataset."""
     backend = load_backend(config)

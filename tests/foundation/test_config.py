@@ -68,3 +68,31 @@ def test_resolving_a_recbole_model_leaves_anomaly_detection_off():
 
     get_model("SASRec")
     assert not torch.is_anomaly_enabled()
+
+
+def test_per_model_sections_give_each_model_its_own_keys(tiny_data, tmp_path):
+    config_file = tmp_path / "compare.yaml"
+    config_file.write_text("epochs: 7\nstopping_step: 3\nper_model:\n  SASRec: {epochs: 40}\n  GRU4Rec: {learning_rate: 0.01}\n")
+    data = {k: v for k, v in tiny_data.items() if k != "epochs"}
+    sasrec = Config("SASRec", "tiny", [str(config_file)], data)
+    gru4rec = Config("GRU4Rec", "tiny", [str(config_file)], data)
+    assert (sasrec["epochs"], sasrec["learning_rate"], sasrec["stopping_step"]) == (40, 0.001, 3)
+    assert (gru4rec["epochs"], gru4rec["learning_rate"], gru4rec["stopping_step"]) == (7, 0.01, 3)
+    assert sasrec["per_model"] is None
+    # a shared key of a higher layer (dict, command line) still wins over a file's per-model key
+    assert Config("SASRec", "tiny", [str(config_file)], data, cmd_args=["--epochs=2"])["epochs"] == 2
+    assert Config("SASRec", "tiny", [str(config_file)], dict(data, epochs=3))["epochs"] == 3
+    # and a dict's own per_model section wins over its shared keys
+    assert Config("SASRec", "tiny", None, dict(data, epochs=3, per_model={"SASRec": {"epochs": 5}}))["epochs"] == 5
+
+
+def test_malformed_per_model_section_is_an_error(tiny_data):
+    with pytest.raises(ValueError, match="per_model must map model names"):
+        Config("SASRec", "tiny", config_dict=dict(tiny_data, per_model={"SASRec": 3}))
+
+
+def test_plugin_models_read_the_stage_keys_and_baselines_do_not(tiny_data):
+    stages = yaml.safe_load((properties_dir() / "stages.yaml").read_text())
+    fused = Config("FusedSASRec", "tiny", config_dict=tiny_data)
+    assert all(fused[key] == value for key, value in stages.items())
+    assert Config("SASRec", "tiny", config_dict=tiny_data)["stage_batch_size"] is None

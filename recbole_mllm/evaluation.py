@@ -1,0 +1,88 @@
+"""Per-user evaluation records: what RecBole evaluated, user by user, for paired tests and slices.
+
+RecBole's ``Collector`` builds one ``rec.topk`` row per evaluated user (hits in the top ``max(topk)`` and
+the number of positives) and its evaluator averages metrics over those rows. ``PerUserCollector`` keeps
+those very rows with each user's id and target, so per-user NDCG (and the paired significance tests
+and cold-item slices built on it) comes from the scores RecBole evaluated, not from a private metric.
+"""
+
+import numpy as np
+import torch
+from recbole.evaluator import Collector
+
+
+class PerUserCollector(Collector):
+    """RecBole's ``Collector`` that also records, per evaluation, each user's id, target and ``rec.topk`` row.
+
+    While ``recording`` is True, ``evaluations`` gets one dict per ``get_data_struct`` call (one per
+    ``trainer.evaluate``), in order: ``{"user_id": int64[n], "target_item": int64[n], "topk": int64[n, max(topk) + 1]}``.
+    Off by default, so the validations of training keep nothing.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.uid_field = config["USER_ID_FIELD"]
+        self.recording = False
+        self.evaluations = []
+        self._users, self._targets = [], []
+
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        if not self.recording:
+            return
+        # a batch holds each user's rows contiguously (one row under full ranking, a block of 1 + N when sampled),
+        # in the order of the score rows
+        users = torch.unique_consecutive(interaction[self.uid_field].cpu())
+        if len(users) != scores_tensor.shape[0] or len(positive_u) != len(users):
+            raise ValueError(f"per-user records need one target per user and contiguous rows per user: "
+                             f"{len(users)} users, {scores_tensor.shape[0]} score rows, {len(positive_u)} targets")
+        targets = torch.empty(len(users), dtype=torch.long)
+        targets[positive_u.cpu()] = positive_i.cpu().long()
+        self._users.append(users.long())
+        self._targets.append(targets)
+
+    def get_data_struct(self):
+        struct = super().get_data_struct()
+        if self.recording and "rec.topk" in struct:
+            self.evaluations.append({"user_id": torch.cat(self._users).numpy(),
+                                     "target_item": torch.cat(self._targets).numpy(),
+                                     "topk": struct["rec.topk"].long().numpy()})
+        self._users, self._targets = [], []
+        return struct
+
+
+def held_out_count(config):
+    """How many last interactions per user the configured leave-one-out split holds out (2 or 1)."""
+    split = (config["eval_args"] or {}).get("split") or {"LS": "valid_and_test"}
+    if list(split) != ["LS"] or split["LS"] not in ("valid_and_test", "valid_only", "test_only"):
+        raise ValueError(f"per-user records support leave-one-out splits (eval_args.split LS); got {split}")
+    return 2 if split["LS"] == "valid_and_test" else 1
+
+
+def user_item_statistics(dataset, held_out):
+    """``(item_train_count [n_items], test_history_length [n_users])`` of a dataset before ``build()``.
+
+    An item's training interactions exclude each user's last ``held_out`` ones (the evaluation targets);
+    a user's history at test is every interaction before the last one. Time order as RecBole sorts it
+    (stable on the float32 timestamp, then by user).
+    """
+    feat = dataset.inter_feat
+    uids = np.asarray(feat[dataset.uid_field])
+    iids = np.asarray(feat[dataset.iid_field])
+    order = np.arange(len(uids))
+    if dataset.time_field and dataset.time_field in feat:
+        order = np.argsort(np.asarray(feat[dataset.time_field]).astype(np.float32), kind="stable")
+    order = order[np.argsort(uids[order], kind="stable")]
+    uids, iids = uids[order], iids[order]
+    per_user = np.bincount(uids, minlength=dataset.user_num)
+    starts = np.concatenate([[0], np.cumsum(per_user)[:-1]])
+    position = np.arange(len(uids)) - starts[uids]
+    in_train = position < per_user[uids] - held_out
+    item_train_count = np.bincount(iids[in_train], minlength=dataset.item_num)
+    return item_train_count, np.maximum(per_user - 1, 0)
+
+
+def per_user_record(evaluation, item_train_count, history_length):
+    """One evaluation's record with the slice features the comparison reads."""
+    return {**evaluation, "target_train_count": item_train_count[evaluation["target_item"]],
+            "history_length": history_length[evaluation["user_id"]]}

@@ -1,0 +1,44 @@
+r"""FusedSASRec
+################################################
+MLLMSRec's first stage trained alone: a SASRec-style encoder whose items are represented by an id
+embedding plus a projection of their MLLM-fused summary embedding (``stages/item_fusion.py``).
+
+It is what MLLMSRec's encoder warm-up trains, as a RecBole model of its own, so that the encoder can be
+tuned with the same budget as the baselines (``python -m recbole_mllm.tuning --model=FusedSASRec``) and
+compared with them, and so that ``encoder_item_input`` (``id``, ``id+fused``, ``fused``, ``shuffled``)
+measures what the multimodal content adds at equal capacity and tuning.
+
+NOTE: one dropout for hidden states and attention (``dropout_prob``), GELU, causal attention and
+cross-entropy over all items, as RecBole's SASRec with ``loss_type: CE``.
+"""
+
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
+from recbole_mllm.model.stage_inputs import load_fused_item_embeddings
+
+
+class FusedSASRec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        embeddings = load_fused_item_embeddings(config, dataset)  # [n_items F], from the item-fusion cache
+        self.encoder = FusedSequenceEncoder.from_config(config, embeddings, self.max_seq_length)
+
+    def forward(self, item_seq, item_seq_len):
+        return self.encoder(item_seq, item_seq_len)  # [B H]
+
+    def calculate_loss(self, interaction):
+        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return nn.functional.cross_entropy(self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
+
+    def predict(self, interaction):
+        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B H]
+        return (user_states * self.encoder.item_states(interaction[self.ITEM_ID])).sum(-1)  # [B]
+
+    def full_sort_predict(self, interaction):
+        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return self.encoder.full_scores(user_states)  # [B n_items]

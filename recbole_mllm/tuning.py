@@ -1,0 +1,172 @@
+"""Hyper-parameter tuning with one budget for every model: random search, selected on validation.
+
+    python -m recbole_mllm.tuning --model=SASRec --dataset=ml-1m-mm --trials=8 [--trial=3] [--key=value ...]
+
+The space is RecBole's (``HyperTuning``'s ``params_dict`` layout, ``properties/tuning/<Model>.yaml`` by
+default; see ``search_space.py``). Unlike ``HyperTuning.run``, which asks hyperopt for one trial after
+another in one process, the trial list is drawn up front (hyperopt's sampler, a fixed seed, no
+repeats) and written to ``trials.json``, so trials can run as separate processes (``--trial=i``, several
+per GPU) and a stopped search resumes: a trial whose record exists is never run again. Each trial is a
+full ``quick_start.run`` (early stopping on the validation metric, full ranking); the selected trial is
+the one with the best validation score, and its test result is the only one reported. The selection is
+written as a YAML a user can pass with ``--config_files`` (``selected.yaml``, and ``--selected_config``).
+"""
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from recbole_mllm.comparison import load_record, save_record
+from recbole_mllm.search_space import load_search_space, search_space_file, space_keys
+from recbole_mllm.stages.cache import atomic_write
+
+DEFAULT_TRIALS = 8
+SAMPLING_SEED = 2020
+PLACEMENT_KEYS = ("gpu_id", "use_gpu", "worker", "show_progress", "data_path", "checkpoint_dir", "output_dir",
+                  "stage_cache_dir")
+"""Keys that say where a trial runs and where its files go, not what it computes: trial processes of one
+search may set them differently (one GPU each, say) without starting another search."""
+
+
+def sample_trials(space, n_trials, seed=SAMPLING_SEED):
+    """``n_trials`` distinct parameter settings drawn from ``space`` by hyperopt's sampler (fewer if the space is smaller).
+
+    Mapping options of a ``choice`` are flattened into their keys.
+    """
+    from hyperopt.pyll import stochastic
+    from recbole.trainer.hyper_tuning import HyperTuning
+
+    expression = HyperTuning._build_space_from_dict(space)
+    rng, trials, seen = np.random.default_rng(seed), [], set()
+    for _ in range(100 * n_trials):
+        params = {}
+        for name, value in stochastic.sample(expression, rng=rng).items():
+            params.update(value if isinstance(value, dict) else {name: value})
+        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in sorted(params.items())}
+        key = json.dumps(params, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            trials.append(params)
+            if len(trials) == n_trials:
+                break
+    return trials
+
+
+class Search:
+    """One model's search on one dataset, kept in ``folder``: ``trials.json``, ``trial-<i>/`` records, the selection."""
+
+    def __init__(self, folder, model, dataset, space_path, n_trials, overrides):
+        self.folder, self.model, self.dataset = Path(folder), model, dataset
+        space = load_search_space(space_path)
+        clash = sorted(set(space_keys(space)) & {arg[2:].partition("=")[0] for arg in overrides})
+        if clash:
+            raise ValueError(f"--{clash[0]} is tuned by {space_path}: drop it from the command line or the space")
+        settings = [arg for arg in overrides if arg[2:].partition("=")[0] not in PLACEMENT_KEYS]
+        plan = {"model": model, "dataset": dataset, "space": space, "sampling_seed": SAMPLING_SEED,
+                "overrides": settings,
+                "trials": sample_trials(space, n_trials)}
+        plan_file = self.folder / "trials.json"
+        if plan_file.is_file():
+            existing = json.loads(plan_file.read_text())
+            if existing != plan:
+                raise ValueError(f"{plan_file} holds another search (space, trials or overrides differ): "
+                                 f"use another --tuning_dir or remove it")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(plan_file, json.dumps(plan, indent=1).encode())
+        self.trials = plan["trials"]
+
+    def trial_dir(self, index):
+        return self.folder / f"trial-{index}"
+
+    def done(self, index):
+        return (self.trial_dir(index) / "record.json").is_file()
+
+    def run_trial(self, index, config_file_list, overrides):
+        """Train and evaluate trial ``index`` (its checkpoints stay in its own folder) and save its record."""
+        from recbole_mllm.quick_start import run
+
+        params = dict(self.trials[index])
+        folder = self.trial_dir(index)
+        result = run(self.model, self.dataset, config_file_list,
+                     config_dict={**params, "checkpoint_dir": str(folder / "saved")}, cmd_args=overrides)
+        result["hyper_parameters"] = params
+        save_record(result, folder)
+        return result
+
+    def select(self):
+        """The trial with the best validation score (all trials must be done); writes ``selected.yaml`` and ``tuning.md``."""
+        missing = [i for i in range(len(self.trials)) if not self.done(i)]
+        if missing:
+            raise RuntimeError(f"{self.folder}: trials {missing} are not done yet; run them (--trial=i) first")
+        records = [load_record(self.trial_dir(i)) for i in range(len(self.trials))]
+        bigger = records[0].get("valid_metric_bigger", True)  # as RecBole's trainer compares scores
+        scores = [r["best_valid_score"] for r in records]
+        best = int(np.argmax(scores) if bigger else np.argmin(scores))
+        metric = records[best].get("valid_metric", "valid score")
+        header = (f"# {self.model} on {self.dataset}: trial {best} of {len(records)} of a random search "
+                  f"(python -m recbole_mllm.tuning, {datetime.now():%Y-%m-%d}), valid {metric} {scores[best]:.4f}.\n"
+                  f"# Pass it with --config_files; the search and every trial: docs/results.md.\n")
+        lines = "".join(f"{key}: {json.dumps(value)}\n" for key, value in self.trials[best].items())
+        selected = header + lines
+        atomic_write(self.folder / "selected.yaml", selected.encode())
+        atomic_write(self.folder / "tuning.md", self._table(records, best).encode())
+        return best, records[best], selected
+
+    def _table(self, records, best):
+        keys = list(self.trials[0])
+        rows = [f"# Tuning {self.model} on {self.dataset}", "",
+                "| trial | " + " | ".join(keys) + " | valid score | epochs | train s |",
+                "|" + "---|" * (len(keys) + 4)]
+        for i, (params, record) in enumerate(zip(self.trials, records)):
+            mark = " (selected)" if i == best else ""
+            rows.append(f"| {i}{mark} | " + " | ".join(str(params[k]) for k in keys)
+                        + f" | {record['best_valid_score']:.4f} | {record['epochs']} | {record['train_seconds']:.0f} |")
+        test = records[best].get("test_result", {})
+        rows += ["", "Test result of the selected trial (the only one reported): "
+                 + "; ".join(f"{p}: ndcg@10 {m.get('ndcg@10', float('nan')):.4f}" for p, m in test.items())]
+        return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", required=True, help="model to tune (one name)")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name (RecBole atomic files)")
+    parser.add_argument("--config_files", default=None, help="YAML files, separated by spaces or commas")
+    parser.add_argument("--space", default=None, help="search-space YAML (default: properties/tuning/<model>.yaml)")
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"trials in the search (default {DEFAULT_TRIALS})")
+    parser.add_argument("--trial", type=int, default=None, help="run only this trial (0-based), e.g. one process per trial")
+    parser.add_argument("--select_only", action="store_true", help="run nothing; select from the trials done")
+    parser.add_argument("--tuning_dir", default="outputs/tuning", help="searches go to <tuning_dir>/<dataset>/<model>/")
+    parser.add_argument("--selected_config", default=None, help="also write the selected YAML here")
+    args, overrides = parser.parse_known_args(argv)
+    space_path = Path(args.space) if args.space else search_space_file(args.model)
+    if not space_path.is_file():
+        parser.error(f"no search space {space_path}: pass --space=<file>")
+    config_files = args.config_files.replace(",", " ").split() if args.config_files else None
+    search = Search(Path(args.tuning_dir) / args.dataset / args.model, args.model, args.dataset, space_path,
+                    args.trials, overrides)
+    if not args.select_only:
+        todo = [args.trial] if args.trial is not None else range(len(search.trials))
+        for index in todo:
+            if not search.done(index):
+                search.run_trial(index, config_files, overrides)
+    if not all(search.done(i) for i in range(len(search.trials))):
+        print(f"{search.folder}: {sum(map(search.done, range(len(search.trials))))}/{len(search.trials)} trials done")
+        return 0
+    best, record, selected = search.select()
+    if args.selected_config:
+        Path(args.selected_config).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(args.selected_config), selected.encode())
+    print(f"selected trial {best}: valid {record['best_valid_score']:.4f}, test "
+          f"{json.dumps(record.get('test_result', {}))}\n{selected}", end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

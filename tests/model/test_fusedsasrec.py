@@ -1,0 +1,71 @@
+"""FusedSASRec (MLLMSRec's encoder alone) and the encoder's item-input controls, end to end on CPU."""
+
+import os
+
+import pytest
+import torch
+
+from recbole_mllm.model.sequence_encoder import ITEM_INPUTS, FusedSequenceEncoder, shuffled_rows
+from recbole_mllm.quick_start import run
+from tests.conftest import write_tiny_dataset
+from tests.mllm.mllm_tiny import build_tiny_causal
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def stage_setup(tmp_path_factory):
+    """A tiny random LLM, one dataset and one item-fusion cache shared by the module's runs."""
+    root = tmp_path_factory.mktemp("fusedsasrec")
+    write_tiny_dataset(root / "data")
+    return {"mllm": str(build_tiny_causal(root / "llm")), "data_path": str(root / "data"),
+            "stage_cache_dir": str(root / "stage_cache"), "item_image_field": None, "stage_batch_size": 8,
+            "item_fusion_max_new_tokens": 6}
+
+
+@pytest.mark.parametrize("item_input", ITEM_INPUTS)
+def test_fusedsasrec_trains_and_tests_with_every_item_input(item_input, tiny_data, stage_setup):
+    result = run("FusedSASRec", "tiny", config_dict={**tiny_data, **stage_setup, "encoder_item_input": item_input})
+    assert set(result["test_result"]) == {"uni100", "full"}
+    for metrics in result["test_result"].values():
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+    assert result["config"]["encoder_item_input"] == item_input
+
+
+def _encoder(item_input, fused):
+    torch.manual_seed(0)
+    return FusedSequenceEncoder(fused, 8, 1, 1, 16, 0.0, 5, item_input=item_input, shuffle_seed=3).eval()
+
+
+def test_item_inputs_use_what_they_say():
+    fused = torch.randn(6, 4)
+    fused[0] = 0
+    id_only, both, content, shuffled = (_encoder(k, fused) for k in ("id", "id+fused", "fused", "shuffled"))
+    assert id_only.fused_projection is None and content.item_embedding is None
+    torch.testing.assert_close(id_only.item_states(), id_only.item_embedding.weight)
+    torch.testing.assert_close(content.item_states(), content.fused_projection(fused))
+    torch.testing.assert_close(both.item_states(), both.item_embedding.weight + both.fused_projection(fused))
+    # shuffled: same rows, other items; padding stays zero; parameters as many as the design's
+    assert not torch.equal(shuffled.fused, fused) and torch.equal(shuffled.fused[0], fused[0])
+    assert sorted(map(tuple, shuffled.fused.tolist())) == sorted(map(tuple, fused.tolist()))
+    assert sum(p.numel() for p in shuffled.parameters()) == sum(p.numel() for p in both.parameters())
+
+
+def test_content_only_items_with_equal_content_are_equal():
+    """Content alone: two items with the same fused row have the same state (no id to tell them apart)."""
+    fused = torch.randn(6, 4)
+    fused[5] = fused[4]
+    states = _encoder("fused", fused).item_states()
+    torch.testing.assert_close(states[4], states[5])
+    assert not torch.equal(_encoder("id+fused", fused).item_states()[4], _encoder("id+fused", fused).item_states()[5])
+
+
+def test_shuffle_is_fixed_by_its_seed():
+    fused = torch.randn(20, 3)
+    assert torch.equal(shuffled_rows(fused, 1), shuffled_rows(fused, 1))
+    assert not torch.equal(shuffled_rows(fused, 1), shuffled_rows(fused, 2))
+
+
+def test_unknown_item_input_is_an_error():
+    with pytest.raises(ValueError, match="encoder_item_input must be one of"):
+        FusedSequenceEncoder(torch.zeros(3, 2), 4, 1, 1, 8, 0.0, 5, item_input="ids")
