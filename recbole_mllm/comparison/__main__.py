@@ -1,0 +1,36 @@
+"""Compare runs recorded by separate processes: ``python -m recbole_mllm.comparison RUN_DIR ... --output=DIR``."""
+
+import argparse
+import sys
+
+from recbole_mllm.comparison.analysis import default_slices
+from recbole_mllm.comparison.metrics import split_metric_keys
+from recbole_mllm.comparison.records import find_records, load_record
+from recbole_mllm.comparison.report import write_comparison
+
+
+def main(argv=None):
+    """Merge the records found under each RUN_DIR into one comparison; exit code 2 when a RUN_DIR has none."""
+    parser = argparse.ArgumentParser(prog="python -m recbole_mllm.comparison", description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run's record folder (record.json), or any folder with record folders below it")
+    parser.add_argument("--output", required=True, help="folder for comparison.md, .csv, .png, runs.csv and runs/")
+    parser.add_argument("--cold_item_max", type=int, default=5,
+                        help="cold-item slice: users whose target has at most this many training interactions")
+    parser.add_argument("--short_history_max", type=int, default=20,
+                        help="short-history slice: users with at most this many interactions before the target")
+    args = parser.parse_args(argv)
+    try:
+        folders = find_records(args.run_dirs)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = [load_record(folder) for folder in folders]
+    _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
+    print(write_comparison(results, args.output, topk=cutoffs or (10,),
+                           slices=default_slices(args.cold_item_max, args.short_history_max)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

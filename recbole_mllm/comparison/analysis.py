@@ -1,0 +1,243 @@
+"""Run results -> table rows: means and stds over seeds, each row's reference, paired p-values, slices."""
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+from recbole_mllm.comparison.metrics import as_numpy, per_user_metrics, split_metric_keys
+from recbole_mllm.utils import get_model
+
+logger = logging.getLogger(__name__)
+
+FIRST_STAGE = " (first stage)"
+
+
+def default_slices(cold_item_max=5, short_history_max=20):
+    """Slice name -> (per-user field, largest value inside the slice)."""
+    return {"cold item": ("target_train_count", cold_item_max), "short history": ("history_length", short_history_max)}
+
+
+def slice_label(name, field, limit):
+    """The slice column's text, which carries its definition into the CSV."""
+    return f"{name} ({field} <= {limit})"
+
+
+@dataclass
+class Entry:
+    """One model at one seed, or its first stage: what the tables average over seeds."""
+
+    model: str
+    seed: int
+    result: dict  # the run: epochs, train_seconds, fingerprints, ...
+    test_result: dict  # protocol -> metric -> value (RecBole's evaluator)
+    per_user: dict  # protocol -> field -> array [n]
+    user_metrics: dict  # protocol -> metric -> array [n]
+    stage_of: Optional[str] = None  # a first stage: the model whose LLM reranker it feeds
+
+
+def _user_metrics(per_user, test_result):
+    """Every top-k metric the evaluator reported, per user, for each protocol with per-user data."""
+    return {protocol: per_user_metrics(fields["topk"], *split_metric_keys(test_result.get(protocol, {})))
+            for protocol, fields in per_user.items()}
+
+
+def build_entries(results):
+    """An Entry per run, and one more per run that carries a first stage (named ``<model> (first stage)``)."""
+    entries = []
+    for result in results:
+        parts = [(result["model"], "test_result", "per_user", None)]
+        if "first_stage_result" in result:
+            parts.append((result["model"] + FIRST_STAGE, "first_stage_result", "first_stage_per_user", result["model"]))
+        for model, scores, users, stage_of in parts:
+            per_user = {p: {k: as_numpy(v) for k, v in fields.items()} for p, fields in result.get(users, {}).items()}
+            seed = int(result.get("seed", 0))  # older callers record no seed
+            entries.append(Entry(model, seed, result, result[scores], per_user,
+                                 _user_metrics(per_user, result[scores]), stage_of))
+    return entries
+
+
+def check_fingerprints(entries):
+    """Warn when the models of one seed were not tested on identical candidates: their deltas mean little."""
+    seen = {}
+    for entry in entries:
+        for protocol, fingerprint in entry.result.get("fingerprints", {}).items():
+            seen.setdefault((protocol, entry.seed), {})[entry.model] = fingerprint
+    for (protocol, seed), by_model in seen.items():
+        if len(set(by_model.values())) > 1:
+            logger.warning(f"[{protocol}] seed {seed}: models were not tested on identical candidates: {by_model}")
+
+
+def group_runs(entries):
+    """(model, protocol) -> that model's entries over seeds, in the order models and protocols came."""
+    groups = {}
+    for entry in entries:
+        for protocol in entry.test_result:
+            groups.setdefault((entry.model, protocol), []).append(entry)
+    return groups
+
+
+def is_plugin_model(name):
+    """True for recbole_mllm's own models; RecBole's models and unknown names are baselines."""
+    try:
+        return get_model(name).__module__.startswith("recbole_mllm")
+    except (ValueError, ImportError):
+        return False
+
+
+def _mean(runs, protocol, metric):
+    """Mean of the evaluator's ``metric`` over seeds; -inf where absent, so such a model is never chosen."""
+    values = [float(e.test_result[protocol][metric]) for e in runs if metric in e.test_result[protocol]]
+    return float(np.mean(values)) if values else -np.inf
+
+
+def best_models(groups, metric):
+    """Protocol -> the best baseline by mean ``metric``, or the best model when no baseline ran."""
+    best = {}
+    for protocol in dict.fromkeys(p for _, p in groups):
+        pool = {m: runs for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None}
+        baselines = [m for m in pool if not is_plugin_model(m)]
+        best[protocol] = max(baselines or pool, key=lambda m: _mean(pool[m], protocol, metric))
+    return best
+
+
+def _summary(values):
+    """Mean and sample standard deviation (ddof=1; 0 for one value)."""
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def _metric_columns(values_by_name):
+    """{name: [value per seed]} -> {name: mean, name_std: std}."""
+    row = {}
+    for name, values in values_by_name.items():
+        row[name], row[f"{name}_std"] = _summary(values)
+    return row
+
+
+def summary_rows(groups):
+    """One row per (model, protocol): the evaluator's metrics over seeds and the runs' facts."""
+    rows = []
+    for (model, protocol), runs in groups.items():
+        names = dict.fromkeys(name for e in runs for name in e.test_result[protocol])
+        row = {"model": model, "protocol": protocol}
+        row.update(_metric_columns({n: [float(e.test_result[protocol][n]) for e in runs if n in e.test_result[protocol]]
+                                    for n in names}))
+        peaks = [e.result["peak_gpu_memory_gb"] for e in runs if e.result.get("peak_gpu_memory_gb") is not None]
+        row.update(seeds=len(runs), epochs=float(np.mean([e.result["epochs"] for e in runs])),
+                   train_seconds=float(np.mean([e.result["train_seconds"] for e in runs])),
+                   peak_gpu_memory_gb=max(peaks) if peaks else None,
+                   candidates="/".join(dict.fromkeys(e.result.get("fingerprints", {}).get(protocol, "") for e in runs)))
+        rows.append(row)
+    return rows
+
+
+def slice_rows(groups, slices):
+    """One row per (model, protocol, slice) with per-user data: slice size, per-user metrics over seeds."""
+    rows = []
+    for (model, protocol), runs in groups.items():
+        if not all(protocol in e.per_user for e in runs):
+            continue
+        for name, (field, limit) in slices.items():
+            masks = [e.per_user[protocol][field] <= limit for e in runs]
+            users = np.unique(np.concatenate([e.per_user[protocol]["user_id"][m] for e, m in zip(runs, masks)]))
+            row = {"model": model, "protocol": protocol, "slice": slice_label(name, field, limit), "users": len(users)}
+            if len(users):
+                row.update(_metric_columns({n: [float(e.user_metrics[protocol][n][m].mean()) for e, m in zip(runs, masks)]
+                                            for n in runs[0].user_metrics[protocol]}))
+            rows.append(dict(row, seeds=len(runs)))
+    return rows
+
+
+def _user_values(entry, protocol, metric, where):
+    """(sorted user ids, their ``metric``) for the users inside ``where`` = (field, limit), or all."""
+    fields = entry.per_user[protocol]
+    keep = fields[where[0]] <= where[1] if where else np.ones(len(fields["user_id"]), bool)
+    users, values = fields["user_id"][keep], entry.user_metrics[protocol][metric][keep]
+    order = np.argsort(users)
+    return users[order], values[order]
+
+
+def _user_means(runs, protocol, metric, seeds, where):
+    """Each user's ``metric`` averaged over ``seeds``, for the users that every one of those runs evaluated."""
+    frames = [_user_values(e, protocol, metric, where) for e in runs if e.seed in seeds]
+    users = functools.reduce(np.intersect1d, [u for u, _ in frames])
+    return users, np.mean([v[np.searchsorted(u, users)] for u, v in frames], axis=0)
+
+
+def wilcoxon_p(values, reference):
+    """Two-sided Wilcoxon signed-rank p of paired arrays; 1.0 when every difference is zero (scipy raises)."""
+    if not np.any(values != reference):
+        return 1.0
+    return float(wilcoxon(values, reference, zero_method="wilcox").pvalue)
+
+
+def paired_p_value(runs, reference_runs, protocol, metric, where=None):
+    """p of ``runs`` against ``reference_runs`` on per-user ``metric``, users paired by user_id.
+
+    Each user's value is first averaged over the seeds both models ran; None when they share no seed
+    with per-user data (or no user).
+    """
+    seeds = [{e.seed for e in r if metric in e.user_metrics.get(protocol, {})} for r in (runs, reference_runs)]
+    common = seeds[0] & seeds[1]
+    if not common:
+        return None
+    users, values = _user_means(runs, protocol, metric, common, where)
+    reference_users, reference_values = _user_means(reference_runs, protocol, metric, common, where)
+    _, i, j = np.intersect1d(users, reference_users, return_indices=True)
+    return wilcoxon_p(values[i], reference_values[j]) if len(i) else None
+
+
+def add_comparisons(rows, groups, best, metric, slices=None):
+    """Fill ``reference``, ``delta`` (row mean minus reference mean of ``metric``) and ``p_value``.
+
+    A first stage's reference is its own model; every other row's is ``best`` of its protocol.
+    """
+    wheres = {slice_label(name, *where): where for name, where in (slices or {}).items()}
+    index = {(r["model"], r["protocol"], r.get("slice")): r for r in rows}
+    for row in rows:
+        model, protocol, label = row["model"], row["protocol"], row.get("slice")
+        reference = groups[(model, protocol)][0].stage_of or best[protocol]
+        reference_row = index.get((reference, protocol, label))
+        if reference == model or reference_row is None:
+            continue
+        row["reference"] = reference
+        if metric in row and metric in reference_row:
+            row["delta"] = row[metric] - reference_row[metric]
+        row["p_value"] = paired_p_value(groups[(model, protocol)], groups[(reference, protocol)], protocol, metric,
+                                        wheres.get(label))
+
+
+def key_metric(results):
+    """The runs' lower-cased ``valid_metric`` (what chose their best epoch), default ``ndcg@10``."""
+    for result in results:
+        config = result.get("config")
+        name = config["valid_metric"] if config is not None else result.get("valid_metric")
+        if name:
+            return str(name).lower()
+    return "ndcg@10"
+
+
+class Analysis(NamedTuple):
+    """What ``analyse`` found, for the report to write."""
+
+    entries: list
+    rows: list  # (model, protocol) rows
+    slice_rows: list  # (model, protocol, slice) rows
+    best: dict  # protocol -> reference model
+    metric: str  # the metric of references, deltas and p-values
+
+
+def analyse(results, slices=None):
+    """Everything the comparison files show, from a list of run results."""
+    metric, slices = key_metric(results), default_slices() if slices is None else slices
+    entries = build_entries(results)
+    check_fingerprints(entries)
+    groups = group_runs(entries)
+    best = best_models(groups, metric)
+    rows, sliced = summary_rows(groups), slice_rows(groups, slices)
+    add_comparisons(rows, groups, best, metric)
+    add_comparisons(sliced, groups, best, metric, slices)
+    return Analysis(entries, rows, sliced, best, metric)

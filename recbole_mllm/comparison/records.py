@@ -1,0 +1,68 @@
+"""One run on disk: ``record.json`` (what the tables need) and ``per_user.npz`` (the per-user data).
+
+So runs made by separate processes (one GPU job per model and seed) can be compared afterwards.
+``per_user.npz`` holds one array per ``<part>/<protocol>/<field>``, ``part`` being ``per_user`` or
+``first_stage_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
+``record.json`` holds a whole record.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from recbole_mllm.comparison.metrics import as_numpy
+from recbole_mllm.stages.cache import atomic_write
+
+_ARRAY_PARTS = ("per_user", "first_stage_per_user")
+_NOT_SAVED = (*_ARRAY_PARTS, "config")
+
+
+def _plain(value):
+    """JSON for numpy scalars and arrays or torch tensors that arrive in a result."""
+    return as_numpy(value).tolist()
+
+
+def save_record(result, folder):
+    """Write ``result`` (a ``quick_start.run`` dict) under ``folder``; the config is reduced to ``valid_metric``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{part}/{protocol}/{field}": as_numpy(values)
+              for part in _ARRAY_PARTS for protocol, fields in result.get(part, {}).items()
+              for field, values in fields.items()}
+    if arrays:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write(folder / "per_user.npz", buffer.getvalue())
+    record = {key: value for key, value in result.items() if key not in _NOT_SAVED}
+    if result.get("config") is not None:
+        record["valid_metric"] = str(result["config"]["valid_metric"]).lower()
+    atomic_write(folder / "record.json", json.dumps(record, indent=1, default=_plain).encode())
+
+
+def load_record(folder):
+    """Read back what ``save_record`` wrote: the result dict without its config, arrays as numpy."""
+    folder = Path(folder)
+    record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+    if (folder / "per_user.npz").is_file():
+        with np.load(folder / "per_user.npz") as arrays:
+            for key in arrays.files:
+                part, rest = key.split("/", 1)
+                protocol, field = rest.rsplit("/", 1)
+                record.setdefault(part, {}).setdefault(protocol, {})[field] = arrays[key]
+    return record
+
+
+def find_records(paths):
+    """Every folder holding a ``record.json`` at or below each of ``paths``, each once.
+
+    Raises ``FileNotFoundError`` naming the first path below which there is none.
+    """
+    folders = []
+    for path in map(Path, paths):
+        found = sorted(file.parent.resolve() for file in path.rglob("record.json"))
+        if not found:
+            raise FileNotFoundError(f"no run record (record.json) in {path}")
+        folders += found
+    return list(dict.fromkeys(folders))

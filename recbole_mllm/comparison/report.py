@@ -1,0 +1,142 @@
+"""The files of a comparison: comparison.md, comparison.csv, comparison_slices.csv, runs.csv, comparison.png, runs/."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from recbole_mllm.comparison.analysis import FIRST_STAGE, analyse, is_plugin_model
+from recbole_mllm.comparison.records import save_record
+from recbole_mllm.stages.cache import atomic_write
+
+_COMPARE = ["reference", "delta", "p_value"]
+_FACTS = ["epochs", "train_seconds", "peak_gpu_memory_gb", "candidates"]
+_KEYS = {"model", "protocol", "slice", "users", "seed", "seeds", "best_valid_score", "hyper_parameters",
+         *_COMPARE, *_FACTS}
+
+
+def _metrics(rows):
+    """The metric columns of ``rows``, in the evaluator's order."""
+    return list(dict.fromkeys(k for r in rows for k in r if k not in _KEYS and not k.endswith("_std")))
+
+
+def run_rows(entries):
+    """One row per run (and first stage) and protocol: what each seed gave before averaging."""
+    rows = []
+    for e in entries:
+        for protocol, metrics in e.test_result.items():
+            rows.append({"model": e.model, "seed": e.seed, "protocol": protocol, **metrics,
+                         "best_valid_score": e.result.get("best_valid_score"),
+                         **{k: e.result.get(k) for k in ("epochs", "train_seconds", "peak_gpu_memory_gb")},
+                         "candidates": e.result.get("fingerprints", {}).get(protocol, ""),
+                         "hyper_parameters": json.dumps(e.result.get("hyper_parameters", {}), sort_keys=True)})
+    return rows
+
+
+def _cell(row, column, metrics):
+    value = row.get(column)
+    if value is None:
+        return ""
+    if column in metrics:
+        spread = row.get(f"{column}_std")
+        return f"{value:.4f}" + (f" ± {spread:.4f}" if row.get("seeds", 1) > 1 and spread is not None else "")
+    formats = {"delta": "{:+.4f}", "p_value": "{:.3g}", "epochs": "{:g}", "train_seconds": "{:.1f}",
+               "peak_gpu_memory_gb": "{:.2f}"}
+    return formats.get(column, "{}").format(value)
+
+
+def markdown_table(rows, columns):
+    """A GitHub Markdown table; metrics as ``mean ± std`` when a row has more than one seed."""
+    metrics = set(_metrics(rows))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row, c, metrics) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _csv_text(rows, columns):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _with_std(metrics):
+    return [c for m in metrics for c in (m, f"{m}_std")]
+
+
+def notes(analysis):
+    """What the p-values compare and with which test, one line per reference."""
+    metric = analysis.metric
+    lines = [f"delta = row mean minus reference mean of {metric}; p_value: two-sided Wilcoxon signed-rank test "
+             f"(scipy, zero_method='wilcox') on per-user {metric}, users paired by user_id, each user's value "
+             "first averaged over the seeds both models ran (blank: no per-user data or no common seed)."]
+    for protocol, model in analysis.best.items():
+        kind = "the best baseline" if not is_plugin_model(model) else "the best model (no baseline ran)"
+        lines.append(f"[{protocol}] reference: {model}, {kind} by mean {metric}.")
+    for model in dict.fromkeys(e.model for e in analysis.entries if e.stage_of):
+        parent = model[: -len(FIRST_STAGE)]
+        lines.append(f"{model}: the {parent} checkpoint ranked by its first stage alone; its reference is {parent}, "
+                     "so its delta is minus what the LLM reranker adds.")
+    return lines
+
+
+def plot_comparison(rows, path, topk):
+    """Grouped bars: one panel per protocol, NDCG and Hit at the middle cut-off, one bar per model, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = sorted(topk)[len(topk) // 2] if topk else 10
+    metric_names = [m for m in (f"ndcg@{k}", f"hit@{k}", f"mrr@{k}") if m in rows[0]]
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5 * len(protocols), 4), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, protocol in zip(axes[0], protocols):
+        for i, model in enumerate(models):
+            row = next((r for r in rows if r["model"] == model and r["protocol"] == protocol), {})
+            values = [row.get(m, 0.0) for m in metric_names]
+            errors = [row.get(f"{m}_std", 0.0) for m in metric_names]
+            positions = [j + i * width for j in range(len(metric_names))]
+            bars = ax.bar(positions, values, width, yerr=errors, capsize=2, label=model)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(metric_names))], metric_names)
+        ax.set_title(f"test protocol: {protocol}")
+        ax.set_ylim(0, 1.1 * max([r.get(m, 0) + r.get(f"{m}_std", 0) for r in rows for m in metric_names] + [0.01]))
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_comparison(results, output_dir, topk=(10,), slices=None):
+    """Save every run's record under ``runs/`` and write the comparison files; return the main table.
+
+    ``slices``: name -> (per-user field, largest value), default ``analysis.default_slices()``.
+    """
+    output = Path(output_dir)
+    for result in results:
+        save_record(result, output / "runs" / f"{result['model']}-seed{result.get('seed', 0)}")
+    analysis = analyse(results, slices)
+    rows, sliced, runs = analysis.rows, analysis.slice_rows, run_rows(analysis.entries)
+    metrics, slice_metrics = _metrics(rows), _metrics(sliced)
+    table = markdown_table(rows, ["model", "protocol", *metrics, "seeds", *_COMPARE, *_FACTS])
+    slice_table = markdown_table(sliced, ["model", "protocol", "slice", "users", *slice_metrics, "seeds", *_COMPARE])
+    seeds = sorted({e.seed for e in analysis.entries})
+    title = (f"# {', '.join(dict.fromkeys(r['model'] for r in rows))} on "
+             f"{', '.join(dict.fromkeys(r['dataset'] for r in results))} (seeds {', '.join(map(str, seeds))})")
+    markdown = [title, table, "## Slices", slice_table if sliced else "(no per-user data)", *notes(analysis)]
+    files = {
+        "comparison.md": "\n\n".join(markdown) + "\n",
+        "comparison.csv": _csv_text(rows, ["model", "protocol", *_with_std(metrics), "seeds", *_COMPARE, *_FACTS]),
+        "comparison_slices.csv": _csv_text(sliced, ["model", "protocol", "slice", "users", *_with_std(slice_metrics),
+                                                    "seeds", *_COMPARE]),
+        "runs.csv": _csv_text(runs, ["model", "seed", "protocol", *_metrics(runs), "best_valid_score", *_FACTS,
+                                     "hyper_parameters"]),
+    }
+    for name, text in files.items():
+        atomic_write(output / name, text.encode("utf-8"))
+    plot_comparison(rows, output / "comparison.png", list(topk))
+    return table

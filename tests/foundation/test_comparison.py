@@ -1,0 +1,208 @@
+"""The comparison record, on synthetic run results: per-user metrics, seeds, references, p-values, slices, files."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from recbole.evaluator import Evaluator
+from recbole.evaluator.collector import DataStruct
+from scipy.stats import wilcoxon
+
+from recbole_mllm.comparison import find_records, load_record, per_user_metrics, save_record, write_comparison
+from recbole_mllm.comparison.__main__ import main
+from recbole_mllm.comparison.analysis import analyse, is_plugin_model
+
+
+def _topk(ranks, maxk=10):
+    """RecBole ``rec.topk`` rows for one positive per user at 1-based ``ranks`` (> maxk: not in the list)."""
+    rows = np.zeros((len(ranks), maxk + 1), dtype=np.int64)
+    for row, rank in zip(rows, ranks):
+        if rank <= maxk:
+            row[rank - 1] = 1
+    rows[:, -1] = 1
+    return rows
+
+
+def _ndcg(ranks):
+    """ndcg@10 by hand for one positive: 1 / log2(rank + 1) inside the top 10."""
+    ranks = np.asarray(ranks, dtype=float)
+    return np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0)
+
+
+def _per_user(ranks, users=None, train_count=None, history=None):
+    n = len(ranks)
+    return {"user_id": np.arange(1, n + 1) if users is None else np.asarray(users), "target_item": np.arange(n) + 100,
+            "topk": _topk(ranks), "target_train_count": np.full(n, 50) if train_count is None else np.asarray(train_count),
+            "history_length": np.full(n, 50) if history is None else np.asarray(history)}
+
+
+def _run(model, seed, ranks, protocol="uni100", fingerprint="cands", **per_user):
+    """A run result as quick_start.run makes it, with metrics consistent with ``ranks``."""
+    ranks = np.asarray(ranks)
+    return {"model": model, "dataset": "toy", "seed": seed, "best_valid_score": 0.5, "best_valid_result": {},
+            "test_result": {protocol: {"ndcg@10": float(_ndcg(ranks).mean()), "hit@10": float((ranks <= 10).mean())}},
+            "fingerprints": {protocol: fingerprint}, "epochs": 3, "train_seconds": 10.0,
+            "peak_gpu_memory_gb": None, "hyper_parameters": {"lr": 0.001},
+            "per_user": {protocol: _per_user(ranks, **per_user)}}
+
+
+def _row(rows, model, **keys):
+    return next(r for r in rows if r["model"] == model and all(r.get(k) == v for k, v in keys.items()))
+
+
+def test_per_user_metrics_average_to_recbole_evaluator():
+    rng = np.random.default_rng(0)
+    hits = (rng.random((60, 10)) < 0.15).astype(np.int64)
+    topk = np.concatenate([hits, hits.sum(1, keepdims=True) + rng.integers(1, 3, (60, 1))], axis=1)
+    metrics = ["Recall", "MRR", "NDCG", "Hit", "Precision", "MAP"]
+    values = per_user_metrics(torch.from_numpy(topk), metrics, [5, 10])
+    data = DataStruct()
+    data.set("rec.topk", torch.from_numpy(topk))
+    expected = Evaluator({"metrics": metrics, "topk": [5, 10], "metric_decimal_place": 4}).evaluate(data)
+    assert set(values) == set(expected) and len(expected) == 12
+    for key, value in expected.items():
+        assert values[key].shape == (60,)
+        assert values[key].mean() == pytest.approx(value, abs=5e-5), key
+
+
+def test_ndcg_hit_and_mrr_by_hand_for_ranks_1_3_and_beyond_10():
+    values = per_user_metrics(_topk([1, 3, 11]), ["NDCG", "Hit", "MRR"], [10])
+    np.testing.assert_allclose(values["ndcg@10"], [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(values["hit@10"], [1, 1, 0])
+    np.testing.assert_allclose(values["mrr@10"], [1.0, 1 / 3, 0.0])
+
+
+def test_mean_and_std_over_two_seeds(tmp_path):
+    first, second = _run("SASRec", 1, [1, 3], fingerprint="a"), _run("SASRec", 2, [1, 11], fingerprint="b")
+    first.update(epochs=4, train_seconds=10.0, peak_gpu_memory_gb=1.5)
+    second.update(epochs=6, train_seconds=20.0, peak_gpu_memory_gb=2.5)
+    table = write_comparison([first, second], tmp_path)
+    with open(tmp_path / "comparison.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["ndcg@10"]) == pytest.approx(0.625)  # seeds: (1 + 0.5) / 2 and (1 + 0) / 2
+    assert float(row["ndcg@10_std"]) == pytest.approx(np.std([0.75, 0.5], ddof=1))
+    assert (row["seeds"], float(row["epochs"]), float(row["train_seconds"])) == ("2", 5.0, 15.0)
+    assert (float(row["peak_gpu_memory_gb"]), row["candidates"], row["reference"]) == (2.5, "a/b", "")
+    assert "| SASRec | uni100 | 0.6250 ± 0.1768 | 0.7500 ± 0.3536 | 2 |" in table
+    with open(tmp_path / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [(r["seed"], float(r["ndcg@10"]), json.loads(r["hyper_parameters"])) for r in runs] == [
+        ("1", 0.75, {"lr": 0.001}), ("2", 0.5, {"lr": 0.001})]
+
+
+def test_p_value_is_wilcoxon_on_seed_means_paired_by_user_id():
+    rng = np.random.default_rng(1)
+    ranks = {(m, s): rng.integers(1, 15, 40) for m in ("SASRec", "MLLMSRec") for s in (1, 2, 3)}
+    results = [_run(m, s, r) for (m, s), r in ranks.items() if (m, s) != ("SASRec", 3)]  # seed 3: MLLMSRec only
+    p = analyse(results).rows[1]["p_value"]
+    expected = wilcoxon((_ndcg(ranks["MLLMSRec", 1]) + _ndcg(ranks["MLLMSRec", 2])) / 2,
+                        (_ndcg(ranks["SASRec", 1]) + _ndcg(ranks["SASRec", 2])) / 2, zero_method="wilcox").pvalue
+    assert p == pytest.approx(expected, rel=1e-12) and p < 1
+    order = rng.permutation(40)
+    for result in results[3:]:  # the MLLMSRec runs: the same users in another order
+        result["per_user"]["uni100"] = {k: v[order] for k, v in result["per_user"]["uni100"].items()}
+    assert analyse(results).rows[1]["p_value"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_identical_per_user_values_give_p_1_and_no_common_seed_gives_no_p():
+    same = analyse([_run("SASRec", 1, [1, 2, 3]), _run("MLLMSRec", 1, [1, 2, 3])]).rows[1]
+    assert (same["reference"], same["delta"], same["p_value"]) == ("SASRec", 0.0, 1.0)
+    apart = analyse([_run("SASRec", 1, [1, 2, 3]), _run("MLLMSRec", 2, [4, 5, 6])]).rows[1]
+    assert apart["reference"] == "SASRec" and apart["p_value"] is None and apart["delta"] < 0
+
+
+def test_reference_is_the_best_baseline_never_a_plugin_model():
+    assert is_plugin_model("MLLMSRec") and not is_plugin_model("SASRec") and not is_plugin_model("NoSuchModel")
+    results = [_run("SASRec", 1, [2, 5, 9]), _run("BERT4Rec", 1, [1, 3, 6]), _run("MLLMSRec", 1, [1, 1, 1])]
+    rows = analyse(results).rows
+    assert [r.get("reference") for r in rows] == ["BERT4Rec", None, "BERT4Rec"]
+    assert _row(rows, "MLLMSRec")["delta"] == pytest.approx(1 - _ndcg([1, 3, 6]).mean())
+    alone = analyse([_run("MLLMSRec", 1, [1, 2]), _run("MLLMSRec2", 1, [3, 4])])  # an unknown name is a baseline
+    assert alone.best == {"uni100": "MLLMSRec2"}
+    assert analyse([_run("MLLMSRec", 1, [1, 2])]).best == {"uni100": "MLLMSRec"}  # no baseline: the best model
+
+
+def test_first_stage_row_is_compared_with_its_llm_model():
+    rng = np.random.default_rng(2)
+    llm_ranks, first_ranks, base_ranks = rng.integers(1, 14, 30), rng.integers(1, 14, 30), rng.integers(1, 14, 30)
+    llm = _run("MLLMSRec", 7, llm_ranks)
+    first = _run("MLLMSRec", 7, first_ranks)
+    llm.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"])
+    rows = analyse([_run("SASRec", 7, base_ranks), llm]).rows
+    assert [r["model"] for r in rows] == ["SASRec", "MLLMSRec", "MLLMSRec (first stage)"]
+    row = rows[2]
+    assert (row["reference"], rows[1]["reference"]) == ("MLLMSRec", "SASRec")
+    assert row["delta"] == pytest.approx(_ndcg(first_ranks).mean() - _ndcg(llm_ranks).mean())
+    assert row["p_value"] == pytest.approx(wilcoxon(_ndcg(first_ranks), _ndcg(llm_ranks), zero_method="wilcox").pvalue)
+
+
+def test_slices_by_hand_with_their_p_value_on_the_same_users(tmp_path):
+    slices = dict(train_count=[1, 10, 3, 50, 2, 4], history=[5, 30, 25, 10, 3, 40])
+    base = _run("SASRec", 1, [2, 2, 2, 2, 2, 2], **slices)
+    ours = _run("MLLMSRec", 1, [1, 2, 11, 3, 1, 1], **slices)
+    write_comparison([base, ours], tmp_path)
+    with open(tmp_path / "comparison_slices.csv") as f:
+        rows = list(csv.DictReader(f))
+    cold = _row(rows, "MLLMSRec", slice="cold item (target_train_count <= 5)")  # users 1, 3, 5, 6
+    assert (cold["users"], float(cold["ndcg@10"]), float(cold["hit@10"])) == ("4", 0.75, 0.75)
+    assert float(cold["p_value"]) == pytest.approx(
+        wilcoxon(_ndcg([1, 11, 1, 1]), _ndcg([2, 2, 2, 2]), zero_method="wilcox").pvalue)
+    short = _row(rows, "MLLMSRec", slice="short history (history_length <= 20)")  # users 1, 4, 5
+    assert (short["users"], float(short["ndcg@10"])) == ("3", pytest.approx(2.5 / 3))
+    assert _row(rows, "SASRec", slice=short["slice"])["reference"] == ""
+    custom = analyse([base, ours], slices={"warm": ("target_train_count", 10)}).slice_rows
+    assert [r["users"] for r in custom] == [5, 5] and custom[0]["slice"] == "warm (target_train_count <= 10)"
+    assert "## Slices" in (tmp_path / "comparison.md").read_text()
+
+
+def test_save_load_round_trip_accepts_torch_and_drops_config(tmp_path):
+    result = _run("MLLMSRec", 3, [1, 4, 12])
+    result["per_user"]["uni100"]["topk"] = torch.from_numpy(result["per_user"]["uni100"]["topk"])
+    result.update(first_stage_result={"full": {"ndcg@10": np.float32(0.25)}},
+                  first_stage_per_user={"full": _per_user([2, 2, 2])}, config={"valid_metric": "NDCG@10"})
+    save_record(result, tmp_path / "rec")
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["per_user.npz", "record.json"]
+    loaded = load_record(tmp_path / "rec")
+    assert "config" not in loaded and loaded["valid_metric"] == "ndcg@10"
+    assert loaded["test_result"] == result["test_result"] and loaded["first_stage_result"]["full"]["ndcg@10"] == 0.25
+    np.testing.assert_array_equal(loaded["per_user"]["uni100"]["topk"], _topk([1, 4, 12]))
+    np.testing.assert_array_equal(loaded["first_stage_per_user"]["full"]["user_id"], [1, 2, 3])
+    assert {k: v for k, v in loaded.items() if "per_user" not in k and k != "valid_metric"} == {
+        k: v for k, v in result.items() if "per_user" not in k and k not in ("config", "first_stage_result")} | {
+        "first_stage_result": {"full": {"ndcg@10": 0.25}}}
+
+
+def test_merge_cli_on_two_record_folders(tmp_path, capsys):
+    save_record(_run("SASRec", 1, [2, 3, 4]), tmp_path / "job1" / "SASRec-seed1")
+    save_record(_run("MLLMSRec", 1, [1, 1, 5]), tmp_path / "job2")
+    assert [f.name for f in find_records([tmp_path])] == ["SASRec-seed1", "job2"]
+    assert main([str(tmp_path / "job1"), str(tmp_path / "job2"), f"--output={tmp_path / 'out'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| SASRec | uni100 |" in printed and "| MLLMSRec | uni100 |" in printed
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").iterdir()) == ["MLLMSRec-seed1", "SASRec-seed1"]
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_cli_names_a_folder_without_records(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "empty") in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "RUN_DIR" in capsys.readouterr().out
+
+
+def test_results_of_older_callers_still_make_a_table(tmp_path):
+    old = [{k: v for k, v in _run(m, 0, [1, 2]).items() if k not in ("seed", "per_user")} for m in ("SASRec", "GRU4Rec")]
+    table = write_comparison(old, tmp_path, topk=[10])
+    assert "| SASRec | uni100 | 0.8155 | 1.0000 | 1 |" in table
+    assert "(no per-user data)" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "runs" / "GRU4Rec-seed0" / "record.json").is_file()
+
+
+def test_different_candidates_in_one_seed_warn(caplog):
+    analyse([_run("SASRec", 1, [1], fingerprint="x"), _run("GRU4Rec", 1, [1], fingerprint="y")])
+    assert "not tested on identical candidates" in caplog.text
