@@ -17,7 +17,7 @@ import torch
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_mllm import compat
-from recbole_mllm.comparison import write_comparison
+from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
 from recbole_mllm.search_space import search_space_keys
@@ -136,7 +136,7 @@ def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd
     config = results[0]["config"]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     output_dir = os.path.join(config["output_dir"], f"{config['dataset']}-{stamp}")
-    slices = {"cold_item_max": config["slice_cold_item_max"], "short_history_max": config["slice_short_history_max"]}
+    slices = default_slices(config["slice_cold_item_max"], config["slice_short_history_max"])
     table = write_comparison(results, output_dir, topk=config["topk"], slices=slices)
     getLogger().info(set_color("Comparison", "green") + f" (written to {output_dir}):\n{table}")
     return results, output_dir

@@ -45,13 +45,19 @@ def _user_metrics(per_user, test_result):
             for protocol, fields in per_user.items()}
 
 
+def run_label(result):
+    """A run's row name: its ``label`` (e.g. an ablation ``FusedSASRec[id]``), else its model's name."""
+    return result.get("label") or result["model"]
+
+
 def build_entries(results):
     """An Entry per run, and one more per run that carries a first stage (named ``<model> (first stage)``)."""
     entries = []
     for result in results:
-        parts = [(result["model"], "test_result", "per_user", None)]
+        label = run_label(result)
+        parts = [(label, "test_result", "per_user", None)]
         if "first_stage_result" in result:
-            parts.append((result["model"] + FIRST_STAGE, "first_stage_result", "first_stage_per_user", result["model"]))
+            parts.append((label + FIRST_STAGE, "first_stage_result", "first_stage_per_user", label))
         for model, scores, users, stage_of in parts:
             per_user = {p: {k: as_numpy(v) for k, v in fields.items()} for p, fields in result.get(users, {}).items()}
             seed = int(result.get("seed", 0))  # older callers record no seed
@@ -99,7 +105,7 @@ def best_models(groups, metric):
     best = {}
     for protocol in dict.fromkeys(p for _, p in groups):
         pool = {m: runs for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None}
-        baselines = [m for m in pool if not is_plugin_model(m)]
+        baselines = [m for m in pool if not is_plugin_model(pool[m][0].result["model"])]
         best[protocol] = max(baselines or pool, key=lambda m: _mean(pool[m], protocol, metric))
     return best
 

@@ -5,7 +5,7 @@ import io
 import json
 from pathlib import Path
 
-from recbole_mllm.comparison.analysis import FIRST_STAGE, analyse, is_plugin_model
+from recbole_mllm.comparison.analysis import FIRST_STAGE, analyse, is_plugin_model, run_label
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.stages.cache import atomic_write
 
@@ -118,7 +118,7 @@ def write_comparison(results, output_dir, topk=(10,), slices=None):
     """
     output = Path(output_dir)
     for result in results:
-        save_record(result, output / "runs" / f"{result['model']}-seed{result.get('seed', 0)}")
+        save_record(result, output / "runs" / f"{run_label(result)}-seed{result.get('seed', 0)}")
     analysis = analyse(results, slices)
     rows, sliced, runs = analysis.rows, analysis.slice_rows, run_rows(analysis.entries)
     metrics, slice_metrics = _metrics(rows), _metrics(sliced)

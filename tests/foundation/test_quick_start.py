@@ -3,6 +3,7 @@
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,23 @@ def test_cli_unknown_model_fails_with_its_name(tiny_data):
     proc = _cli(tiny_data, "--model=NoSuchModel", "--dataset=tiny")
     assert proc.returncode != 0
     assert "Unknown model 'NoSuchModel'" in proc.stderr
+
+
+def test_seeds_give_mean_std_and_paired_p_values_against_the_best_baseline(tiny_data):
+    results, output_dir = run_comparison(["SASRec", "GRU4Rec"], "tiny", config_dict=tiny_data, seeds=[1, 2])
+    assert [(r["model"], r["seed"]) for r in results] == [("SASRec", 1), ("SASRec", 2), ("GRU4Rec", 1), ("GRU4Rec", 2)]
+    with open(f"{output_dir}/comparison.csv") as f:
+        rows = {(r["model"], r["protocol"]): r for r in csv.DictReader(f)}
+    full = [r["test_result"]["full"]["ndcg@10"] for r in results[:2]]
+    assert float(rows["SASRec", "full"]["ndcg@10"]) == pytest.approx(sum(full) / 2, abs=1e-6)
+    assert rows["SASRec", "full"]["seeds"] == "2"
+    reference = rows["SASRec", "full"]["reference"] or rows["GRU4Rec", "full"]["reference"]
+    other = ({"SASRec", "GRU4Rec"} - {reference}).pop()
+    assert 0.0 <= float(rows[other, "full"]["p_value"]) <= 1.0  # the other model is tested against the best baseline
+    assert {p.name for p in (Path(output_dir) / "runs").iterdir()} == {
+        "SASRec-seed1", "SASRec-seed2", "GRU4Rec-seed1", "GRU4Rec-seed2"}
+
+
+def test_seed_and_seeds_together_are_refused(tiny_data):
+    with pytest.raises(ValueError, match="either --seed or --seeds"):
+        run_comparison(["SASRec"], "tiny", config_dict=tiny_data, cmd_args=["--seed=3"], seeds=[1])

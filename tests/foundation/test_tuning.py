@@ -1,0 +1,85 @@
+"""Tuning: the shipped search spaces, the fixed trial list, trials as separate runs, selection on validation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from recbole_mllm.search_space import load_search_space, search_space_file, space_keys
+from recbole_mllm.tuning import Search, main, sample_trials
+from tests.conftest import REPO_ROOT
+
+TUNED_MODELS = ("SASRec", "BERT4Rec", "GRU4Rec", "FusedSASRec")
+
+
+@pytest.mark.parametrize("model", TUNED_MODELS)
+def test_every_model_ships_a_space_of_the_same_size(model):
+    space = load_search_space(search_space_file(model))
+    sizes = [len(options) for options in space["choice"].values()]
+    assert sorted(sizes) == [2, 2, 2, 2, 3], sizes  # the same five settings, 48 combinations, for every model
+    assert {"learning_rate", "MAX_ITEM_LIST_LENGTH", "hidden_size"} <= set(space_keys(space))
+    trials = sample_trials(space, 8)
+    assert len(trials) == len({json.dumps(t, sort_keys=True) for t in trials}) == 8  # 8 distinct settings
+    assert trials == sample_trials(space, 8)  # the same list every time
+
+
+def test_mapping_options_set_their_keys_together(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("choice:\n  width: [{hidden_size: 8, inner_size: 16}, {hidden_size: 4, inner_size: 8}]\n"
+                    "  learning_rate: [0.1]\n")
+    trials = sample_trials(load_search_space(path), 5)
+    assert sorted(t["hidden_size"] for t in trials) == [4, 8]  # only two distinct settings exist
+    assert all(t["inner_size"] == 2 * t["hidden_size"] and t["learning_rate"] == 0.1 for t in trials)
+
+
+def test_bad_space_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("choise:\n  learning_rate: [0.1]\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown search-space type 'choise'"):
+        load_search_space(path)
+
+
+def _space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("choice:\n  learning_rate: [0.0001, 0.01]\n")
+    return path
+
+
+def test_two_trials_run_select_on_validation_and_resume(tiny_data, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(dict(tiny_data, epochs=2)))
+    args = ["--model=SASRec", "--dataset=tiny", f"--space={_space(tmp_path)}", "--trials=2",
+            f"--config_files={tmp_path / 'tiny.yaml'}",
+            f"--tuning_dir={tmp_path / 'tuning'}", f"--selected_config={tmp_path / 'SASRec.yaml'}"]
+    assert main([*args, "--trial=1"]) == 0  # one trial, as one process of a parallel search
+    folder = tmp_path / "tuning" / "tiny" / "SASRec"
+    assert (folder / "trial-1" / "record.json").is_file() and not (folder / "trial-0").exists()
+    assert not (folder / "selected.yaml").exists()  # nothing is selected while a trial is missing
+    assert main(args) == 0  # runs trial 0 only, then selects
+    records = [json.loads((folder / f"trial-{i}" / "record.json").read_text()) for i in range(2)]
+    best = max(range(2), key=lambda i: records[i]["best_valid_score"])
+    selected = yaml.safe_load((tmp_path / "SASRec.yaml").read_text())
+    assert selected == {"learning_rate": records[best]["hyper_parameters"]["learning_rate"]}
+    assert (folder / "selected.yaml").read_text() == (tmp_path / "SASRec.yaml").read_text()
+    assert f"| {best} (selected) |" in (folder / "tuning.md").read_text()
+    mtime = (folder / "trial-0" / "record.json").stat().st_mtime
+    assert main(args) == 0 and (folder / "trial-0" / "record.json").stat().st_mtime == mtime
+
+
+def test_another_search_in_the_same_folder_is_refused(tiny_data, tmp_path):
+    Search(tmp_path / "t", "SASRec", "tiny", _space(tmp_path), 2, ["--epochs=2"])
+    Search(tmp_path / "t", "SASRec", "tiny", _space(tmp_path), 2, ["--epochs=2", "--gpu_id=1"])  # placement only
+    with pytest.raises(ValueError, match="holds another search"):
+        Search(tmp_path / "t", "SASRec", "tiny", _space(tmp_path), 2, ["--epochs=3"])
+
+
+def test_a_tuned_key_on_the_command_line_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--learning_rate is tuned by"):
+        Search(tmp_path / "t", "SASRec", "tiny", _space(tmp_path), 2, ["--learning_rate=0.1"])
+
+
+def test_help_lists_the_options():
+    proc = subprocess.run([sys.executable, "-m", "recbole_mllm.tuning", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--trials" in proc.stdout and "--trial " in proc.stdout
