@@ -243,7 +243,7 @@ def load_item_fusion(config: Mapping, item_tokens: Sequence[str],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    stage_main(argv, stage_config, run_item_fusion)
+    stage_main(argv, stage_config, run_item_fusion, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

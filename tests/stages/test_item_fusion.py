@@ -179,7 +179,7 @@ def test_stage_config_is_the_plugin_config_of_mllmsrec(tmp_path):
     assert config["item_text_fields"] == {"Title": "movie_title", "Year": "release_year"}
     assert Path(config["data_path"]) == tmp_path / "data" / "ml-1m-mm"
     assert Path(stage_config(["--dataset=ml-100k"])["data_path"]).resolve() == ML100K.resolve()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--dataset"):
         stage_config(["--mllm=x"])
 
 
