@@ -89,3 +89,21 @@ def test_a_value_that_is_code_stays_a_string(tmp_path):
     assert not marker.exists()
     assert config["payload"] == code
     assert (config["stage_batch_size"], config["lr"], config["flag"], config["ks"]) == (4, 1e-3, True, [5, 10])
+
+
+def test_unreachable_hub_model_is_one_line(monkeypatch, capsys):
+    import socket
+
+    import huggingface_hub.constants
+
+    import recbole_mllm.mllm as mllm
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        monkeypatch.setattr(mllm, "_hub_offline", lambda: False)
+        with pytest.raises(SystemExit) as exit_info:
+            item_fusion.main(["--dataset=ml-100k", "--mllm=some-org/some-model", "--use_gpu=False"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot reach the Hugging Face hub") and "HF_HUB_OFFLINE=1" in line
