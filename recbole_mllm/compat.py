@@ -26,6 +26,7 @@ What breaks, and what this module does about it (nothing else in the project pat
 """
 
 import pickle
+import re
 import types
 
 import numpy as np
@@ -120,13 +121,18 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_weights(path, map_location="cpu"):
-    """Load a file of tensors and plain values the plugin wrote (``torch.load(weights_only=True)``)."""
+    """Load a file of tensors and plain values the plugin wrote (``torch.load(weights_only=True)``).
+
+    numpy scalars are allowed too: RecBole's validation scores are ``numpy.float64``.
+    """
+    numpy_scalars = [_numpy_scalar(), np.dtype, *(getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType")
+                                                   if hasattr(np, "dtypes"))]
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(numpy_scalars):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's message: a paragraph on weights_only, the reason, a pointer to the docs; keep the reason
-        paragraphs = [part.strip() for part in str(error).split("\n\n") if part.strip()]
-        reason = paragraphs[-2] if len(paragraphs) > 2 else paragraphs[-1]
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        reason = f"it holds {named.group(1)}, which is not a tensor or a plain value" if named else "not a tensor file"
         raise UnsafeCheckpointError(f"refused to load {path}: {reason}") from None
 
 
