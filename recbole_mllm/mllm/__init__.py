@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -62,7 +63,7 @@ def _hub_offline() -> bool:
 
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
-    """Whether a TCP connection to the hub's endpoint opens within ``timeout`` seconds.
+    """Whether a TCP connection to the hub's endpoint (or to the proxy in front of it) opens within ``timeout`` s.
 
     Without it, ``from_pretrained`` retries each file for half a minute and ends in chained
     tracebacks; one probe, bounded even where name resolution hangs (it runs in a thread), lets a
@@ -71,6 +72,9 @@ def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     from huggingface_hub import constants
 
     url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):  # behind a proxy, the proxy is what must answer
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = url.port or (443 if url.scheme == "https" else 80)
     result = []
 

@@ -69,7 +69,14 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_hub_id_without_a_network_fails_at_once_with_one_message(monkeypatch):
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """The probe goes to a configured proxy instead of the hub: these tests probe the hub itself."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hub_id_without_a_network_fails_at_once_with_one_message(monkeypatch, no_proxy):
     import huggingface_hub.constants
     import transformers
 
@@ -92,7 +99,7 @@ def test_hub_id_without_a_network_fails_at_once_with_one_message(monkeypatch):
     assert error.value.__cause__ is None and error.value.__context__ is None  # one message, no chain
 
 
-def test_hub_probe_sees_a_listening_endpoint(monkeypatch):
+def test_hub_probe_sees_a_listening_endpoint(monkeypatch, no_proxy):
     import socket
 
     import huggingface_hub.constants
@@ -106,3 +113,21 @@ def test_hub_probe_sees_a_listening_endpoint(monkeypatch):
         assert hub_reachable(timeout=3.0)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     assert not hub_reachable(timeout=3.0)
+
+
+def test_hub_probe_goes_through_a_proxy(monkeypatch, no_proxy):
+    """Behind a proxy the hub host itself may be unreachable: the proxy is what has to answer."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from recbole_mllm.mllm import hub_reachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_reachable(timeout=3.0)

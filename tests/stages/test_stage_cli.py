@@ -98,6 +98,8 @@ def test_unreachable_hub_model_is_one_line(monkeypatch, capsys):
 
     import recbole_mllm.mllm as mllm
 
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # the probe would ask a proxy instead of the hub
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
