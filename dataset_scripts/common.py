@@ -95,7 +95,8 @@ def run_main(main, argv=None):
     except (InputError, OSError) as error:
         if "--debug" in argv:
             raise
-        message = str(error) if isinstance(error, InputError) else f"{error.filename}: {describe_os_error(error)}"
+        named = isinstance(error, OSError) and error.filename is not None
+        message = f"{error.filename}: {describe_os_error(error)}" if named else str(error)
         print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
