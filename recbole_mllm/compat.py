@@ -11,9 +11,9 @@ What breaks, and what this module does about it (nothing else in the project pat
   weights-only unpickler cannot read at all. ``weights_only=False`` would run whatever a received file
   holds. :func:`load_checkpoint` unpickles through an allowlist instead: tensors, containers, torch
   and numpy dtypes, RecBole's enums; the ``Config`` and the classes it names load as inert
-  :class:`CheckpointObject` stand-ins (no code of theirs runs; loading never needs them), and any
-  other global (``os.system``, ``builtins.eval``) is refused with :class:`UnsafeCheckpointError`
-  naming the file. Files the plugin writes itself (the encoder warm-up) are plain tensors:
+  :class:`CheckpointObject` stand-ins (no code of theirs runs; loading never needs them); any
+  other global (``os.system``, ``builtins.eval``), or state set on a shared object such as an enum
+  member, is refused with :class:`UnsafeCheckpointError` naming the file. Files the plugin writes itself (the encoder warm-up) are plain tensors:
   :func:`load_weights` reads them with ``torch.load(weights_only=True)``.
 
 * Importing ``recbole.model.sequential_recommender`` runs ``sine.py``, which calls
@@ -25,6 +25,7 @@ What breaks, and what this module does about it (nothing else in the project pat
 ``setup.py`` rather than patched. ``recbole.quick_start`` (which imports ray) is never imported.
 """
 
+import collections
 import pickle
 import re
 import types
@@ -63,8 +64,6 @@ _MODEL_MODULES = ("recbole.model.", "recbole_mllm.model.")
 
 def _allowed_global(module: str, name: str):
     """The object a checkpoint may name as ``module.name``, a stand-in, or None (refused)."""
-    import collections
-
     import recbole.utils.enum_type as enums
 
     if (module, name) in _STANDINS or module.startswith(_MODEL_MODULES):
@@ -95,12 +94,27 @@ def _numpy_scalar():
     return scalar
 
 
-class _AllowlistUnpickler(pickle.Unpickler):
+class _AllowlistUnpickler(pickle._Unpickler):
+    """pickle's Python unpickler (a checkpoint's pickle is small: the tensors are separate records) that
+    resolves only allowlisted names and sets state (BUILD) only on objects it just made, never on a
+    shared one such as an enum member."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module, name):
         found = _allowed_global(module, name)
         if found is None:
             raise UnsafeCheckpointError(f"it holds {module}.{name}, which is not among what RecBole checkpoints hold")
         return found
+
+    def load_build(self):
+        target = self.stack[-2]
+        # fresh objects only: a state_dict (an OrderedDict with _metadata), a dtype (its byte order), a stand-in
+        if type(target) not in (CheckpointObject, collections.OrderedDict) and not isinstance(target, np.dtype):
+            raise UnsafeCheckpointError(f"it sets the state of a {type(target).__name__}, which RecBole checkpoints never do")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 _allowlist_pickle = types.ModuleType("recbole_mllm_allowlist_pickle")

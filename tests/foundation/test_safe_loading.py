@@ -74,3 +74,16 @@ def test_a_warmup_file_with_a_numpy_score_loads(tmp_path):
     path = tmp_path / "warmup.pth"
     torch.save({"encoder": {"w": torch.ones(1)}, "best_score": np.float64(0.25), "epochs": 3}, path)
     assert compat.load_weights(path)["best_score"] == 0.25
+
+
+def test_state_is_set_on_stand_ins_only():
+    """BUILD on an allowed object (here a RecBole enum member) would change it for the whole process."""
+    import io
+
+    from recbole.utils.enum_type import ModelType
+
+    crafted = (b"\x80\x02crecbole.utils.enum_type\nModelType\nK\x01\x85R"  # ModelType(1)
+               b"}U\x05valueK\x07sb.")  # .__dict__.update({"value": 7})
+    with pytest.raises(compat.UnsafeCheckpointError, match="sets the state of a ModelType"):
+        compat._allowlist_pickle.load(io.BytesIO(crafted))
+    assert ModelType(1).value == 1
