@@ -17,6 +17,7 @@ install_requires = [
     "peft>=0.14",
     "accelerate>=1.0",
     "safetensors>=0.4",
+    "filelock>=3.12",  # concurrent stage runs on one cache take turns per shard
     "tqdm>=4.48",
     "pillow>=10",
     "matplotlib>=3.7",

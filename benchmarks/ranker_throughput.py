@@ -15,6 +15,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from recbole_mllm.cli import HelpFormatter
 from recbole_mllm.model.ranker import LoRARanker, PromptBatch
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -42,15 +43,15 @@ def timed(fn, repeats, device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--user_tokens", type=int, default=300)
-    parser.add_argument("--candidate_tokens", type=int, default=150)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--user_tokens", type=int, default=300, help="tokens of a user part")
+    parser.add_argument("--candidate_tokens", type=int, default=150, help="tokens of a candidate part")
     parser.add_argument("--users", type=int, default=25, help="users per training step")
     parser.add_argument("--candidates_per_user", type=int, default=4, help="1 positive + negatives")
     parser.add_argument("--score_users", type=int, nargs="+", default=[2, 10, 40], help="users per scoring forward")
-    parser.add_argument("--score_candidates_per_user", type=int, default=101)
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--score_candidates_per_user", type=int, default=101, help="candidates per user when scoring")
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per setting")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

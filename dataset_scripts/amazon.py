@@ -13,7 +13,8 @@ public vintages differ in file format and field names, and this script reads all
 
 Each line is read as JSON, else as a Python literal, and the fields are picked by name, so the
 vintage needs no flag. Items are ``parent_asin`` for 2023 (what its metadata is keyed by), ``asin``
-before. Steps: reviews -> ``--min-rating`` -> one interaction per (user, item), the earliest ->
+before. Steps: reviews -> ``--min-rating`` -> one interaction per (user, item), the earliest
+(``--duplicates keep``: every review) ->
 iterative k-core (``--k-core``, default 5, on users and items) -> metadata of the kept items ->
 images from ``--images`` (files ``<item_id>.<ext>``) or downloaded from the metadata URLs.
 
@@ -43,6 +44,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,13 +73,27 @@ def raw_lines(path):
     """``(line_number, text)`` of a ``.json``/``.jsonl`` file, gzipped or not, blank lines skipped.
 
     Bytes are decoded as UTF-8 with replacement, so a stray byte costs a character, not the line.
+    Gzip is recognised by its content; a file named ``.gz`` that is not gzip, another compression, or
+    gzip data that is cut off or damaged is a :class:`common.InputError` naming the file.
     """
-    opener = gzip.open if Path(path).suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for line_number, raw in enumerate(tqdm(f, desc=Path(path).name, unit=" lines", disable=None), 1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if line:
-                yield line_number, line
+    path = Path(path)
+    kind = common.compression_of(path)
+    if path.suffix == ".gz" and kind != "gzip":
+        raise common.InputError(path, f"is named .gz but is {f'{kind}-compressed' if kind else 'not compressed'}")
+    if kind not in (None, "gzip"):
+        raise common.InputError(path, f"is {kind}-compressed; give the .json/.jsonl file, plain or gzipped")
+    line_number = 0
+    with (gzip.open if kind == "gzip" else open)(path, "rb") as f:
+        try:
+            for line_number, raw in enumerate(tqdm(f, desc=path.name, unit=" lines", disable=None), 1):
+                line = raw.decode("utf-8", errors="replace").strip()
+                if line:
+                    yield line_number, line
+        except (OSError, EOFError, zlib.error) as error:
+            if kind != "gzip":
+                raise common.InputError(path, f"cannot be read after line {line_number:,} ({error})") from None
+            problem = "is cut off" if isinstance(error, EOFError) else f"is damaged ({error})"
+            raise common.InputError(path, f"gzip data {problem} after line {line_number:,}") from None
 
 
 def parse_record(line, file, line_number, errors):
@@ -135,16 +151,18 @@ def k_core(inter, k):
         inter = inter[keep]
 
 
-def filter_interactions(inter, min_rating, k):
-    """Rating threshold, then one interaction per (user, item) (the earliest), then k-core."""
+def filter_interactions(inter, min_rating, k, duplicates="drop"):
+    """Rating threshold, then one interaction per (user, item) (the earliest; ``duplicates="keep"``:
+    every review), then k-core. ``counts["duplicates"]`` is the number of repeated reviews either way."""
     counts = {"reviews": len(inter)}
     if min_rating is not None:
         inter = inter[inter["rating"] >= min_rating]
     counts["below_min_rating"] = counts["reviews"] - len(inter)
-    before = len(inter)
     inter = inter.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    inter = inter.drop_duplicates(["user_id", "item_id"], keep="first")
-    counts["duplicates"] = before - len(inter)
+    repeated = inter.duplicated(["user_id", "item_id"], keep="first")
+    counts["duplicates"] = int(repeated.sum())
+    if duplicates == "drop":
+        inter = inter[~repeated]
     before = len(inter)
     inter = k_core(inter, k)
     counts["removed_by_k_core"] = before - len(inter)
@@ -199,20 +217,24 @@ def item_record(record, max_description_words):
     }
 
 
-def read_meta(path, wanted, errors, max_description_words):
+def read_meta(path, wanted, errors, max_description_words, counts=None):
     """``{item_id: item_record}`` for the ``wanted`` items; the first record of an item wins.
+
+    ``counts`` (a dict) receives how many records were of other items and how many repeated an item.
 
     The item id is looked up with a regex first, so that the (large) lines of other items are never
     parsed; a line whose id the regex cannot see is parsed in full.
     """
     items = {}
     name = Path(path).name
+    skipped = {"other": 0, "repeated": 0}
     for line_number, line in raw_lines(path):
         ids = {}
         for key, value in _META_ID.findall(line):
             ids.setdefault(key, value)
         item = ids.get("parent_asin") or ids.get("asin")
         if item is not None and (item not in wanted or item in items):
+            skipped["repeated" if item in items else "other"] += 1
             continue
         record = parse_record(line, name, line_number, errors)
         if record is None:
@@ -220,6 +242,10 @@ def read_meta(path, wanted, errors, max_description_words):
         item = common.label_token(record.get("parent_asin") or record.get("asin"))
         if item in wanted and item not in items:
             items[item] = item_record(record, max_description_words)
+        else:
+            skipped["repeated" if item in items else "other"] += 1
+    if counts is not None:
+        counts.update(meta_of_other_items=skipped["other"], repeated_meta_records=skipped["repeated"])
     return items
 
 
@@ -329,12 +355,13 @@ def collect_images(items, images_dir, local, download, downloader, workers):
 # ---------------------------------------------------------------------------------------- build
 def convert(args, build):
     errors = common.LineErrors()
-    inter, counts = filter_interactions(read_reviews(args.reviews, errors), args.min_rating, args.k_core)
+    inter, counts = filter_interactions(read_reviews(args.reviews, errors), args.min_rating, args.k_core, args.duplicates)
     if inter.empty:
         errors.report()
-        raise SystemExit(f"no interaction left from {args.reviews} after --min-rating / --k-core")
+        raise common.InputError(args.reviews, "no interaction is left after --min-rating / --k-core")
     kept_items = set(inter["item_id"])
-    meta = read_meta(args.meta, kept_items, errors, args.max_description_words) if args.meta else {}
+    meta_counts = {"meta_of_other_items": 0, "repeated_meta_records": 0}
+    meta = read_meta(args.meta, kept_items, errors, args.max_description_words, meta_counts) if args.meta else {}
     errors.report()
 
     empty = {"title": "", "brand": "", "categories": "", "description": "", "urls": []}
@@ -358,10 +385,19 @@ def convert(args, build):
     stats = common.dataset_stats(name, inter["user_id"], inter["item_id"], item_images, missing, errors)
     stats.update(
         counts,
+        **meta_counts,
+        duplicates_choice=args.duplicates,
         items_without_meta=len(kept_items - set(meta)),
         items_with_title=sum(1 for record in items.values() if record["title"]),
         images=image_counts,
     )
+    stats["dropped"] = common.row_counts(
+        malformed_lines=errors.total,
+        reviews_below_min_rating=counts["below_min_rating"],
+        reviews_removed_by_k_core=counts["removed_by_k_core"],
+        **meta_counts,
+    )
+    stats["orphaned"] = common.row_counts(items_without_metadata=stats["items_without_meta"])
     return stats
 
 
@@ -396,8 +432,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Build the dataset (or find it up to date); returns the statistics, ``rebuilt`` among them."""
+    """Build the dataset (or find it up to date); returns the statistics, ``rebuilt`` among them.
+
+    A missing, unreadable, damaged or wrongly compressed input ends in one line ``error: <file>: <problem>``
+    and exit status 2.
+    """
+    return common.run_main(_main, argv)
+
+
+def _main(argv):
     args = parse_args(argv)
+    common.check_input_file(args.reviews, "--reviews")
+    if args.meta is not None:
+        common.check_input_file(args.meta, "--meta")
     inputs = [args.reviews, args.meta, args.images]
     return common.run_script(args, inputs, __file__, convert, ignored=("workers", "retries", "timeout"))
 

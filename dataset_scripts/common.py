@@ -39,9 +39,66 @@ INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("rating", "float"),
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
 FINGERPRINT_FILE = ".fingerprint"
+DUPLICATE_CHOICES = {
+    "drop": "keep one (MovieLens: of identical rating lines; Amazon: of a user's reviews of one item, the earliest)",
+    "keep": "keep every one as an interaction of its own",
+}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # tabs, newlines, C0/C1 controls (a latin-1 0x85 is NEL)
 _SPACES = re.compile(r"\s+")
+
+
+# ---------------------------------------------------------------------------------- input errors
+class InputError(Exception):
+    """An input file that cannot be used: reported as one line ``error: <file>: <problem>``, exit status 2."""
+
+    def __init__(self, file, problem):
+        super().__init__(f"{file}: {problem}")
+
+
+def describe_os_error(error):
+    """``No such file or directory`` and the like, without the errno and path Python prepends."""
+    return error.strerror or str(error) or type(error).__name__
+
+
+# magic bytes of the compressions and archives someone may hand in instead of what a script reads
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+          b"PK\x03\x04": "zip", b"7z\xbc\xaf\x27\x1c": "7z"}
+
+
+def compression_of(path):
+    """The compression or archive format ``path`` holds, by its first bytes; None for plain data."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def check_input_file(path, option):
+    """Raise :class:`InputError` unless ``path`` (given as ``option``) is an existing, readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, f"does not exist ({option})")
+    if not path.is_file():
+        raise InputError(path, f"is not a file ({option})")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, f"is not readable: permission denied ({option})")
+
+
+def run_main(main, argv=None):
+    """Run a converter's ``main``; a bad input ends in one line on stderr and exit status 2.
+
+    ``--debug`` lets the exception through, traceback included.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except (InputError, OSError) as error:
+        if "--debug" in argv:
+            raise
+        named = isinstance(error, OSError) and error.filename is not None
+        message = f"{error.filename}: {describe_os_error(error)}" if named else str(error)
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------------------- text
@@ -253,6 +310,17 @@ def print_stats(stats):
         f"images: {stats['items_with_image']:,} items with an image, {stats['items_without_image']:,} text-only; "
         f"{stats['rated_items_with_image']:,} of {stats['rated_items']:,} rated items have one"
     )
+    if "duplicates_choice" in stats:
+        choice = stats["duplicates_choice"]
+        print(f"duplicates: {stats['duplicates']:,} {'dropped' if choice == 'drop' else 'kept'} (--duplicates {choice})")
+    for key, title in (("dropped", "dropped"), ("orphaned", "kept without a match")):
+        counts = stats.get(key) or {}
+        print(f"{title}: " + (", ".join(f"{n:,} {what}" for what, n in counts.items()) if any(counts.values()) else "none"))
+
+
+def row_counts(**counts):
+    """``{"malformed lines": 3, ...}`` from ``malformed_lines=3, ...``: the wording print_stats shows."""
+    return {name.replace("_", " "): int(n) for name, n in counts.items()}
 
 
 # --------------------------------------------------------------------------------- idempotent build
@@ -311,9 +379,7 @@ class Build:
 
 def argument_parser(doc, example_name, images_help):
     """A parser described by the script's docstring, with the arguments every converter has."""
-    parser = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     parser.add_argument(
         "--output",
         required=True,
@@ -325,7 +391,24 @@ def argument_parser(doc, example_name, images_help):
     )
     parser.add_argument("--images", type=Path, default=None, help=images_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    parser.add_argument(
+        "--duplicates",
+        choices=DUPLICATE_CHOICES,
+        default="drop",
+        help=f"repeated interactions: {'; '.join(f'{k}: {v}' for k, v in DUPLICATE_CHOICES.items())} "
+        "(counted in the summary either way)",
+    )
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help``: the script's docstring as written, then every option with its default (if it has one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_script(args, inputs, script, convert, ignored=()):
@@ -335,11 +418,11 @@ def run_script(args, inputs, script, convert, ignored=()):
     result, such as the number of download workers) is part of the fingerprint.
     """
     if args.images is not None and not args.images.is_dir():
-        raise SystemExit(f"--images {args.images}: not a folder")
+        raise InputError(args.images, "is not a folder (--images)")
     settings = {
         k: v.resolve() if isinstance(v, Path) else v
         for k, v in vars(args).items()
-        if k not in {"output", "force", *ignored}
+        if k not in {"output", "force", "debug", *ignored}
     }
     outputs = [f"{args.name}.inter", f"{args.name}.item", "images"]
     build = Build(args.output, args.name, fingerprint(settings, inputs, [script]), outputs)

@@ -14,7 +14,8 @@ Usage (idempotent, like nanoGPT's ``prepare.py``: a second run with the same inp
         --images ../shared/data/ml-1m/posters --output dataset --name ml-1m-mm
 
 Written to ``<output>/<name>/`` (see common.py for the shared format):
-- ``.inter``: every rating, ``user_id item_id rating timestamp``.
+- ``.inter``: every rating, ``user_id item_id rating timestamp``; identical rating lines once
+  (``--duplicates keep``: as they are), counted in the printed summary either way.
 - ``.item``: the rated movies only (RecBole counts every ``.item`` row as an item): ``title`` (words
   of the title without the trailing ``(year)``), ``year``, ``genres`` (one token per genre, e.g.
   ``Children's Film-Noir``), ``image`` (``<item_id>.jpg`` under ``images/``, empty for text-only).
@@ -25,6 +26,7 @@ Written to ``<output>/<name>/`` (see common.py for the shared format):
 
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 if __package__:
@@ -68,17 +70,26 @@ class Release:
 
     def __init__(self, path):
         self.path = Path(path)
-        if zipfile.is_zipfile(self.path):
-            self._zip = zipfile.ZipFile(self.path)
-            names = [n for n in self._zip.namelist() if not n.endswith("/")]
-        elif self.path.is_dir():
+        if self.path.is_dir():
             self._zip = None
             names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
         else:
-            raise SystemExit(f"--input {self.path}: neither a zip file nor a folder")
+            common.check_input_file(self.path, "--input")
+            self._zip = self._open_zip()
+            names = [n for n in self._zip.namelist() if not n.endswith("/")]
         self._members = {}
         for name in sorted(names, key=lambda n: (n.count("/"), n)):  # the shallowest copy wins
             self._members.setdefault(name.rsplit("/", 1)[-1], name)
+
+    def _open_zip(self):
+        kind = common.compression_of(self.path)
+        try:
+            return zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as error:
+            if kind == "zip":
+                raise common.InputError(self.path, f"is a damaged zip file ({error})") from None
+            what = f"{kind}-compressed" if kind else "neither a zip file nor a folder"
+            raise common.InputError(self.path, f"is {what}; give the release zip as downloaded or its extracted folder") from None
 
     def __enter__(self):
         return self
@@ -93,7 +104,13 @@ class Release:
     def lines(self, base_name):
         """``(line_number, line)`` of a member, decoded as UTF-8 or latin-1 (see common.decode_bytes)."""
         member = self._members[base_name]
-        data = self._zip.read(member) if self._zip else (self.path / member).read_bytes()
+        if self._zip is None:
+            data = (self.path / member).read_bytes()
+        else:
+            try:
+                data = self._zip.read(member)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # truncated or damaged member
+                raise common.InputError(f"{self.path} ({member})", f"damaged zip member: {error}") from None
         text, _ = common.decode_bytes(data)
         return common.text_lines(text)
 
@@ -113,6 +130,23 @@ def _fields(line, separator, count, file, line_number, errors, at_least=False):
         errors.add(file, line_number, f"expected {count} fields separated by {separator!r}, got {len(parts)}")
         return None
     return parts
+
+
+def _add_once(rows, key, value, file, line_number, errors):
+    """``rows[key] = value`` unless the id came earlier in the file: then the line counts as malformed."""
+    if key in rows:
+        errors.add(file, line_number, f"id {key} listed before; the first row is kept")
+    else:
+        rows[key] = value
+
+
+def drop_duplicates(ratings, choice):
+    """Identical rating lines (same user, movie, rating and time) once (``drop``) or as they are (``keep``).
+
+    Returns the ratings and how many lines repeat an earlier one.
+    """
+    unique = list(dict.fromkeys(ratings))
+    return (unique if choice == "drop" else ratings), len(ratings) - len(unique)
 
 
 def read_ratings(release, file, separator, errors):
@@ -144,7 +178,7 @@ def read_movies_1m(release, errors):
             continue
         title, year = split_title("::".join(parts[1:-1]))
         genres = [common.label_token(g) for g in parts[-1].split("|") if g.strip()]
-        movies.setdefault(str(int(parts[0])), (title, year, genres))
+        _add_once(movies, str(int(parts[0])), (title, year, genres), "movies.dat", line_number, errors)
     return movies
 
 
@@ -168,7 +202,7 @@ def read_movies_100k(release, errors):
         release_date = parts[-n - 3].strip()  # e.g. 01-Jan-1995, used when the title has no year
         year = year or (release_date[-4:] if release_date[-4:].isdigit() else "")
         genres = [common.label_token(g) for g, flag in zip(genres_names, flags) if flag.strip() == "1"]
-        movies.setdefault(str(int(parts[0])), (title, year, genres))
+        _add_once(movies, str(int(parts[0])), (title, year, genres), "u.item", line_number, errors)
     return movies
 
 
@@ -183,9 +217,8 @@ def read_users(release, file, separator, order, errors):
         if not record["user_id"].isdigit():
             errors.add(file, line_number, f"user id {record['user_id']!r} is not an integer")
             continue
-        users.setdefault(
-            str(int(record["user_id"])), tuple(record[k] for k in ("age", "gender", "occupation", "zip_code"))
-        )
+        profile = tuple(record[k] for k in ("age", "gender", "occupation", "zip_code"))
+        _add_once(users, str(int(record["user_id"])), profile, file, line_number, errors)
     return users
 
 
@@ -214,7 +247,7 @@ def read_release(release, errors):
         order = ("user_id", "age", "gender", "occupation", "zip_code")
         users = read_users(release, "u.user", "|", order, errors) if release.has("u.user") else None
     else:
-        raise SystemExit(f"--input {release.path}: no ratings.dat (ml-1m) or u.data (ml-100k) inside")
+        raise common.InputError(release.path, "holds no ratings.dat (ml-1m) or u.data (ml-100k) (--input)")
     return ratings, movies, users
 
 
@@ -224,7 +257,8 @@ def convert(args, build):
         ratings, movies, users = read_release(release, errors)
     errors.report()
     if not ratings:
-        raise SystemExit(f"--input {args.input}: no valid rating")
+        raise common.InputError(args.input, "holds no valid rating line (--input)")
+    ratings, duplicates = drop_duplicates(ratings, args.duplicates)
 
     ratings.sort(key=lambda r: (int(r[0]), float(r[3]), int(r[1])))  # ids are integers (read_ratings)
     rated_items = sorted({r[1] for r in ratings}, key=int)
@@ -260,6 +294,17 @@ def convert(args, build):
         source_users=len(users) if users is not None else None,
         rated_items_missing_from_movies=sum(1 for item in rated_items if item not in movies),
         users_missing_from_users_file=sum(1 for u in rated_users if u not in users) if users is not None else None,
+        duplicates=duplicates,
+        duplicates_choice=args.duplicates,
+    )
+    stats["dropped"] = common.row_counts(
+        malformed_lines=errors.total,
+        movies_never_rated=len(set(movies) - set(rated_items)),
+        users_without_ratings=len(set(users or ()) - set(rated_users)),
+    )
+    stats["orphaned"] = common.row_counts(
+        rated_movies_missing_from_the_movies_file=stats["rated_items_missing_from_movies"],
+        rating_users_missing_from_the_users_file=stats["users_missing_from_users_file"] or 0,
     )
     return stats
 
@@ -274,8 +319,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Build the dataset (or find it up to date); returns the statistics, ``rebuilt`` among them."""
+    """Build the dataset (or find it up to date); returns the statistics, ``rebuilt`` among them.
+
+    A missing, unreadable or damaged input ends in one line ``error: <file>: <problem>`` and exit status 2.
+    """
+    return common.run_main(_main, argv)
+
+
+def _main(argv):
     args = parse_args(argv)
+    if not args.input.is_dir():
+        common.check_input_file(args.input, "--input")
     return common.run_script(args, [args.input, args.images], __file__, convert)
 
 

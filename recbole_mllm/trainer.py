@@ -101,7 +101,7 @@ class MLLMSRecTrainer(Trainer):
         Runs that differ only in the ranker (the ablation ladder) then share one warm-up.
         """
         if self.warmup_cache is not None and self.warmup_cache.is_file():
-            saved = compat.load_checkpoint(self.warmup_cache, map_location=self.device)
+            saved = compat.load_weights(self.warmup_cache, map_location=self.device)
             self.model.encoder.load_state_dict(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
                              f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")

@@ -17,10 +17,15 @@ import time
 import torch
 from recbole.utils import init_logger, init_seed
 
+from recbole_mllm.cli import exit_on_help, safe_cmd_args
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
 from recbole_mllm.quick_start import protocol_fingerprint
 from recbole_mllm.utils import get_model, get_trainer
+
+
+DEFAULTS = {"fusion_weights": "0.3,1,3,10"}
+"""This script's own keys; every MLLMSRec key (``properties/model/MLLMSRec.yaml``) applies too."""
 
 
 def _weights(value):
@@ -44,7 +49,8 @@ def memoize_llm_scores(model):
 
 
 def main(argv):
-    config = Config("MLLMSRec", None, cmd_args=argv)
+    exit_on_help(argv, __doc__, DEFAULTS)
+    config = Config("MLLMSRec", None, cmd_args=safe_cmd_args(argv))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     train_data, _, test_data = data_preparation(config, create_dataset(config))
@@ -59,7 +65,7 @@ def main(argv):
 
     memoize_llm_scores(model)
     scorers = [("llm", "llm", 0.0), ("encoder", "encoder", 0.0)]
-    scorers += [(f"fusion w={w:g}", "llm", w) for w in _weights(config["fusion_weights"] or "0.3,1,3,10")]
+    scorers += [(f"fusion w={w:g}", "llm", w) for w in _weights(config["fusion_weights"] or DEFAULTS["fusion_weights"])]
     results = {}
     for protocol, loader in test_data.items():
         for name, mode, weight in scorers:

@@ -13,12 +13,17 @@ Every other ``--key=value`` must match the stage commands that built the caches 
 import logging
 import sys
 
+from recbole_mllm.cli import exit_on_help
 from recbole_mllm.data import create_dataset
 from recbole_mllm.stages.common import load_backend, stage_config
 from recbole_mllm.stages.item_fusion import load_item_fusion
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.user_profile import open_user_summaries, summary_chain, user_histories, needed_positions
 from recbole_mllm.stages.user_text import Clock
+
+
+DEFAULTS = {"example_items": None, "example_users": None, "example_windows": 6}
+"""This script's own keys; the stage keys (``python -m recbole_mllm.stages.item_fusion --help``) apply too."""
 
 
 def _split(value):
@@ -29,6 +34,7 @@ def _split(value):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__, DEFAULTS)
     logging.basicConfig(level=logging.WARNING)
     config = stage_config(argv)
     backend = load_backend(config)

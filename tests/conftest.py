@@ -37,6 +37,20 @@ def write_tiny_dataset(root, name="tiny", n_users=40, n_items=30, per_user=12, s
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def recbole_mllm_home(tmp_path_factory):
+    """Weight-hash records and converted weights go to a temporary ``RECBOLE_MLLM_HOME``, never to the
+    user's ``~/.cache/recbole_mllm``; a ``RECBOLE_MLLM_HOME`` set before the run is kept (a developer
+    reusing converted weights across runs). Yields ``(home, explicitly_set)``."""
+    if os.environ.get("RECBOLE_MLLM_HOME"):
+        yield Path(os.environ["RECBOLE_MLLM_HOME"]), True
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("recbole_mllm_home")
+        patch.setenv("RECBOLE_MLLM_HOME", str(home))
+        yield home, False
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """Config dict that points RecBole at a fresh tiny dataset and keeps every output under tmp_path."""

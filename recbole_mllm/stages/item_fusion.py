@@ -10,7 +10,8 @@ token of the ``.item`` file.
 NOTE (deviations and choices): the paper does not publish its prompt; ours is
 ``prompts/item_fusion_v1.txt``. Decoding is greedy, so a summary is reproducible. An item whose
 image is missing or unreadable is summarised from its text alone (counted in ``complete.json``
-under ``meta_counts.image``, warned once per run) rather than failing the run; an empty generation
+under ``meta_counts.image``, warned once per run; why a file was unreadable is the record's
+``meta["image_error"]``) rather than failing the run; an empty generation
 falls back to the item text (``meta_counts.summary``).
 
 Command line (``torchrun --nproc_per_node=N -m ...`` splits the shards over N processes)::
@@ -51,7 +52,7 @@ from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
                                         stage_config, stage_main)
-from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, load_image, read_item_file
+from recbole_mllm.stages.items import ItemTable, fingerprint, image_path, open_image, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
 logger = logging.getLogger(__name__)
@@ -187,15 +188,16 @@ def _shard_compute(config: Mapping, plan: _Plan, backend: MultimodalLM):
         for token in tokens:
             item_text = render_item_text(table.rows[token], plan.fields, table, template, seq_separator)
             path = image_path(table, token, image_field, plan.image_dir)
-            image, status = load_image(path) if backend.supports_images else (None, "not_supported")
+            image, status, reason = open_image(path) if backend.supports_images else (None, "not_supported", "")
             if status in ("missing", "unreadable") and not warned:
                 warned.append(token)
-                logger.warning(f"{STAGE}: the image of item {token} ({path}) is {status}; such items are "
-                               f"summarised from their text only (counted in complete.json, meta_counts.image)")
+                logger.warning(f"{STAGE}: the image of item {token} ({path}) is {status}{f' ({reason})' if reason else ''}; "
+                               f"such items are summarised from their text only (counted in complete.json, "
+                               f"meta_counts.image; the reason is each record's meta.image_error)")
             section = "image" if image is not None else "text_only"
             requests.append(ChatRequest(prompt=template.render(section, item_text=item_text),
                                         image=image, system=template.render("system") or None))
-            metas.append({"image": status})
+            metas.append({"image": status, **({"image_error": reason} if reason else {})})
             item_texts.append(item_text)
         summaries = [s.strip() for s in backend.generate(requests, generation, progress=False)]
         for meta, summary in zip(metas, summaries):
@@ -243,7 +245,7 @@ def load_item_fusion(config: Mapping, item_tokens: Sequence[str],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    stage_main(argv, stage_config, run_item_fusion)
+    stage_main(argv, stage_config, run_item_fusion, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

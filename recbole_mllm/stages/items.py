@@ -67,21 +67,31 @@ def read_item_file(dataset_dir, dataset: str, id_field: str = "item_id", field_s
 
 
 def load_image(path: Optional[Path]) -> tuple[Optional[Image.Image], str]:
-    """Open an item image fully, as RGB. Returns ``(image, "used")`` or ``(None, why)``.
+    """Open an item image fully, as RGB. Returns ``(image, "used")`` or ``(None, why)``; see :func:`open_image`."""
+    return open_image(path)[:2]
 
-    ``why`` is ``"absent"`` (the item names no image), ``"missing"`` (the file does not exist) or
+
+def open_image(path: Optional[Path]) -> tuple[Optional[Image.Image], str, str]:
+    """Open an item image fully, as RGB: ``(image, "used", "")`` or ``(None, status, reason)``.
+
+    ``status`` is ``"absent"`` (the item names no image), ``"missing"`` (the file does not exist) or
     ``"unreadable"`` (zero bytes, truncated, not an image): the caller then falls back to text.
+    ``reason`` says what was wrong with an unreadable file, with its name but not its folder (it is
+    stored in caches, which must not depend on where the dataset lies).
     """
     if path is None:
-        return None, "absent"
+        return None, "absent", ""
     if not path.is_file():
-        return None, "missing"
+        return None, "missing", ""
     try:
+        if path.stat().st_size == 0:
+            return None, "unreadable", "empty file"
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not later inside a batch
-            return image.convert("RGB"), "used"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, "unreadable"
+            return image.convert("RGB"), "used", ""
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = f"{type(error).__name__}: {error}".replace(str(path), path.name)
+        return None, "unreadable", reason
 
 
 def image_path(table: ItemTable, token: str, image_field: Optional[str], image_dir: Path) -> Optional[Path]:

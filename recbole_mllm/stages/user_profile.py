@@ -536,7 +536,7 @@ def summary_chain(config: Mapping, user: str, windows: int, backend: Optional[Mu
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    stage_main(argv, stage_config, run_user_profile)
+    stage_main(argv, stage_config, run_user_profile, __doc__, DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,75 @@ def test_combined_hash_covers_settings(tmp_path, monkeypatch):
     files = [tmp_path / "a.safetensors"]
     assert combined_sha256(files, {"k": 1}) == combined_sha256(files, {"k": 1})
     assert combined_sha256(files, {"k": 1}) != combined_sha256(files, {"k": 2}) != combined_sha256(files)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """The probe goes to a configured proxy instead of the hub: these tests probe the hub itself."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_hub_id_without_a_network_fails_at_once_with_one_message(monkeypatch, no_proxy):
+    import huggingface_hub.constants
+    import transformers
+
+    import recbole_mllm.mllm as mllm
+
+    monkeypatch.setattr(mllm, "_hub_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("from_pretrained was called: retries and chained tracebacks would follow")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_download)
+    start = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        load_mllm("some-org/some-model")
+    assert time.monotonic() - start < 5  # refused at once; the probe's own bound is 3 s
+    message = str(error.value)
+    assert "cannot reach the Hugging Face hub" in message and "'some-org/some-model'" in message
+    assert "local model folder" in message and "HF_HUB_OFFLINE=1" in message
+    assert error.value.__cause__ is None and error.value.__context__ is None  # one message, no chain
+
+
+def test_hub_probe_sees_a_listening_endpoint(monkeypatch, no_proxy):
+    import socket
+
+    import huggingface_hub.constants
+
+    from recbole_mllm.mllm import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_reachable(timeout=3.0)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    assert not hub_reachable(timeout=3.0)
+
+
+def test_hub_probe_goes_through_a_proxy(monkeypatch, no_proxy):
+    """Behind a proxy the hub host itself may be unreachable: the proxy is what has to answer."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from recbole_mllm.mllm import hub_reachable
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_reachable(timeout=3.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 
 import pytest
 import torch
@@ -176,3 +177,34 @@ def test_compute_with_wrong_shapes_is_an_error(tmp_path):
 
     with pytest.raises(ValueError, match="shard-00000"):
         make(tmp_path).build(short, progress=False)
+
+
+def test_a_shard_another_run_holds_is_waited_for_not_recomputed(tmp_path, tree):
+    reference = make(tmp_path / "ref").build(fake_compute, progress=False)
+    cache = make(tmp_path / "run")
+    other_run_done = threading.Event()
+    others = len(cache.shards) - 1
+
+    class LastOtherShardSignals(Counting):
+        def __call__(self, keys):
+            out = super().__call__(keys)
+            if len(self.calls) == others:
+                other_run_done.set()
+            return out
+
+    def other_run():  # holds shard 1's lock until the main run has done every other shard, then writes it
+        with make(tmp_path / "run")._lock(1):
+            started.set()
+            other_run_done.wait(timeout=60)
+            cache._write_shard(1, fake_compute(cache.shards[1]))
+
+    started = threading.Event()
+    cache.path.mkdir(parents=True)
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    started.wait(timeout=60)
+    compute = LastOtherShardSignals()
+    cache.build(compute, progress=False)
+    thread.join()
+    assert cache.shards[1] not in compute.calls and len(compute.calls) == others
+    assert cache.is_complete() and tree(cache.path) == tree(reference.path)

@@ -103,3 +103,34 @@ def test_gloo_process_group_splits_and_merges(tmp_path, tree):
     cache = make(tmp_path / "run")
     assert cache.is_complete()
     assert tree(cache.path) == tree(reference.path)
+
+
+# Two runs of this on one cache folder at once: each shard's keys are logged by the run that computes it.
+RACER = r"""
+import sys, time
+from recbole_mllm.stages.cache import StageCache
+from stage_doubles import fake_compute
+root, log = sys.argv[1], sys.argv[2]
+
+def slow(keys):
+    with open(log, "a") as f:
+        f.write(keys[0] + "\n")
+    time.sleep(0.2)
+    return fake_compute(keys)
+
+cache = StageCache(root, "demo", {"model": {"name": "m"}}, [f"item{i}" for i in range(17)], shard_size=4).build(slow, progress=False)
+sys.exit(0 if cache.is_complete() else 1)
+"""
+
+
+def test_two_concurrent_runs_compute_each_shard_once(tmp_path, tree):
+    reference = make(tmp_path / "ref").build(fake_compute, progress=False)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "computed.txt"
+    runs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "run"), str(log)], env=env,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    assert [code for code, _ in results] == [0, 0], results
+    computed = log.read_text().split()
+    assert sorted(computed) == sorted(shard[0] for shard in make(tmp_path / "run").shards)  # each once
+    assert tree(make(tmp_path / "run").path) == tree(reference.path)

@@ -63,6 +63,12 @@ def test_summaries_keyed_by_raw_tokens_with_text_only_fallback(toy, caplog):
     assert {k: r.meta["image"] for k, r in records.items()} == {
         "0007": "used", "0010": "used", "0042": "missing", "0100": "unreadable", "0200": "unreadable",
         "0300": "unreadable", "tt99": "absent"}
+    errors = {k: r.meta.get("image_error") for k, r in records.items() if r.meta["image"] == "unreadable"}
+    assert errors["0100"] == "empty file"
+    assert errors["0200"] == "UnidentifiedImageError: cannot identify image file 'junk.png'"
+    assert errors["0300"] == "OSError: image file is truncated"
+    assert all(str(toy["data_path"]) not in e for e in errors.values())  # no folder: the cache does not depend on it
+    assert not any("image_error" in r.meta for k, r in records.items() if k not in errors)
     # an empty generation keeps the item text as the summary, and says so
     assert records["tt99"].text == "Title: EMPTY Oddity\nGenres: Drama" and records["tt99"].meta["summary"] == "item_text"
     counts = cache.summary()["meta_counts"]
@@ -179,7 +185,7 @@ def test_stage_config_is_the_plugin_config_of_mllmsrec(tmp_path):
     assert config["item_text_fields"] == {"Title": "movie_title", "Year": "release_year"}
     assert Path(config["data_path"]) == tmp_path / "data" / "ml-1m-mm"
     assert Path(stage_config(["--dataset=ml-100k"])["data_path"]).resolve() == ML100K.resolve()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--dataset"):
         stage_config(["--mllm=x"])
 
 

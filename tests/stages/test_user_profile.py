@@ -255,7 +255,7 @@ def test_command_line_builds_through_recbole_config(toy, capsys):
     assert manifest["model"]["backend"] == "hf-causal" and manifest["params"]["window_size"] == 2
     assert manifest["cache"]["shard_size"] == 1  # users per shard: the item cache (256 items per shard) is still found
     assert manifest["dataset"]["n_interactions"] == 15  # the command line kept every item (no filter given)
-    with pytest.raises(SystemExit, match="--dataset"):
+    with pytest.raises(ValueError, match="--dataset"):
         user_profile.stage_config(["--mllm=x"])
 
 

@@ -1,0 +1,27 @@
+"""Every command line answers --help (exit 0) with what it reads and the defaults."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("scripts/stage_examples.py", "example_windows  6"),
+    ("scripts/score_fusion_eval.py", "fusion_weights  '0.3,1,3,10'"),
+    ("benchmarks/ranker_throughput.py", "(default: 101)"),
+    ("dataset_scripts/movielens.py", "(default: drop)"),
+    ("dataset_scripts/amazon.py", "seconds per download attempt (default: 20.0)"),
+])
+def test_scripts_answer_help(script, expected, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.syspath_prepend(str(REPO / "dataset_scripts"))  # how `python dataset_scripts/x.py` finds common
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert expected in capsys.readouterr().out
