@@ -12,6 +12,10 @@ paired p-values against the best baseline, cold-item and short-history slices) g
 
 import argparse
 
+import yaml
+
+from recbole_mllm.cli import HelpFormatter, help_text
+from recbole_mllm.config import properties_dir
 from recbole_mllm.quick_start import run_comparison
 
 
@@ -24,7 +28,9 @@ def parse_seeds(text):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = yaml.safe_load((properties_dir() / "overall.yaml").read_text(encoding="utf-8"))
+    epilog = help_text("The shared protocol (properties/overall.yaml); model keys: properties/model/<Model>.yaml.", shared)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=HelpFormatter)
     parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare (default SASRec)")
     parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files; default ml-100k)")
     parser.add_argument("--config_files", default=None, help="YAML config files, separated by spaces or commas")

@@ -27,6 +27,7 @@ from pathlib import Path
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat
+from recbole_mllm.cli import parse_cli_value
 from recbole_mllm.utils import get_model
 
 
@@ -47,8 +48,12 @@ class Config(RecBoleConfig):
         self._model_name = model if isinstance(model, str) or model is None else model.__name__
         super().__init__(model, dataset, config_file_list, config_dict)
 
+    def _convert_config_dict(self, config_dict):
+        """String values (command line and ``config_dict``) read as literals, never ``eval``-ed as RecBole does."""
+        return {key: parse_cli_value(value) for key, value in config_dict.items()}
+
     def _load_cmd_line(self):
-        """Parse ``--key=value`` pairs from ``cmd_args`` with RecBole's value conversion."""
+        """Parse ``--key=value`` pairs from ``cmd_args`` (values read by ``cli.parse_cli_value``)."""
         cmd_config_dict = {}
         for arg in self._cmd_args:
             key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")

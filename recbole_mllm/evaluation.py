@@ -51,14 +51,6 @@ class PerUserCollector(Collector):
         return struct
 
 
-def held_out_count(config):
-    """How many last interactions per user the configured leave-one-out split holds out (2 or 1)."""
-    split = (config["eval_args"] or {}).get("split") or {"LS": "valid_and_test"}
-    if list(split) != ["LS"] or split["LS"] not in ("valid_and_test", "valid_only", "test_only"):
-        raise ValueError(f"per-user records support leave-one-out splits (eval_args.split LS); got {split}")
-    return 2 if split["LS"] == "valid_and_test" else 1
-
-
 def user_item_statistics(dataset, held_out):
     """``(item_train_count [n_items], test_history_length [n_users])`` of a dataset before ``build()``.
 

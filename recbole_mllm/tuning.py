@@ -121,7 +121,7 @@ class Search:
         scores = [r["best_valid_score"] for r in records]
         best = int(np.argmax(scores) if bigger else np.argmin(scores))
         metric = records[best].get("valid_metric", "valid score")
-        header = (f"# {self.model} on {self.dataset}: trial {best} of {len(records)} of a random search "
+        header = (f"# {self.model} on {self.dataset}: trial {best} of {len(records)} of a Latin-hypercube random search "
                   f"(python -m recbole_mllm.tuning, {datetime.now():%Y-%m-%d}), valid {metric} {scores[best]:.4f}.\n"
                   f"# Pass it with --config_files; the search and every trial: docs/results.md.\n")
         lines = "".join(f"{key}: {json.dumps(value)}\n" for key, value in self.trials[best].items())

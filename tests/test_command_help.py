@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("script, expected", [
+    ("run_recbole_mllm.py", "stopping_step            10"),
     ("scripts/stage_examples.py", "example_windows  6"),
     ("scripts/score_fusion_eval.py", "fusion_weights  '0.3,1,3,10'"),
     ("benchmarks/ranker_throughput.py", "(default: 101)"),

@@ -48,6 +48,20 @@ def create_dataset(config):
     return dataset
 
 
+def held_out_count(config):
+    """How many last interactions per user the configured leave-one-out split holds out (2 or 1).
+
+    The one split rule the stages (which positions a summary may read), the model and the per-user
+    records share.
+    """
+    eval_args = config["eval_args"] if "eval_args" in config and config["eval_args"] else {}
+    split = eval_args.get("split") or {"LS": "valid_and_test"}
+    if list(split) != ["LS"] or split["LS"] not in ("valid_and_test", "valid_only", "test_only"):
+        raise ValueError(f"leave-one-out splits only (eval_args.split LS: valid_and_test, valid_only or test_only); "
+                         f"got {split}")
+    return 2 if split["LS"] == "valid_and_test" else 1
+
+
 def parse_protocol(mode):
     """Evaluation mode (``full`` or ``uni<N>``) -> negative-sampling args, or None for full ranking."""
     if mode == "full":

@@ -38,7 +38,7 @@ from recbole_mllm.model.prompting import PieceTokenizer, assemble, build_layout
 from recbole_mllm.model.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import load_stage_inputs
-from recbole_mllm.stages import user_profile
+from recbole_mllm.data import held_out_count
 from recbole_mllm.stages.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class MLLMSRec(SequentialRecommender):
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
-        held_out = user_profile.held_out_count(config)  # valid/test targets are labels, never negatives' filter
+        held_out = held_out_count(config)  # valid/test targets are labels, never negatives' filter
         self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
 
         # define layers

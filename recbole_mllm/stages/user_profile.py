@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_mllm.data import held_out_count
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache, canonical_json, sha256_file
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
@@ -178,15 +179,6 @@ def needed_positions(n: int, config: Mapping) -> list:
     held_out = min(leave, n - 2)
     first_held_out = n - held_out
     return list(range(max(1, first_held_out - int(_get(config, "llm_train_targets_per_user"))), n))
-
-
-def held_out_count(config: Mapping) -> int:
-    """How many targets per user the configured leave-one-out split holds out (2 or 1)."""
-    eval_args = config["eval_args"] if "eval_args" in config and config["eval_args"] else {}
-    split = eval_args.get("split") or {"LS": "valid_and_test"}
-    if list(split) != ["LS"] or split["LS"] not in ("valid_and_test", "valid_only", "test_only"):
-        raise ValueError(f"the user stage supports leave-one-out splits (eval_args.split LS); got {split}")
-    return 2 if split["LS"] == "valid_and_test" else 1
 
 
 # ---------------------------------------------------------------------------------------- windows

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from recbole.evaluator.metrics import NDCG
 
-from recbole_mllm.evaluation import held_out_count, user_item_statistics
+from recbole_mllm.data import held_out_count
+from recbole_mllm.evaluation import user_item_statistics
 from recbole_mllm.quick_start import run
 
 

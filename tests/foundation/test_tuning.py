@@ -99,3 +99,12 @@ def test_ranges_are_stratified(tmp_path):
     trials = sample_trials(load_search_space(path), 5)
     assert sorted(int(t["dropout_prob"] / 0.1) for t in trials) == [0, 1, 2, 3, 4]  # one draw in each fifth
     assert all(1e-4 < t["learning_rate"] < 1.01e-2 for t in trials)
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "properties" / "tuned").glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_shipped_tuned_configs_set_only_their_space_keys_and_are_commented(path):
+    settings = yaml.safe_load(path.read_text())
+    assert set(settings) <= set(space_keys(load_search_space(search_space_file(path.stem))))
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert "# (" in line, f"{path.name}: '{line}' is not commented as '# (type) meaning.'"
