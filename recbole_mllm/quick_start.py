@@ -20,8 +20,8 @@ from recbole_mllm import compat
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, held_out_count
-from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
+from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.utils import get_model, get_trainer
 
 
