@@ -306,3 +306,59 @@ def test_evaluation_also_reports_the_encoder_alone(mllm_config):
     model.score_mode = "llm"
     assert dict(first_stage) == dict(expected)
     assert dict(trainer.evaluate(test_data["uni100"], load_best_model=False)) == dict(result)
+
+
+def test_warm_up_cache_key_covers_every_input(mllm_config, monkeypatch):
+    import dataclasses
+
+    from recbole_mllm.model.mllmsrec import MLLMSRec
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, _ = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    base = trainer._warmup_cache_path(True)
+    assert MLLMSRecTrainer(config, model)._warmup_cache_path(True) == base  # an identical config: the same path
+    assert trainer._warmup_cache_path(False) != base  # an unvalidated warm-up never stands in for a validated one
+    for key, value in (("gradient_accumulation_steps", 2), ("enable_amp", not config["enable_amp"]),
+                       ("mllm_dtype", "float16"), ("eval_args", dict(config["eval_args"], order="RO"))):
+        with monkeypatch.context() as patch:
+            patch.setitem(config.final_config_dict, key, value)
+            assert trainer._warmup_cache_path(True) != base, key
+    with monkeypatch.context() as patch:
+        identity = model.backend.identity
+        other_dtype = "float16" if identity.dtype != "float16" else "float32"
+        patch.setattr(type(model.backend), "identity", property(lambda self: dataclasses.replace(identity, dtype=other_dtype)))
+        assert trainer._warmup_cache_path(True) != base, "resolved dtype"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "device", torch.device("cuda"))
+        assert trainer._warmup_cache_path(True) != base, "device type"
+    with monkeypatch.context() as patch:
+        def encoder_loss(self, interaction):  # other warm-up code
+            return 2 * torch.nn.functional.cross_entropy(self.encoder.full_scores(self.forward(
+                interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])), interaction[self.POS_ITEM_ID])
+
+        patch.setattr(MLLMSRec, "encoder_loss", encoder_loss)
+        assert trainer._warmup_cache_path(True) != base, "code"
+    assert trainer._warmup_cache_path(True) == base
+
+
+def test_unvalidated_and_validated_warm_ups_are_cached_apart(mllm_config, tmp_path):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    settings = dict(mllm_config, encoder_warmup_epochs=1, encoder_warmup_stopping_step=2,
+                    stage_cache_dir=mllm_config["stage_cache_dir"], checkpoint_dir=str(tmp_path))
+    config, model, _ = _model_and_data(settings)
+    trainer = MLLMSRecTrainer(config, model)
+    trainer._train_epoch = lambda *args, **kwargs: 0.0
+    trainer._valid_epoch = lambda valid_data, show_progress=False: (0.5, {})
+    trainer._warm_up_encoder(None, None, verbose=False, show_progress=False)  # as a run without valid data
+    unvalidated = trainer.warmup_cache
+    assert unvalidated.is_file()
+    validating = MLLMSRecTrainer(config, model)
+    trained = []
+    validating._train_epoch = lambda *args, **kwargs: trained.append(1) or 0.0
+    validating._valid_epoch = trainer._valid_epoch
+    validating._warm_up_encoder(None, "valid", verbose=False, show_progress=False)
+    assert trained, "a validated warm-up must not reuse an unvalidated one"
+    assert validating.warmup_cache != unvalidated and validating.warmup_cache.is_file()
+
