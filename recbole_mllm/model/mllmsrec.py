@@ -40,6 +40,7 @@ from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import load_stage_inputs
 from recbole_mllm.data import held_out_count
 from recbole_mllm.stages.prompts import load_prompt
+from recbole_mllm.stages.user_profile import needed_positions
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class MLLMSRec(SequentialRecommender):
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
         held_out = held_out_count(config)  # valid/test targets are labels, never negatives' filter
         self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
+        # the LLM trains on positions t >= this: the first of needed_positions, the split rule the user-profile
+        # stage builds summaries by (so every training prompt has its summary); training rows stop before held-out t
+        self.llm_train_from = [min(needed_positions(len(h), config), default=len(h)) for h in histories]
 
         # define layers
         self.encoder = FusedSequenceEncoder.from_config(config, inputs.item_embeddings, self.max_seq_length)
@@ -277,6 +281,24 @@ class MLLMSRec(SequentialRecommender):
         picked = torch.randperm(len(top))[:self.hard_negatives]
         return top[picked.to(top.device)].tolist()
 
+    def _llm_rows(self, interaction):
+        """The rows the LLM trains on, and their positions ``t``: each user's last ``llm_train_targets_per_user``
+        training targets (``t >= llm_train_from``).
+
+        The target filters cheaply first (training may read it): a row at ``t`` has its target at ``t`` or earlier
+        than the item's last occurrence. The position is then the row's own, from its input sequence as in
+        evaluation: a user who repeats an item has that item as the target of several rows, and only the late
+        ones are kept.
+        """
+        uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
+        rows = [r for r, (u, i) in enumerate(zip(uids, targets))
+                if self.context.positions[(u, i)][-1] >= self.llm_train_from[u]]
+        if not rows:
+            return [], []
+        ts = self._positions(interaction[torch.tensor(rows, device=interaction[self.USER_ID].device)])
+        kept = [(r, t) for r, t in zip(rows, ts) if t >= self.llm_train_from[uids[r]]]
+        return [r for r, _ in kept], [t for _, t in kept]
+
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         all_scores = self.encoder.full_scores(user_states)
@@ -284,13 +306,9 @@ class MLLMSRec(SequentialRecommender):
         if self.score_mode == "encoder":
             return loss
         uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
-        # the LLM trains on each user's last llm_targets_per_user training targets (found cheaply by the target,
-        # which training may read); their prompts then use the same position rule as evaluation
-        rows = [r for r, (u, i) in enumerate(zip(uids, targets))
-                if self.context.positions[(u, i)][-1] >= len(self.context.histories[u]) - 2 - self.llm_targets_per_user]
+        rows, ts = self._llm_rows(interaction)
         if not rows:
             return loss
-        ts = self._positions(interaction[torch.tensor(rows, device=user_states.device)])
         candidates, owner, labels = [], [], []
         for k, r in enumerate(rows):
             hard = self._hard_negatives(uids[r], all_scores[r]) if self.hard_negatives else []

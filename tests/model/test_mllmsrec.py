@@ -362,3 +362,64 @@ def test_unvalidated_and_validated_warm_ups_are_cached_apart(mllm_config, tmp_pa
     assert trained, "a validated warm-up must not reuse an unvalidated one"
     assert validating.warmup_cache != unvalidated and validating.warmup_cache.is_file()
 
+
+def _split_rows(model, train_data):
+    """``{uid: [t of every row the LLM trains on]}`` over the whole training data."""
+    selected = {}
+    for interaction in train_data:
+        rows, ts = model._llm_rows(interaction)
+        for r, t in zip(rows, ts):
+            selected.setdefault(int(interaction[model.USER_ID][r]), []).append(t)
+    return selected
+
+
+@pytest.mark.parametrize("split", ["test_only", "valid_only"])
+def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_config, split):
+    eval_args = {"split": {"LS": split}, "order": "TO", "group_by": "user", "mode": "full"}
+    config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, eval_args=eval_args, test_protocols=None))
+    train_dataset = create_dataset(config).build()[0]
+    model = get_model("MLLMSRec")(config, train_dataset)
+    train_data = data_preparation(config, create_dataset(config))[0]
+    selected = _split_rows(model, train_data)
+    targets = config["llm_train_targets_per_user"]
+    assert targets == 2
+    for uid in range(1, len(model.context.histories)):
+        n = len(model.context.histories[uid])  # one held out: training targets end at t = n - 2
+        assert sorted(selected[uid]) == [n - 3, n - 2], uid
+        assert all((uid, t) in model.summaries for t in selected[uid])
+
+
+def _write_repeating_dataset(root):
+    """The tiny dataset, with user u1's last training target repeating its item at t = 1, and its test target
+    repeating its item at t = 2. Returns the repeating user's token."""
+    folder = write_tiny_dataset(root)
+    inter = folder / "tiny.inter"
+    lines = inter.read_text().splitlines()
+    rows = [k for k, line in enumerate(lines) if line.startswith("u1\t")]
+    items = [lines[k].split("\t")[1] for k in rows]
+
+    def put(k, item):
+        fields = lines[rows[k]].split("\t")
+        lines[rows[k]] = "\t".join([fields[0], item, *fields[2:]])
+
+    put(len(rows) - 3, items[1])
+    put(len(rows) - 1, items[2])
+    inter.write_text("\n".join(lines) + "\n")
+    return "u1"
+
+
+def test_a_repeated_item_trains_the_llm_at_its_own_position_only(mllm_config, tmp_path):
+    user = _write_repeating_dataset(tmp_path / "data")
+    config, model, _ = _model_and_data(dict(mllm_config, data_path=str(tmp_path / "data")))
+    uid = model.context.user_tokens.index(user)
+    history = model.context.histories[uid]
+    n = len(history)
+    assert history[n - 3] == history[1] and history[n - 1] == history[2]
+    train_data = data_preparation(config, create_dataset(config))[0]
+    assert sorted(_split_rows(model, train_data)[uid]) == [n - 4, n - 3]  # never the rows at t = 1 and t = 2
+    for interaction in train_data:
+        mine = (interaction[model.USER_ID] == uid).nonzero().squeeze(1)
+        if len(mine):
+            model.train()
+            assert torch.isfinite(model.calculate_loss(interaction[mine]))  # every prompt has its summary
+
