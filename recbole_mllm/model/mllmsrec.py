@@ -85,6 +85,7 @@ class MLLMSRec(SequentialRecommender):
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
+        self.dataset_name = config["dataset"]
         held_out = held_out_count(config)  # valid/test targets are labels, never negatives' filter
         self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
         # the LLM trains on positions t >= this: the first of needed_positions, the split rule the user-profile
@@ -165,12 +166,21 @@ class MLLMSRec(SequentialRecommender):
     # ------------------------------------------------------------------ prompt assembly
     def _user_part(self, uid, t, user_token):
         """Token ids and soft slots of a user's shared prompt part; ``user_token`` is its soft embedding ``[1, H]``."""
-        preference = self.summaries.get((uid, t), "unknown") if self.use_summaries else "unknown"
+        preference = self._summary(uid, t) if self.use_summaries else "unknown"
         values = {"user_id": self.context.user_tokens[uid], "profile": self.context.profiles[uid],
                   "preference": preference, "evolution": self.context.evolution(uid, t, self.recent_count),
                   "recent_items": self.context.recent_titles(uid, t, self.recent_count)}
         ids, slots = assemble(self.layout.user, values, {"user_state": 1}, self.tokenize, self.field_tokens)
         return ids, {"user_state": (slots["user_state"], user_token)} if "user_state" in slots else {}
+
+    def _summary(self, uid, t):
+        """The user's preference summary at ``t``; a missing one is an error, never a silent "unknown" in the prompt."""
+        if (uid, t) not in self.summaries:
+            raise KeyError(f"no user summary for user {self.context.user_tokens[uid]!r} at position {t}: the summaries "
+                           f"loaded are the positions the split needs (user_profile.needed_positions); rebuild the cache "
+                           f"with the run's config: python -m recbole_mllm.stages.user_profile --dataset={self.dataset_name} "
+                           f"[--key=value ...]")
+        return self.summaries[(uid, t)]
 
     def _target_part(self, uid, t, iid, item_token, match_token, image_tokens, rank):
         """Token ids and soft slots of one candidate's prompt part (``image_tokens`` None: no image)."""

@@ -423,3 +423,15 @@ def test_a_repeated_item_trains_the_llm_at_its_own_position_only(mllm_config, tm
             model.train()
             assert torch.isfinite(model.calculate_loss(interaction[mine]))  # every prompt has its summary
 
+
+@torch.no_grad()
+def test_a_missing_user_summary_is_an_error_naming_the_user(mllm_config):
+    _, model, test_data = _model_and_data(mllm_config)
+    interaction = next(iter(test_data["full"]))[0][:1]
+    uid, t = int(interaction[model.USER_ID][0]), model._positions(interaction)[0]
+    expected = model.full_sort_predict(interaction)
+    del model.summaries[(uid, t)]
+    with pytest.raises(KeyError, match=f"user '{model.context.user_tokens[uid]}' at position {t}.*recbole_mllm.stages.user_profile"):
+        model.full_sort_predict(interaction)
+    model.use_summaries = False  # without summaries nothing is looked up
+    assert model.full_sort_predict(interaction).shape == expected.shape
