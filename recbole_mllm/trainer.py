@@ -1,6 +1,8 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
+import inspect
 import io
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,9 +15,22 @@ from recbole_mllm import compat
 from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
+               "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
                "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
                "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input")
-"""Config keys a warmed-up encoder depends on (with the stage caches it reads); the ranker switches are not among them."""
+"""Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
+it validated and its code: see ``MLLMSRecTrainer._warmup_cache_path``); the ranker switches are not among them."""
+
+
+def warmup_code_sha256(model):
+    """Hash of the code a warm-up runs: the encoder's module, the model's ``encoder_loss`` and this trainer module.
+
+    A hash of the source rather than a hand-bumped format constant: a constant changes only when someone remembers
+    to bump it, the hash whenever that code changes. An unrelated edit there costs one warm-up rerun, never a stale encoder.
+    """
+    sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
+               inspect.getsource(sys.modules[__name__])]
+    return sha256_bytes("\n".join(sources).encode())
 
 
 class MLLMSRecTrainer(Trainer):
@@ -38,7 +53,8 @@ class MLLMSRecTrainer(Trainer):
         self.accumulation_steps = max(1, int(config["gradient_accumulation_steps"] or 1))
         self.warmup_epochs = int(config["encoder_warmup_epochs"] or 0)
         self.warmup_stopping_step = int(config["encoder_warmup_stopping_step"] or 0)
-        self.warmup_cache = self._warmup_cache_path(config) if config["encoder_warmup_cache"] else None
+        # the path of a validated warm-up when it can validate; fit's warm-up sets the path of what it runs
+        self.warmup_cache = self._warmup_cache_path(self.warmup_stopping_step > 0) if config["encoder_warmup_cache"] else None
         self.use_bf16 = bool(config["enable_amp"]) and self.device.type == "cuda"
         self.skipped_steps = 0
         self.report_first_stage = bool(config["report_first_stage"])
@@ -88,10 +104,22 @@ class MLLMSRecTrainer(Trainer):
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
-    def _warmup_cache_path(self, config):
-        """``<stage_cache_dir>/encoder_warmup/<hash>.pth``: the hash covers the stage caches and ``WARMUP_KEYS``."""
+    def _warmup_validates(self, valid_data):
+        """Whether a warm-up early-stops on validation (and keeps its best encoder) or runs every epoch."""
+        return valid_data is not None and self.warmup_stopping_step > 0
+
+    def _warmup_cache_path(self, validated):
+        """``<stage_cache_dir>/encoder_warmup/<hash>.pth``.
+
+        The hash covers every input of a warm-up: the stage caches, the dataset, ``WARMUP_KEYS``, the backend's
+        resolved dtype, the device type (bf16 autocast on GPU, float32 on CPU), the code and ``validated``: an
+        unvalidated warm-up runs every epoch and keeps the last encoder, a validated one keeps the best, so one
+        never stands in for the other.
+        """
+        config = self.config
         identity = {"inputs": self.model.inputs_identity["stage_caches"], "dataset": config["dataset"],
-                    "config": {k: config[k] for k in WARMUP_KEYS}}
+                    "config": {k: config[k] for k in WARMUP_KEYS}, "dtype": self.model.backend.identity.dtype,
+                    "device": self.device.type, "code": warmup_code_sha256(self.model), "validated": bool(validated)}
         key = sha256_bytes(canonical_json(identity).encode())[:16]
         return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
 
@@ -100,6 +128,8 @@ class MLLMSRecTrainer(Trainer):
 
         Runs that differ only in the ranker (the ablation ladder) then share one warm-up.
         """
+        if self.warmup_cache is not None:
+            self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
         if self.warmup_cache is not None and self.warmup_cache.is_file():
             saved = compat.load_weights(self.warmup_cache, map_location=self.device)
             self.model.encoder.load_state_dict(saved["encoder"])
@@ -121,7 +151,7 @@ class MLLMSRecTrainer(Trainer):
         Returns ``(best valid score or None, epochs run)``.
         """
         self.model.score_mode = "encoder"
-        validate = valid_data is not None and self.warmup_stopping_step > 0
+        validate = self._warmup_validates(valid_data)
         best_score, best_state, stale, epoch = None, None, 0, -1
         for epoch in range(self.warmup_epochs):
             loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)

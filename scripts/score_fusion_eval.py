@@ -3,7 +3,8 @@
 Late fusion (``late_fusion_weight``: score = LLM + w * encoder score) is the fallback the design is
 compared against. Training once and scoring the LLM once per protocol makes the whole comparison
 cost one run: the LLM's scores do not depend on ``w``, so the fusion passes reuse them and only the
-encoder runs again. One joint training pass, no validation pass (the warm-up still validates)::
+encoder runs again. One joint training pass, no validation pass; the encoder warm-up still validates, as
+in ``run_recbole_mllm.py``, so it is the same warm-up (and warm-up cache entry) as the main runs'::
 
     python scripts/score_fusion_eval.py --dataset=ml-1m-mm --data_path=dataset \\
         --fusion_weights=0.3,1,3,10 [--key=value ...]
@@ -53,12 +54,13 @@ def main(argv):
     config = Config("MLLMSRec", None, cmd_args=safe_cmd_args(argv))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    train_data, _, test_data = data_preparation(config, create_dataset(config))
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.eval_step = 0  # RecBole's fit then skips validating the joint pass; the warm-up validates on its own
     start = time.time()
-    trainer.fit(train_data, None, saved=False, show_progress=config["show_progress"])
+    trainer.fit(train_data, valid_data, saved=False, show_progress=config["show_progress"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     print(f"[fusion] trained in {time.time() - start:.1f} s, skipped updates {trainer.skipped_steps}, "
           f"peak {peak:.2f} GiB", flush=True)

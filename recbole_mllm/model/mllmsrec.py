@@ -40,6 +40,7 @@ from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import load_stage_inputs
 from recbole_mllm.data import held_out_count
 from recbole_mllm.stages.prompts import load_prompt
+from recbole_mllm.stages.user_profile import needed_positions
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,12 @@ class MLLMSRec(SequentialRecommender):
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
+        self.dataset_name = config["dataset"]
         held_out = held_out_count(config)  # valid/test targets are labels, never negatives' filter
         self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
+        # the LLM trains on positions t >= this: the first of needed_positions, the split rule the user-profile
+        # stage builds summaries by (so every training prompt has its summary); training rows stop before held-out t
+        self.llm_train_from = [min(needed_positions(len(h), config), default=len(h)) for h in histories]
 
         # define layers
         self.encoder = FusedSequenceEncoder.from_config(config, inputs.item_embeddings, self.max_seq_length)
@@ -161,12 +166,21 @@ class MLLMSRec(SequentialRecommender):
     # ------------------------------------------------------------------ prompt assembly
     def _user_part(self, uid, t, user_token):
         """Token ids and soft slots of a user's shared prompt part; ``user_token`` is its soft embedding ``[1, H]``."""
-        preference = self.summaries.get((uid, t), "unknown") if self.use_summaries else "unknown"
+        preference = self._summary(uid, t) if self.use_summaries else "unknown"
         values = {"user_id": self.context.user_tokens[uid], "profile": self.context.profiles[uid],
                   "preference": preference, "evolution": self.context.evolution(uid, t, self.recent_count),
                   "recent_items": self.context.recent_titles(uid, t, self.recent_count)}
         ids, slots = assemble(self.layout.user, values, {"user_state": 1}, self.tokenize, self.field_tokens)
         return ids, {"user_state": (slots["user_state"], user_token)} if "user_state" in slots else {}
+
+    def _summary(self, uid, t):
+        """The user's preference summary at ``t``; a missing one is an error, never a silent "unknown" in the prompt."""
+        if (uid, t) not in self.summaries:
+            raise KeyError(f"no user summary for user {self.context.user_tokens[uid]!r} at position {t}: the summaries "
+                           f"loaded are the positions the split needs (user_profile.needed_positions); rebuild the cache "
+                           f"with the run's config: python -m recbole_mllm.stages.user_profile --dataset={self.dataset_name} "
+                           f"[--key=value ...]")
+        return self.summaries[(uid, t)]
 
     def _target_part(self, uid, t, iid, item_token, match_token, image_tokens, rank):
         """Token ids and soft slots of one candidate's prompt part (``image_tokens`` None: no image)."""
@@ -277,6 +291,24 @@ class MLLMSRec(SequentialRecommender):
         picked = torch.randperm(len(top))[:self.hard_negatives]
         return top[picked.to(top.device)].tolist()
 
+    def _llm_rows(self, interaction):
+        """The rows the LLM trains on, and their positions ``t``: each user's last ``llm_train_targets_per_user``
+        training targets (``t >= llm_train_from``).
+
+        The target filters cheaply first (training may read it): a row at ``t`` has its target at ``t`` or earlier
+        than the item's last occurrence. The position is then the row's own, from its input sequence as in
+        evaluation: a user who repeats an item has that item as the target of several rows, and only the late
+        ones are kept.
+        """
+        uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
+        rows = [r for r, (u, i) in enumerate(zip(uids, targets))
+                if self.context.positions[(u, i)][-1] >= self.llm_train_from[u]]
+        if not rows:
+            return [], []
+        ts = self._positions(interaction[torch.tensor(rows, device=interaction[self.USER_ID].device)])
+        kept = [(r, t) for r, t in zip(rows, ts) if t >= self.llm_train_from[uids[r]]]
+        return [r for r, _ in kept], [t for _, t in kept]
+
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         all_scores = self.encoder.full_scores(user_states)
@@ -284,13 +316,9 @@ class MLLMSRec(SequentialRecommender):
         if self.score_mode == "encoder":
             return loss
         uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
-        # the LLM trains on each user's last llm_targets_per_user training targets (found cheaply by the target,
-        # which training may read); their prompts then use the same position rule as evaluation
-        rows = [r for r, (u, i) in enumerate(zip(uids, targets))
-                if self.context.positions[(u, i)][-1] >= len(self.context.histories[u]) - 2 - self.llm_targets_per_user]
+        rows, ts = self._llm_rows(interaction)
         if not rows:
             return loss
-        ts = self._positions(interaction[torch.tensor(rows, device=user_states.device)])
         candidates, owner, labels = [], [], []
         for k, r in enumerate(rows):
             hard = self._hard_negatives(uids[r], all_scores[r]) if self.hard_negatives else []

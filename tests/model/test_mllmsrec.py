@@ -306,3 +306,132 @@ def test_evaluation_also_reports_the_encoder_alone(mllm_config):
     model.score_mode = "llm"
     assert dict(first_stage) == dict(expected)
     assert dict(trainer.evaluate(test_data["uni100"], load_best_model=False)) == dict(result)
+
+
+def test_warm_up_cache_key_covers_every_input(mllm_config, monkeypatch):
+    import dataclasses
+
+    from recbole_mllm.model.mllmsrec import MLLMSRec
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, _ = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    base = trainer._warmup_cache_path(True)
+    assert MLLMSRecTrainer(config, model)._warmup_cache_path(True) == base  # an identical config: the same path
+    assert trainer._warmup_cache_path(False) != base  # an unvalidated warm-up never stands in for a validated one
+    for key, value in (("gradient_accumulation_steps", 2), ("enable_amp", not config["enable_amp"]),
+                       ("mllm_dtype", "float16"), ("eval_args", dict(config["eval_args"], order="RO"))):
+        with monkeypatch.context() as patch:
+            patch.setitem(config.final_config_dict, key, value)
+            assert trainer._warmup_cache_path(True) != base, key
+    with monkeypatch.context() as patch:
+        identity = model.backend.identity
+        other_dtype = "float16" if identity.dtype != "float16" else "float32"
+        patch.setattr(type(model.backend), "identity", property(lambda self: dataclasses.replace(identity, dtype=other_dtype)))
+        assert trainer._warmup_cache_path(True) != base, "resolved dtype"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "device", torch.device("cuda"))
+        assert trainer._warmup_cache_path(True) != base, "device type"
+    with monkeypatch.context() as patch:
+        def encoder_loss(self, interaction):  # other warm-up code
+            return 2 * torch.nn.functional.cross_entropy(self.encoder.full_scores(self.forward(
+                interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])), interaction[self.POS_ITEM_ID])
+
+        patch.setattr(MLLMSRec, "encoder_loss", encoder_loss)
+        assert trainer._warmup_cache_path(True) != base, "code"
+    assert trainer._warmup_cache_path(True) == base
+
+
+def test_unvalidated_and_validated_warm_ups_are_cached_apart(mllm_config, tmp_path):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    settings = dict(mllm_config, encoder_warmup_epochs=1, encoder_warmup_stopping_step=2,
+                    stage_cache_dir=mllm_config["stage_cache_dir"], checkpoint_dir=str(tmp_path))
+    config, model, _ = _model_and_data(settings)
+    trainer = MLLMSRecTrainer(config, model)
+    trainer._train_epoch = lambda *args, **kwargs: 0.0
+    trainer._valid_epoch = lambda valid_data, show_progress=False: (0.5, {})
+    trainer._warm_up_encoder(None, None, verbose=False, show_progress=False)  # as a run without valid data
+    unvalidated = trainer.warmup_cache
+    assert unvalidated.is_file()
+    validating = MLLMSRecTrainer(config, model)
+    trained = []
+    validating._train_epoch = lambda *args, **kwargs: trained.append(1) or 0.0
+    validating._valid_epoch = trainer._valid_epoch
+    validating._warm_up_encoder(None, "valid", verbose=False, show_progress=False)
+    assert trained, "a validated warm-up must not reuse an unvalidated one"
+    assert validating.warmup_cache != unvalidated and validating.warmup_cache.is_file()
+
+
+def _split_rows(model, train_data):
+    """``{uid: [t of every row the LLM trains on]}`` over the whole training data."""
+    selected = {}
+    for interaction in train_data:
+        rows, ts = model._llm_rows(interaction)
+        for r, t in zip(rows, ts):
+            selected.setdefault(int(interaction[model.USER_ID][r]), []).append(t)
+    return selected
+
+
+@pytest.mark.parametrize("split", ["test_only", "valid_only"])
+def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_config, split):
+    eval_args = {"split": {"LS": split}, "order": "TO", "group_by": "user", "mode": "full"}
+    config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, eval_args=eval_args, test_protocols=None))
+    train_dataset = create_dataset(config).build()[0]
+    model = get_model("MLLMSRec")(config, train_dataset)
+    train_data = data_preparation(config, create_dataset(config))[0]
+    selected = _split_rows(model, train_data)
+    targets = config["llm_train_targets_per_user"]
+    assert targets == 2
+    for uid in range(1, len(model.context.histories)):
+        n = len(model.context.histories[uid])  # one held out: training targets end at t = n - 2
+        assert sorted(selected[uid]) == [n - 3, n - 2], uid
+        assert all((uid, t) in model.summaries for t in selected[uid])
+
+
+def _write_repeating_dataset(root):
+    """The tiny dataset, with user u1's last training target repeating its item at t = 1, and its test target
+    repeating its item at t = 2. Returns the repeating user's token."""
+    folder = write_tiny_dataset(root)
+    inter = folder / "tiny.inter"
+    lines = inter.read_text().splitlines()
+    rows = [k for k, line in enumerate(lines) if line.startswith("u1\t")]
+    items = [lines[k].split("\t")[1] for k in rows]
+
+    def put(k, item):
+        fields = lines[rows[k]].split("\t")
+        lines[rows[k]] = "\t".join([fields[0], item, *fields[2:]])
+
+    put(len(rows) - 3, items[1])
+    put(len(rows) - 1, items[2])
+    inter.write_text("\n".join(lines) + "\n")
+    return "u1"
+
+
+def test_a_repeated_item_trains_the_llm_at_its_own_position_only(mllm_config, tmp_path):
+    user = _write_repeating_dataset(tmp_path / "data")
+    config, model, _ = _model_and_data(dict(mllm_config, data_path=str(tmp_path / "data")))
+    uid = model.context.user_tokens.index(user)
+    history = model.context.histories[uid]
+    n = len(history)
+    assert history[n - 3] == history[1] and history[n - 1] == history[2]
+    train_data = data_preparation(config, create_dataset(config))[0]
+    assert sorted(_split_rows(model, train_data)[uid]) == [n - 4, n - 3]  # never the rows at t = 1 and t = 2
+    for interaction in train_data:
+        mine = (interaction[model.USER_ID] == uid).nonzero().squeeze(1)
+        if len(mine):
+            model.train()
+            assert torch.isfinite(model.calculate_loss(interaction[mine]))  # every prompt has its summary
+
+
+@torch.no_grad()
+def test_a_missing_user_summary_is_an_error_naming_the_user(mllm_config):
+    _, model, test_data = _model_and_data(mllm_config)
+    interaction = next(iter(test_data["full"]))[0][:1]
+    uid, t = int(interaction[model.USER_ID][0]), model._positions(interaction)[0]
+    expected = model.full_sort_predict(interaction)
+    del model.summaries[(uid, t)]
+    with pytest.raises(KeyError, match=f"user '{model.context.user_tokens[uid]}' at position {t}.*recbole_mllm.stages.user_profile"):
+        model.full_sort_predict(interaction)
+    model.use_summaries = False  # without summaries nothing is looked up
+    assert model.full_sort_predict(interaction).shape == expected.shape
