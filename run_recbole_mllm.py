@@ -11,11 +11,13 @@ paired p-values against the best baseline, cold-item and short-history slices) g
 """
 
 import argparse
+import sys
 
 import yaml
 
 from recbole_mllm.cli import HelpFormatter, help_text
 from recbole_mllm.config import properties_dir
+from recbole_mllm.config_check import ConfigKeyError
 from recbole_mllm.quick_start import run_comparison
 
 
@@ -40,4 +42,8 @@ if __name__ == "__main__":
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
-    run_comparison(models, args.dataset, config_file_list=config_files, cmd_args=overrides, seeds=args.seeds)
+    try:
+        run_comparison(models, args.dataset, config_file_list=config_files, cmd_args=overrides, seeds=args.seeds)
+    except ConfigKeyError as error:  # a misspelt key or a wrong value: one line, before any training
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -54,6 +54,20 @@ def safe_cmd_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+def split_own_keys(args: Sequence[str], defaults: Mapping) -> tuple[dict, list[str]]:
+    """A script's own ``--key=value`` arguments (the keys of ``defaults``), read by :func:`parse_cli_value` with
+    the defaults filled in, and the other arguments, for ``Config``: a script's keys are no config keys, and
+    ``Config`` rejects a key it does not know."""
+    own, rest = dict(defaults), []
+    for arg in args:
+        key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if sep and key in defaults:
+            own[key] = parse_cli_value(value)
+        else:
+            rest.append(arg)
+    return own, rest
+
+
 def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in argv)
 

@@ -19,6 +19,9 @@ say) while every shared key, the split and the candidates stay common::
     epochs: 300                 # every model
     per_model:                  # (dict) Keys for one model only: {ModelName: {key: value}}.
       MLLMSRec: {epochs: 1}
+
+Every key of layers 3 to 5 (every model's ``per_model`` section too) must be one some YAML declares, with a
+value of its declared type (``config_check``), or ``Config`` raises ``ConfigKeyError`` before any data is read.
 """
 
 import importlib.util
@@ -28,6 +31,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat
 from recbole_mllm.cli import parse_cli_value
+from recbole_mllm.config_check import check_config
 from recbole_mllm.utils import get_model
 
 
@@ -64,16 +68,34 @@ class Config(RecBoleConfig):
             cmd_config_dict[key] = value
         return self._convert_config_dict(cmd_config_dict)
 
+    def _load_config_files(self, file_list):
+        """RecBole's file layer, remembering which file set each key (an unknown key's error names it)."""
+        merged, self._key_files = {}, {}
+        for file in file_list or []:
+            layer = super()._load_config_files([file])
+            merged.update(layer)
+            self._key_files.update(dict.fromkeys(layer, str(file)))
+        return merged
+
     def _merge_external_config_dict(self):
-        """RecBole's merge, after folding each layer's ``per_model`` section for this model into that layer."""
+        """RecBole's merge, after folding each layer's ``per_model`` section for this model into that layer;
+        then every key the user gave (every model's sections included) is checked, before anything is loaded."""
         super()._merge_external_config_dict()
         model = self._model_name or self.external_config_dict.get("model")
-        for layer in (self.file_config_dict, self.variable_config_dict, self.cmd_config_dict):
+        given = []  # (key, value, origin) of every user-given key
+        for layer, origin in ((self.file_config_dict, None), (self.variable_config_dict, "config_dict"),
+                              (self.cmd_config_dict, "the command line")):
             sections = layer.pop("per_model", None) or {}
             if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
                 raise ValueError(f"per_model must map model names to {{key: value}} sections; got {sections!r}")
+            where = origin or self._key_files.get("per_model")
+            given += [(key, value, origin or self._key_files[key]) for key, value in layer.items()]
+            given += [(key, value, f"per_model section '{name}' of {where}")
+                      for name, section in sections.items() for key, value in section.items()]
             layer.update(sections.get(model) or {})
         super()._merge_external_config_dict()
+        if self.external_config_dict.get("check_config_keys", True):
+            check_config(given)
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

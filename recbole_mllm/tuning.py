@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from recbole_mllm.comparison import load_record, save_record
+from recbole_mllm.config import Config
+from recbole_mllm.config_check import ConfigKeyError
 from recbole_mllm.search_space import load_search_space, search_space_file, space_keys
 from recbole_mllm.stages.cache import atomic_write
 
@@ -161,6 +163,16 @@ def main(argv=None):
     if not space_path.is_file():
         parser.error(f"no search space {space_path}: pass --space=<file>")
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
+    try:
+        Config(args.model, args.dataset, config_files, cmd_args=overrides)  # a bad key fails before trials.json is written
+        return _search(args, space_path, config_files, overrides)
+    except ConfigKeyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _search(args, space_path, config_files, overrides):
+    """Run the trials ``args`` asks for, then select when every trial is done."""
     search = Search(Path(args.tuning_dir) / args.dataset / args.model, args.model, args.dataset, space_path,
                     args.trials, overrides)
     if not args.select_only:

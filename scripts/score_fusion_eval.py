@@ -18,7 +18,7 @@ import time
 import torch
 from recbole.utils import init_logger, init_seed
 
-from recbole_mllm.cli import exit_on_help, safe_cmd_args
+from recbole_mllm.cli import exit_on_help, safe_cmd_args, split_own_keys
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
 from recbole_mllm.quick_start import protocol_fingerprint
@@ -26,11 +26,12 @@ from recbole_mllm.utils import get_model, get_trainer
 
 
 DEFAULTS = {"fusion_weights": "0.3,1,3,10"}
-"""This script's own keys; every MLLMSRec key (``properties/model/MLLMSRec.yaml``) applies too."""
+"""This script's own keys (kept from ``Config``, which rejects keys it does not know); every MLLMSRec key
+(``properties/model/MLLMSRec.yaml``) applies too."""
 
 
 def _weights(value):
-    """``--fusion_weights=0.3,1`` arrives as RecBole parsed it: a tuple, a single number, or a string."""
+    """``--fusion_weights=0.3,1`` arrives read as a literal: a tuple, a single number, or a string."""
     if isinstance(value, (list, tuple)):
         return [float(v) for v in value]
     return [float(v) for v in str(value if value is not None else "").split(",") if v]
@@ -51,6 +52,7 @@ def memoize_llm_scores(model):
 
 def main(argv):
     exit_on_help(argv, __doc__, DEFAULTS)
+    own, argv = split_own_keys(argv, DEFAULTS)
     config = Config("MLLMSRec", None, cmd_args=safe_cmd_args(argv))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
@@ -67,7 +69,7 @@ def main(argv):
 
     memoize_llm_scores(model)
     scorers = [("llm", "llm", 0.0), ("encoder", "encoder", 0.0)]
-    scorers += [(f"fusion w={w:g}", "llm", w) for w in _weights(config["fusion_weights"] or DEFAULTS["fusion_weights"])]
+    scorers += [(f"fusion w={w:g}", "llm", w) for w in _weights(own["fusion_weights"] or DEFAULTS["fusion_weights"])]
     results = {}
     for protocol, loader in test_data.items():
         for name, mode, weight in scorers:

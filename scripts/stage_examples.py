@@ -13,7 +13,7 @@ Every other ``--key=value`` must match the stage commands that built the caches 
 import logging
 import sys
 
-from recbole_mllm.cli import exit_on_help
+from recbole_mllm.cli import exit_on_help, split_own_keys
 from recbole_mllm.data import create_dataset
 from recbole_mllm.stages.common import load_backend, stage_config
 from recbole_mllm.stages.item_fusion import load_item_fusion
@@ -23,11 +23,12 @@ from recbole_mllm.stages.user_text import Clock
 
 
 DEFAULTS = {"example_items": None, "example_users": None, "example_windows": 6}
-"""This script's own keys; the stage keys (``python -m recbole_mllm.stages.item_fusion --help``) apply too."""
+"""This script's own keys (kept from ``Config``, which rejects keys it does not know); the stage keys
+(``python -m recbole_mllm.stages.item_fusion --help``) apply too."""
 
 
 def _split(value):
-    """``--example_items=1,260`` arrives as RecBole parsed it: a tuple, a single int, or a string."""
+    """``--example_items=1,260`` arrives read as a literal: a tuple, a single int, or a string."""
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
     return [v for v in str(value if value is not None else "").split(",") if v]
@@ -36,10 +37,11 @@ def _split(value):
 def main(argv):
     exit_on_help(argv, __doc__, DEFAULTS)
     logging.basicConfig(level=logging.WARNING)
+    own, argv = split_own_keys(argv, DEFAULTS)
     config = stage_config(argv)
     backend = load_backend(config)
     table = read_item_file(config["data_path"], config["dataset"])
-    items = _split(config["example_items"])
+    items = _split(own["example_items"])
     texts, _ = load_item_fusion(config, items, backend)
     print(f"# Stage examples: {config['dataset']}, backend `{backend.identity.name}`\n")
     print("## Fused item summaries (item fusion stage)\n")
@@ -51,12 +53,12 @@ def main(argv):
     summaries = open_user_summaries(config, backend, histories)
     clock = Clock(str(config["user_time_format"] or "unix_s"))
     print("## Preference summary chains (user profile stage)\n")
-    for user in _split(config["example_users"]):
+    for user in _split(own["example_users"]):
         history = histories[user]
         print(f"### User {user} ({len(history.items)} interactions)\n")
         print(f"Recurrent chain from the first window, window by window (W={config['user_window_size']}, "
               f"S={config['user_window_step']}):\n")
-        for c, text in summary_chain(config, user, int(config["example_windows"] or 6), backend, histories):
+        for c, text in summary_chain(config, user, int(own["example_windows"] or 6), backend, histories):
             print(f"- after {c} items ({clock.end(history.timestamps, c)}): {' '.join(text.split())}")
         print(f"\nCached summaries the split uses (each from at most {config['user_summary_max_windows']} windows):\n")
         for t in needed_positions(len(history.items), config):

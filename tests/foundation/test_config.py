@@ -101,7 +101,7 @@ def test_plugin_models_read_the_stage_keys_and_baselines_do_not(tiny_data):
 def test_command_line_and_dict_values_are_never_run(tiny_data, tmp_path):
     marker = tmp_path / "pwned"
     code = f"__import__('os').system('touch {marker}')"
-    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, y=code), cmd_args=[f"--x={code}", "--topk=[3]",
-                                                                                       "--learning_rate=1e-3"])
-    assert config["x"] == code and config["y"] == code and not marker.exists()
+    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, dataset_save_path=code),
+                    cmd_args=[f"--run_label={code}", "--topk=[3]", "--learning_rate=1e-3"])
+    assert config["run_label"] == code and config["dataset_save_path"] == code and not marker.exists()
     assert config["topk"] == [3] and config["learning_rate"] == 0.001  # literals are still read as values

@@ -84,11 +84,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_a_value_that_is_code_stays_a_string(tmp_path):
     marker = tmp_path / "ran"
     code = f'__import__("pathlib").Path({str(marker)!r}).touch()'
-    config = stage_config(["--dataset=ml-100k", f"--payload={code}", "--stage_batch_size=4", "--lr=1e-3",
-                           "--flag=true", "--ks=[5, 10]"])
+    config = stage_config(["--dataset=ml-100k", f"--run_label={code}", "--stage_batch_size=4",
+                           "--learning_rate=1e-3", "--ranker_use_cot=false", "--topk=[5, 10]"])
     assert not marker.exists()
-    assert config["payload"] == code
-    assert (config["stage_batch_size"], config["lr"], config["flag"], config["ks"]) == (4, 1e-3, True, [5, 10])
+    assert config["run_label"] == code
+    assert (config["stage_batch_size"], config["learning_rate"], config["ranker_use_cot"], config["topk"]) == (
+        4, 1e-3, False, [5, 10])
 
 
 def test_unreachable_hub_model_is_one_line(monkeypatch, capsys):

@@ -1,0 +1,133 @@
+"""Which config keys exist and what type each has, so a misspelt key or a wrong value fails at start-up.
+
+RecBole ignores a key it does not know (``--learning_rat=0.5`` trains with the default rate) and reads a
+value of the wrong type only when it first uses it, minutes later. The known keys are those the YAML files
+declare: RecBole's ``properties/`` (every model's, since one ``--key`` of a multi-model command applies to
+every model) and the plugin's, plus the keys the stages read with their own defaults. A key's types are
+those the ``# (type) meaning.`` comments of its declarations name (a float key takes an int; an int key no
+bool; None only where a declaration's default is ``~`` or its type says None); a key no comment types, or
+one typed in words that name no type, is not type-checked. ``check_config_keys: False`` turns the check off
+(a custom model with keys of its own).
+"""
+
+import difflib
+import functools
+import re
+from pathlib import Path
+
+import recbole
+import yaml
+
+RECBOLE_RUNTIME_KEYS = ("model", "dataset", "local_rank", "nproc", "world_size", "offset", "ip",
+                        "port", "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type",
+                        "valid_neg_sample_args", "test_neg_sample_args")
+"""Keys RecBole reads or sets at run time that none of its YAML files declares (a distributed run passes the
+rank ones in ``config_dict``)."""
+
+_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list, tuple),
+          "tuple": (tuple,), "dict": (dict,)}
+"""What a declared type accepts: a float key takes an int, a list key the tuple ``--key=1,2`` reads as."""
+_SYNONYMS = {"string": "str"}
+_NONE_WORDS = ("none", "optional")
+_DECLARATION = re.compile(r"^([A-Za-z_]\w*)\s*:.*?#\s*\(([^)]*)\)")
+
+
+class ConfigKeyError(ValueError):
+    """An unknown config key or a value of the wrong type, in one line naming the key and where it came from."""
+
+
+class Declaration:
+    """A known key: the types its declarations allow (empty: not checked) and whether None is allowed."""
+
+    def __init__(self):
+        self.types, self.none_ok, self.untyped = [], False, False
+
+    def declare(self, type_text, default):
+        """Add one file's declaration: its ``(type)`` comment (None: no comment) and its default value.
+        Files that type a key differently (one model's ``reg_weight`` is a float, another's a list) allow
+        either type: a value one of them accepts is never rejected."""
+        self.none_ok = self.none_ok or default is None
+        if type_text is None:
+            return
+        parsed = _parse_type(type_text)
+        if parsed is None:
+            self.untyped = True
+        else:
+            self.types += [name for name in parsed[0] if name not in self.types]
+            self.none_ok = self.none_ok or parsed[1]
+
+    def accepts(self, value):
+        if self.untyped or not self.types or (value is None and self.none_ok):
+            return True
+        if isinstance(value, bool) and "bool" not in self.types:  # True is an int to Python, not to a config
+            return False
+        return any(isinstance(value, _TYPES[name]) for name in self.types)
+
+    def expected(self):
+        return " or ".join(self.types)
+
+
+def _parse_type(text):
+    """``(type names, none_ok)`` of a comment's type (``int``, ``list of int``, ``str or None``, ``str,
+    optional``); None when a word of it is not a type (the key is then not checked)."""
+    names, none_ok = [], False
+    for word in re.split(r"\s+or\s+|,|\|", text.strip().lower()):
+        word = word.strip().split(" of ")[0].strip()
+        word = _SYNONYMS.get(word, word)
+        if word in _NONE_WORDS:
+            none_ok = True
+        elif word in _TYPES:
+            names.append(word)
+        else:
+            return None
+    return (names, none_ok) if names else None
+
+
+def _declare_file(declarations, path):
+    """Every top-level key of the YAML ``path``, with the type its comment gives and its default."""
+    text = Path(path).read_text(encoding="utf-8")
+    values = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    comments = dict(m.groups() for m in map(_DECLARATION.match, text.splitlines()) if m)
+    for key, value in values.items():
+        declarations.setdefault(key, Declaration()).declare(comments.get(key), value)
+
+
+@functools.lru_cache(maxsize=None)
+def known_keys():
+    """``{key: Declaration}`` of every key a user may set, built once per process from the declaring files."""
+    # deferred: recbole_mllm.config imports this module, and the stage modules import torch
+    from recbole_mllm.config import properties_dir
+    from recbole_mllm.search_space import load_search_space, space_keys
+    from recbole_mllm.stages import common, item_fusion, user_profile, user_text
+
+    declarations = {}
+    for path in sorted((Path(recbole.__file__).parent / "properties").rglob("*.yaml")):
+        if path.name not in ("url.yaml", "kg_url.yaml"):  # dataset download addresses, not config keys
+            _declare_file(declarations, path)
+    for path in sorted(properties_dir().rglob("*.yaml")):
+        if path.parent.name == "tuning":
+            for key in space_keys(load_search_space(path)):
+                declarations.setdefault(key, Declaration())
+        else:
+            _declare_file(declarations, path)
+    for defaults in (common.STAGE_DEFAULTS, item_fusion.DEFAULTS, user_profile.DEFAULTS, user_text.PROFILE_DEFAULTS):
+        for key, value in defaults.items():
+            declarations.setdefault(key, Declaration()).none_ok |= value is None
+    for key in (*RECBOLE_RUNTIME_KEYS, "per_model"):
+        declarations.setdefault(key, Declaration())
+    return declarations
+
+
+def check_config(given):
+    """Raise :class:`ConfigKeyError` for the first unknown key or wrong-typed value of ``given``, a list of
+    ``(key, value, origin)`` with origin in words (``the command line``, a file name)."""
+    known = known_keys()
+    for key, value, origin in given:
+        declaration = known.get(key)
+        if declaration is None:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigKeyError(f"unknown config key '{key}' (from {origin}){hint}")
+        if not declaration.accepts(value):
+            raise ConfigKeyError(f"config key '{key}' expects {declaration.expected()}, got {value!r} "
+                                 f"({type(value).__name__}) (from {origin})")
