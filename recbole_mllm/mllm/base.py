@@ -65,6 +65,13 @@ class MultimodalLM(abc.ABC):
             (for the assembled offline default: the text LLM).
         tokenizer: its tokenizer (with a chat template and a pad token).
         device, dtype: where and how the model runs.
+
+    Backends whose images can enter the ranker's prompt as embeddings (the offline default and every
+    image-text-to-text model) also have:
+        encode_images(images) -> (features, logits): per-image inputs of the projector, computed once
+            per item and cached (``model.context.encode_item_images``).
+        projector: an ``nn.Module``, ``projector(features, logits) -> [I, n, hidden]`` soft tokens in the
+            LLM's embedding space, ``n`` the same for every image; the ranker trains its parameters.
     """
 
     model: torch.nn.Module

@@ -122,8 +122,9 @@ def build_tiny_qwen2vl(folder: Path):
     tokenizer = tiny_tokenizer(("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
                                image_text="<|vision_start|><|image_pad|><|vision_end|>")
     ids = tokenizer.convert_tokens_to_ids
+    # a pixel range, as real checkpoints have: images of different shapes give different token counts (4 to 16)
     image_processor = _image_processor(folder, image_processor_type="Qwen2VLImageProcessor", min_pixels=56 * 56,
-                                       max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+                                       max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = qwen2vl_processor(image_processor, tokenizer)
     text = tiny_llama_config(tokenizer).to_dict()
     text.update(model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
@@ -158,13 +159,16 @@ def build_tiny_llava(folder: Path) -> Path:
 
 
 def build_tiny_idefics3(folder: Path) -> Path:
-    """Tiny Idefics3 (SmolVLM's architecture); one 28x28 image -> 4 patches -> 1 token after pixel shuffle."""
+    """Tiny Idefics3 (SmolVLM's architecture): one 28x28 tile -> 4 patches -> 1 token after pixel shuffle.
+
+    Images are split into tiles as SmolVLM's processor does by default: up to 2x2 tiles of 28 (by shape)
+    plus the global image, so the token count depends on the image's shape."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
     tokenizer = tiny_tokenizer(("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"),
                                image_text="<image>")
     image_processor = _image_processor(folder, image_processor_type="Idefics3ImageProcessor",
-                                       do_image_splitting=False, size={"longest_edge": 28},
+                                       do_image_splitting=True, size={"longest_edge": 56},
                                        max_image_size={"longest_edge": 28})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=1,
                                   chat_template=tokenizer.chat_template)
