@@ -1,0 +1,220 @@
+"""Scoring speed and memory of the LoRA ranker against the naive path, with equal scores checked in the same run.
+
+naive: every candidate's full prompt (its user's part, then its own part) in its own left-padded row, one
+plain forward without cache, --naive_batch candidates per forward. ours: ``LoRARanker.score`` for all
+--users x --candidates at once (user parts run once, block attention masks). Both read the Yes and No
+rows of the output layer in float32, so the printed difference is the layouts' alone. A last row per
+model times a training step of ours (loss + backward, the packed layout; --train_candidates).
+
+The LLMs have random weights built from a config (speed does not depend on weight values; no
+download) and read random token ids, one soft embedding per prompt part. Prompt parts are 80-120%
+of --user_tokens and --candidate_tokens (the defaults are the ml-1m-mm prompt sizes).
+
+Model FLOPs of a path = 2 * N * T + 4 * layers * heads * head_dim * P, where N counts the decoder
+layers' parameters (LoRA included; embeddings and the 2 output rows left out), T the tokens the path
+runs and P the (query, key) pairs it needs (causal, padding left out). MFU = model FLOPs per second /
+--peak_tflops; a training step counts 3 x the forward. Prompt tokens/s counts every candidate's full prompt for both paths, so its ratio is the
+speed-up. Peak memory is torch.cuda.max_memory_allocated, weights included.
+
+    python benchmarks/scoring.py                       # on a GPU: both models, bf16
+    python benchmarks/scoring.py --tiny                # a few seconds on a CPU (the smoke test)
+"""
+
+import argparse
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from recbole_mllm.cli import HelpFormatter
+from recbole_mllm.model.ranker import LoRARanker, PromptBatch, joined
+
+MODELS = {  # name: (model class, config)
+    "smollm2-135m": (LlamaForCausalLM, LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)),
+    "qwen2-1.5b": (Qwen2ForCausalLM, Qwen2Config(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)),
+    "tiny": (LlamaForCausalLM, LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1000, max_position_embeddings=1024)),
+}
+TINY = dict(models=["tiny"], user_tokens=40, candidate_tokens=20, users=2, memory_case=[0, 0], repeats=1)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["smollm2-135m", "qwen2-1.5b"],
+                        help="model configs (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="model dtype (none: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--users", type=int, default=20, help="users scored together")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[20, 100], help="candidates per user, one run each")
+    parser.add_argument("--user_tokens", type=int, default=300, help="mean tokens of a user part")
+    parser.add_argument("--candidate_tokens", type=int, default=150, help="mean tokens of a candidate part")
+    parser.add_argument("--naive_batch", type=int, default=256, help="candidates per forward of the naive path")
+    parser.add_argument("--memory_case", type=int, nargs=2, default=[40, 101], metavar=("USERS", "CANDIDATES"),
+                        help="peak memory of ours at this size too (CUDA only; 0 0: skip)")
+    parser.add_argument("--train_candidates", type=int, default=4,
+                        help="candidates per user in a timed training step of ours (0: none)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0,
+                        help="the device's peak TFLOP/s for MFU (989: bf16 dense H200)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a quick run (the smoke test): " + ", ".join(f"{k} {v}" for k, v in TINY.items()))
+    args = parser.parse_args(argv)
+    if args.tiny:
+        vars(args).update(TINY)
+    args.device = torch.device(args.device)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    return args
+
+
+def prompt_parts(n, mean_length, ranker, generator):
+    """``n`` random prompt parts of 80-120% of ``mean_length`` tokens, each with one soft embedding."""
+    vocab, hidden = ranker.llm.get_input_embeddings().weight.shape
+    lengths = torch.randint(int(mean_length * 0.8), int(mean_length * 1.2) + 1, (n,), generator=generator).tolist()
+    ids = [torch.randint(10, vocab, (k,), generator=generator).tolist() for k in lengths]
+    soft = [{"state": ([k // 2], 0.02 * torch.randn(1, hidden, generator=generator))} for k in lengths]
+    return PromptBatch(ids, soft)
+
+
+def naive_scores(ranker, users, candidates, owner, batch):
+    """Every candidate's full prompt in its own left-padded row, no cache: the reference and the baseline."""
+    decoder, scores = ranker.llm.get_base_model().get_decoder(), []
+    for start in range(0, len(owner), batch):
+        full = [joined([(users.ids[u], users.soft[u]), (candidates.ids[c], candidates.soft[c])])
+                for c, u in enumerate(owner[start:start + batch].tolist(), start)]
+        embeds, mask = ranker.embed(PromptBatch(*zip(*full)))
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         use_cache=False).last_hidden_state
+        logits = ranker.output_logits(hidden[:, -1], [ranker.yes_id, ranker.no_id])
+        scores.append(logits[:, 0] - logits[:, 1])
+    return torch.cat(scores)
+
+
+def model_flops(ranker, query_tokens, pairs):
+    """``2 N T + 4 layers heads head_dim P`` (see the module docstring)."""
+    decoder = ranker.llm.get_base_model().get_decoder()
+    config = decoder.config
+    n = sum(p.numel() for p in decoder.layers.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * n * query_tokens + 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * pairs
+
+
+def workload(users, candidates, owner):
+    """Tokens and causal (query, key) pairs of each path: ``{path: (tokens, pairs)}``, and full prompt tokens."""
+    user_lengths = [len(ids) for ids in users.ids]
+    full = [user_lengths[u] + len(candidates.ids[c]) for c, u in enumerate(owner.tolist())]
+    ours_pairs = sum(n * (n + 1) // 2 for n in user_lengths)
+    ours_pairs += sum(len(ids) * user_lengths[u] + len(ids) * (len(ids) + 1) // 2
+                      for ids, u in zip(candidates.ids, owner.tolist()))
+    return {"naive": (sum(full), sum(n * (n + 1) // 2 for n in full)),
+            "ours": (sum(user_lengths) + sum(len(ids) for ids in candidates.ids), ours_pairs)}, sum(full)
+
+
+def timed(fn, repeats, device):
+    """(result of the warm-up call, seconds per call, peak GiB or nan on a CPU)."""
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return result, (time.perf_counter() - start) / repeats, peak
+
+
+def build_ranker(name, args):
+    model_class, config = MODELS[name]
+    torch.manual_seed(0)
+    with args.device:
+        llm = model_class._from_config(config, attn_implementation="sdpa", dtype=args.dtype)
+    return LoRARanker(llm, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 2).eval()
+
+
+def synthetic_batch(ranker, n_users, per_user, args, generator):
+    """``(users, candidates, owner)``: ``per_user`` candidates for each of ``n_users`` users."""
+    users = prompt_parts(n_users, args.user_tokens, ranker, generator)
+    candidates = prompt_parts(n_users * per_user, args.candidate_tokens, ranker, generator)
+    return users, candidates, torch.arange(n_users).repeat_interleave(per_user)
+
+
+def report(name, size, path, seconds, batch, flops, peak, args):
+    """One table row; ``flops`` of the call (None: not counted)."""
+    _, prompt_tokens = workload(*batch)
+    tflops = flops / seconds / 1e12 if flops else float("nan")
+    mfu = f"{100 * tflops / args.peak_tflops:5.1f}%" if args.device.type == "cuda" and flops else "  n/a"
+    print(f"{name:13} {size:>9} {path:6} {1000 * seconds:9.1f} {len(batch[2]) / seconds:12,.0f} "
+          f"{prompt_tokens / seconds:14,.0f} {tflops:8.2f} {mfu:>6} {peak:9.2f}")
+
+
+@torch.no_grad()
+def compare(name, ranker, n_users, per_user, args, generator):
+    """Naive and ours on the same batch: a row each, the speed-up and the largest score difference."""
+    batch = synthetic_batch(ranker, n_users, per_user, args, generator)
+    paths = {"naive": lambda: naive_scores(ranker, *batch, args.naive_batch), "ours": lambda: ranker.score(*batch)}
+    work, _ = workload(*batch)
+    scores, seconds, size = {}, {}, f"{n_users}x{per_user}"
+    for path, fn in paths.items():
+        try:
+            scores[path], seconds[path], peak = timed(fn, args.repeats, args.device)
+        except torch.OutOfMemoryError:
+            print(f"{name:13} {size:>9} {path:6} out of memory")
+            torch.cuda.empty_cache()
+            continue
+        report(name, size, path, seconds[path], batch, model_flops(ranker, *work[path]), peak, args)
+    if len(scores) == 2:
+        difference = (scores["ours"] - scores["naive"]).abs().max().item()
+        print(f"{'':13} {size:>9} speed-up {seconds['naive'] / seconds['ours']:.2f}x; equal scores: "
+              f"max |ours - naive| = {difference:.3g} (score std {scores['naive'].std().item():.3g})")
+
+
+@torch.no_grad()
+def memory_case(name, ranker, n_users, per_user, args, generator):
+    """Ours alone on one large batch (the size that needed 57 GiB with one cache copy per candidate)."""
+    batch = synthetic_batch(ranker, n_users, per_user, args, generator)
+    torch.cuda.empty_cache()
+    _, seconds, peak = timed(lambda: ranker.score(*batch), 1, args.device)
+    report(name, f"{n_users}x{per_user}", "ours", seconds, batch, model_flops(ranker, *workload(*batch)[0]["ours"]), peak, args)
+
+
+def train_step(name, ranker, n_users, per_user, args, generator):
+    """One training step of the ranker (loss + backward, packed layout), first candidate of each user positive."""
+    users, candidates, owner = batch = synthetic_batch(ranker, n_users, per_user, args, generator)
+    labels = (torch.arange(len(owner)) % per_user == 0).long()
+    ranker.train()
+    _, seconds, peak = timed(lambda: ranker.loss(users, candidates, owner, labels).backward(), args.repeats, args.device)
+    ranker.eval()
+    report(name, f"{n_users}x{per_user}", "train", seconds, batch, 3 * model_flops(ranker, *workload(*batch)[0]["ours"]),
+           peak, args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
+    print(f"device {device_name}, {args.dtype}, user part ~{args.user_tokens} tokens, candidate part "
+          f"~{args.candidate_tokens} tokens, naive batch {args.naive_batch}, MFU against {args.peak_tflops:g} TFLOP/s")
+    print(f"{'model':13} {'users x c':>9} {'path':6} {'ms/call':>9} {'candidates/s':>12} {'prompt tok/s':>14} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    generator = torch.Generator().manual_seed(0)
+    for name in args.models:
+        ranker = build_ranker(name, args)
+        for per_user in args.candidates:
+            compare(name, ranker, args.users, per_user, args, generator)
+        if all(args.memory_case) and args.device.type == "cuda":
+            memory_case(name, ranker, *args.memory_case, args, generator)
+        if args.train_candidates:
+            train_step(name, ranker, args.users, args.train_candidates, args, generator)
+        del ranker
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

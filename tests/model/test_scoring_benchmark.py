@@ -1,0 +1,17 @@
+"""``benchmarks/scoring.py --tiny`` runs on a CPU in seconds and finds the naive path's scores in ours."""
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "scoring.py"
+
+
+def test_tiny_benchmark_prints_equal_scores(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu"])
+    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    out = capsys.readouterr().out
+    assert re.search(r"^tiny +2x100 ours ", out, re.MULTILINE), out
+    differences = [float(d) for d in re.findall(r"max \|ours - naive\| = (\S+)", out)]
+    assert len(differences) == 2 and max(differences) < 1e-4, out
