@@ -68,6 +68,11 @@ class PrefixKeysValues:
     def __init__(self):
         self.keys, self.values, self.owner = {}, {}, None
 
+    def get_seq_length(self, layer_idx=0):
+        """0: the decoders that ask (to number positions or build a causal mask) get explicit position ids and a
+        4D mask from the ranker, so nothing depends on it; older transformers call it before looking."""
+        return 0
+
     def update(self, keys, values, layer_idx, *args, **kwargs):
         if self.owner is None:
             self.keys[layer_idx], self.values[layer_idx] = keys, values
