@@ -56,3 +56,14 @@ def search_space_keys(model):
     """The keys of ``model``'s shipped search space, or ``[]`` when it ships none."""
     path = search_space_file(model)
     return space_keys(load_search_space(path)) if path.is_file() else []
+
+
+def space_points(space):
+    """Every setting of a ``choice``-only space, as flat ``{key: value}`` dicts (mapping options flattened)."""
+    if set(space) - {"choice"}:
+        raise ValueError("only a choice-only space has a finite list of settings")
+    points = [{}]
+    for name, options in space.get("choice", {}).items():
+        points = [{**point, **(option if isinstance(option, dict) else {name: option})}
+                  for point in points for option in options]
+    return points
