@@ -1,6 +1,7 @@
 """Hyper-parameter tuning with one budget for every model: a Latin-hypercube random search, selected on validation.
 
     python -m recbole_mllm.tuning --model=SASRec --dataset=ml-1m-mm --trials=8 [--trial=3] [--key=value ...]
+    python -m recbole_mllm.tuning --model=SASRec --dataset=ml-1m-mm --jobs=8 --gpu_ids=0,1   # 8 trials at once
 
 The space is RecBole's (``HyperTuning``'s ``params_dict`` layout, ``properties/tuning/<Model>.yaml`` by
 default; see ``search_space.py``). Unlike ``HyperTuning.run``, which asks hyperopt for one trial after
@@ -16,11 +17,14 @@ written as a YAML a user can pass with ``--config_files`` (``selected.yaml``, an
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
@@ -158,7 +162,12 @@ def main(argv=None):
     parser.add_argument("--select_only", action="store_true", help="run nothing; select from the trials done")
     parser.add_argument("--tuning_dir", default="outputs/tuning", help="searches go to <tuning_dir>/<dataset>/<model>/")
     parser.add_argument("--selected_config", default=None, help="also write the selected YAML here")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trials run at once, each as its own process (--trial=i); a GPU holds several")
+    parser.add_argument("--gpu_ids", default=None, help="with --jobs: GPUs the trial processes take in turn, e.g. 0,1")
     args, overrides = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     space_path = Path(args.space) if args.space else search_space_file(args.model)
     if not space_path.is_file():
         parser.error(f"no search space {space_path}: pass --space=<file>")
@@ -171,12 +180,59 @@ def main(argv=None):
         return 2
 
 
+def _trial_command(args, overrides):
+    """The command line of one trial process of this search (placement keys set per process are added later)."""
+    command = [sys.executable, "-m", "recbole_mllm.tuning", f"--model={args.model}", f"--dataset={args.dataset}",
+               f"--trials={args.trials}", f"--tuning_dir={args.tuning_dir}"]
+    command += [f"--config_files={args.config_files}"] if args.config_files else []
+    command += [f"--space={args.space}"] if args.space else []
+    dropped = ("--gpu_id=",) if args.gpu_ids else ()
+    return command + [arg for arg in overrides if not arg.startswith(dropped)]
+
+
+def run_in_processes(search, command, todo, jobs, gpu_ids=None):
+    """Run the trials ``todo`` as processes of ``command --trial=i``, ``jobs`` at a time.
+
+    Why processes: a small sequence model leaves most of a GPU idle, so several trials share one (their
+    epochs overlap); each trial stays a plain, resumable ``--trial=i`` run. GPUs from ``gpu_ids`` are
+    taken in turn; each process gets an even share of the CPU threads; its output goes to
+    ``trial-<i>/log.txt``. A failed trial is reported with its log once the others are done.
+    """
+    gpus = [g for g in str(gpu_ids).replace(" ", "").split(",") if g] if gpu_ids else []
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    pending, running, failed = list(todo), [], []
+    with tqdm(total=len(todo), desc=f"{search.model} trials", unit="trial") as bar:
+        while pending or running:
+            while pending and len(running) < jobs:
+                index = pending.pop(0)
+                placement = [f"--gpu_id={gpus[index % len(gpus)]}"] if gpus else []
+                search.trial_dir(index).mkdir(parents=True, exist_ok=True)
+                log = open(search.trial_dir(index) / "log.txt", "ab")
+                process = subprocess.Popen([*command, f"--trial={index}", *placement], stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                running.append((index, process, log))
+            time.sleep(0.5)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                index, process, log = entry
+                log.close()
+                running.remove(entry)
+                bar.update()
+                if process.returncode != 0 or not search.done(index):
+                    failed.append(index)
+    if failed:
+        logs = ", ".join(str(search.trial_dir(i) / "log.txt") for i in sorted(failed))
+        raise RuntimeError(f"trials {sorted(failed)} failed; their output: {logs}")
+
+
 def _search(args, space_path, config_files, overrides):
     """Run the trials ``args`` asks for, then select when every trial is done."""
     search = Search(Path(args.tuning_dir) / args.dataset / args.model, args.model, args.dataset, space_path,
                     args.trials, overrides)
     if not args.select_only:
-        todo = [args.trial] if args.trial is not None else range(len(search.trials))
+        todo = [i for i in ([args.trial] if args.trial is not None else range(len(search.trials))) if not search.done(i)]
+        if args.jobs > 1 and len(todo) > 1:
+            run_in_processes(search, _trial_command(args, overrides), todo, args.jobs, args.gpu_ids)
         for index in todo:
             if not search.done(index):
                 search.run_trial(index, config_files, overrides)

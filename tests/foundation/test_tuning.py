@@ -108,3 +108,24 @@ def test_shipped_tuned_configs_set_only_their_space_keys_and_are_commented(path)
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             assert "# (" in line, f"{path.name}: '{line}' is not commented as '# (type) meaning.'"
+
+
+def test_jobs_run_trials_as_parallel_processes_then_select(tiny_data, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(dict(tiny_data, epochs=2)))
+    args = ["--model=SASRec", "--dataset=tiny", f"--space={_space(tmp_path)}", "--trials=2",
+            f"--config_files={tmp_path / 'tiny.yaml'}", f"--tuning_dir={tmp_path / 'tuning'}", "--jobs=2"]
+    assert main(args) == 0
+    folder = tmp_path / "tuning" / "tiny" / "SASRec"
+    for i in range(2):
+        assert (folder / f"trial-{i}" / "record.json").is_file()
+        assert "trial" in (folder / f"trial-{i}" / "log.txt").read_text()  # each process wrote its own log
+    assert (folder / "selected.yaml").is_file()
+
+
+def test_a_failed_trial_process_names_its_log(tiny_data, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(dict(tiny_data, epochs=2)))
+    args = ["--model=SASRec", "--dataset=tiny", f"--space={_space(tmp_path)}", "--trials=2",
+            f"--config_files={tmp_path / 'tiny.yaml'}", f"--tuning_dir={tmp_path / 'tuning'}", "--jobs=2",
+            "--data_path=/nonexistent"]  # a placement key: the search is valid, every trial process fails
+    with pytest.raises(RuntimeError, match=r"trials \[0, 1\] failed; their output: .*trial-0/log.txt"):
+        main(args)
