@@ -11,6 +11,9 @@ setting this prints, per training epoch of the real dataset and split:
 
     python benchmarks/train_step.py --dataset=ml-1m-mm --data_path=dataset [--models SASRec GRU4Rec] [--steps 30]
 
+Each transformer runs with RecBole's attention (``eager``) and with PyTorch's fused kernel (``sdpa``,
+``transformer_attention``; ``recbole_mllm/attention.py``), unless ``--attention`` picks one.
+
 Settings span the tuning space (``properties/tuning/``): its cheapest (length 50, width 64, 2 layers) and
 its most expensive (length 200, width 128, 3 layers; GRU4Rec 2) corner.
 """
@@ -21,6 +24,7 @@ import time
 import torch
 from recbole.utils import init_seed
 
+from recbole_mllm.attention import IMPLEMENTATIONS, use_attention
 from recbole_mllm.cli import HelpFormatter
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
@@ -67,11 +71,13 @@ def main():
     parser.add_argument("--corners", nargs="+", default=list(CORNERS), choices=list(CORNERS), help="tuning-space corners")
     parser.add_argument("--steps", type=int, default=30, help="timed GPU steps per precision")
     parser.add_argument("--gpu_id", default="0", help="GPU to use (RecBole's gpu_id)")
+    parser.add_argument("--attention", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                        help="self-attention implementations of the transformers (transformer_attention)")
     parser.add_argument("--load_col_inter_only", action="store_true",
                         help="load only the .inter columns the sequence models read (no item/user features joined per batch)")
     args = parser.parse_args()
     torch.set_float32_matmul_precision("highest")
-    print("model      corner  batches/epoch  loader s  step fp32 s  step tf32 s  step bf16 s  epoch s  (per epoch)")
+    print("model      corner  attention  batches/epoch  loader s  step fp32 s  step tf32 s  step bf16 s  epoch s  (per epoch)")
     for corner in args.corners:
         for model_name in args.models:
             settings = dict(CORNERS[corner])
@@ -93,20 +99,23 @@ def main():
             batches = [batch for batch in train_data]
             loader = time.perf_counter() - start
             on_device = [batch.to(device) for batch in batches[:max(4, min(len(batches), 16))]]
-            model = get_model(model_name)(config, train_data._dataset).to(device)
-            timings = []
-            for precision in ("fp32", "tf32", "bf16"):
-                torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-                dtype = torch.bfloat16 if precision == "bf16" else None
-                timings.append(step_seconds(model, on_device, device, args.steps, dtype) * len(batches))
-            torch.set_float32_matmul_precision("highest")
-            trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-            start = time.perf_counter()
-            trainer._train_epoch(train_data, 0, show_progress=False)
-            synchronize(device)
-            epoch = time.perf_counter() - start
-            print(f"{model_name:10s} {corner:6s} {len(batches):13d} {loader:9.2f} "
-                  + " ".join(f"{t:12.2f}" for t in timings) + f" {epoch:8.2f}", flush=True)
+            for attention in args.attention:
+                model = get_model(model_name)(config, train_data._dataset).to(device)
+                if not use_attention(model, attention) and attention != args.attention[0]:
+                    continue  # no transformer layers (GRU4Rec): one row is enough
+                timings = []
+                for precision in ("fp32", "tf32", "bf16"):
+                    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+                    dtype = torch.bfloat16 if precision == "bf16" else None
+                    timings.append(step_seconds(model, on_device, device, args.steps, dtype) * len(batches))
+                torch.set_float32_matmul_precision("highest")
+                trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+                start = time.perf_counter()
+                trainer._train_epoch(train_data, 0, show_progress=False)
+                synchronize(device)
+                epoch = time.perf_counter() - start
+                print(f"{model_name:10s} {corner:6s} {attention:9s} {len(batches):14d} {loader:9.2f} "
+                      + " ".join(f"{t:12.2f}" for t in timings) + f" {epoch:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def test_stage_benchmark_times_batch_one_and_batched(monkeypatch, capsys):
 def test_train_step_benchmark_splits_an_epoch(monkeypatch, capsys, tiny_data):
     out = _run(monkeypatch, capsys, "train_step.py", "--dataset=tiny", f"--data_path={tiny_data['data_path']}",
                "--models", "SASRec", "GRU4Rec", "--corners", "small", "--steps", "2", "--load_col_inter_only")
-    rows = re.findall(r"^(SASRec|GRU4Rec) +small +(\d+)((?: +[\d.]+){5})$", out, re.MULTILINE)
-    assert [model for model, *_ in rows] == ["SASRec", "GRU4Rec"], out
-    for _, batches, seconds in rows:
+    rows = re.findall(r"^(SASRec|GRU4Rec) +small +(eager|sdpa) +(\d+)((?: +[\d.]+){5})$", out, re.MULTILINE)
+    assert [model_attention for *model_attention, _, _ in rows] == [["SASRec", "eager"], ["SASRec", "sdpa"],
+                                                                      ["GRU4Rec", "eager"]], out
+    for _, _, batches, seconds in rows:
         loader, *steps, epoch = (float(s) for s in seconds.split())  # seconds per epoch, 2 decimals
         assert int(batches) >= 1 and loader >= 0 and all(s > 0 for s in steps) and epoch > 0
