@@ -19,7 +19,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mllm import compat
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset, data_preparation, held_out_count
+from recbole_mllm.data import create_dataset, data_preparation
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.utils import get_model, get_trainer
@@ -63,7 +63,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     logger.info(config)
 
     dataset = create_dataset(config)
-    item_train_count, history_length = user_item_statistics(dataset, held_out_count(config))
+    item_train_count, history_length = user_item_statistics(dataset, config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])

@@ -38,9 +38,8 @@ from recbole_mllm.model.prompting import PieceTokenizer, assemble, build_layout
 from recbole_mllm.model.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import load_stage_inputs
-from recbole_mllm.data import held_out_count
+from recbole_mllm.data import needed_positions, user_split
 from recbole_mllm.stages.prompts import load_prompt
-from recbole_mllm.stages.user_profile import needed_positions
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +85,8 @@ class MLLMSRec(SequentialRecommender):
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.summaries = inputs.user_summaries  # (uid, t) -> preference summary
         self.dataset_name = config["dataset"]
-        held_out = held_out_count(config)  # valid/test targets are labels, never negatives' filter
-        self.user_seen = [set(h[:max(0, len(h) - held_out)].tolist()) for h in histories]
+        # a user's training items (data.split): valid/test targets are labels, never negatives' filter
+        self.user_seen = [set(h[:user_split(len(h), config).first_held_out].tolist()) for h in histories]
         # the LLM trains on positions t >= this: the first of needed_positions, the split rule the user-profile
         # stage builds summaries by (so every training prompt has its summary); training rows stop before held-out t
         self.llm_train_from = [min(needed_positions(len(h), config), default=len(h)) for h in histories]
@@ -177,7 +176,7 @@ class MLLMSRec(SequentialRecommender):
         """The user's preference summary at ``t``; a missing one is an error, never a silent "unknown" in the prompt."""
         if (uid, t) not in self.summaries:
             raise KeyError(f"no user summary for user {self.context.user_tokens[uid]!r} at position {t}: the summaries "
-                           f"loaded are the positions the split needs (user_profile.needed_positions); rebuild the cache "
+                           f"loaded are the positions the split needs (data.split.needed_positions); rebuild the cache "
                            f"with the run's config: python -m recbole_mllm.stages.user_profile --dataset={self.dataset_name} "
                            f"[--key=value ...]")
         return self.summaries[(uid, t)]

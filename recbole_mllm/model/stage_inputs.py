@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from recbole_mllm.data import create_dataset
+from recbole_mllm.data import create_dataset, needed_positions, user_histories
 from recbole_mllm.stages import item_fusion, user_profile
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.common import config_value, load_backend
@@ -76,9 +76,9 @@ def load_stage_inputs(config, dataset, llm_targets_per_user) -> StageInputs:
         lambda: item_fusion.run_item_fusion(config, backend))
 
     full_dataset = create_dataset(config)  # the un-split histories (the model only receives the train split)
-    histories = user_profile.user_histories(full_dataset)
+    histories = user_histories(full_dataset)
     requests = [(token, t) for token, history in histories.items()
-                for t in user_profile.needed_positions(len(history.items), config)]
+                for t in needed_positions(len(history.items), config)]
     texts = _load_or_run(
         config, "user_profile", lambda: user_profile.load_user_summaries(config, requests, backend, histories),
         lambda: user_profile.run_user_profile(config, backend, histories))

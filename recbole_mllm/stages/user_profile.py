@@ -8,7 +8,7 @@ summary, the window's items (their fused item summaries and text fields) and whe
 into every step. Summaries and their embeddings are kept in a
 :class:`~recbole_mllm.stages.cache.StageCache` keyed by ``(raw user token, covered count c)``.
 
-Histories are exactly RecBole's: :func:`user_histories` reads ``dataset.inter_feat`` of the
+Histories are exactly RecBole's: ``data.histories.user_histories`` reads ``dataset.inter_feat`` of the
 dataset ``create_dataset(config)`` builds (so the dataset yaml's filters and k-core apply) and
 orders each user's rows as RecBole's sequential augmentation and leave-one-out split do (a stable
 sort by the float32 timestamp, as RecBole keeps it, then by user).
@@ -34,7 +34,7 @@ Window rule (W = ``user_window_size``, S = ``user_window_step``, M = ``user_summ
   of a window's first item to the item before it, and the previous summary's age, measured to the
   window's last item c - 1. Nothing about the target or later interactions enters it.
 
-Which summaries are built: :func:`needed_positions` lists the positions the configured
+Which summaries are built: ``data.split.needed_positions`` lists the positions the configured
 leave-one-out split trains and evaluates the LLM on (the last ``llm_train_targets_per_user``
 training targets, the valid and the test target); a user's keys are their distinct c > 0.
 
@@ -78,11 +78,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from recbole_mllm.data import held_out_count
+from recbole_mllm.data.histories import user_histories
+from recbole_mllm.data.split import LLM_TRAIN_TARGETS_PER_USER, held_out_count, needed_positions
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache, canonical_json, sha256_file
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
@@ -102,7 +102,7 @@ DEFAULTS = {
     "user_window_step": 10,
     "user_summary_max_windows": 6,
     "user_window_partial_first": True,
-    "llm_train_targets_per_user": 2,
+    "llm_train_targets_per_user": LLM_TRAIN_TARGETS_PER_USER,
     "user_shard_size": 256,
     "user_profile_prompt": "v1",
     "user_summary_max_new_tokens": 64,
@@ -122,63 +122,6 @@ _PROMPT_FIELDS = {
 
 def _get(config: Mapping, key: str):
     return config_value(config, key, DEFAULTS, {"user_profile_fields", "mllm_dtype"})
-
-
-# ---------------------------------------------------------------------------------------- histories
-@dataclass(frozen=True)
-class UserHistory:
-    """One user's interactions in RecBole's order: raw item tokens and their timestamps."""
-
-    items: list
-    timestamps: list
-
-
-def user_histories(dataset) -> dict:
-    """``{raw user token: UserHistory}`` of a RecBole dataset as ``create_dataset(config)`` returns it.
-
-    The order is RecBole's: ``SequentialDataset.data_augmentation`` sorts stably by the float32
-    timestamp (RecBole stores float fields as float32, so interactions less than a float32 step apart
-    keep their file order), then by user; the leave-one-out split keeps that order. Pass the dataset
-    before ``build()``: a built sequential dataset holds augmented rows, not the histories.
-    """
-    feat = dataset.inter_feat
-    columns = list(feat.columns) if hasattr(feat, "columns") else list(feat.interaction)
-    list_field = f"{dataset.iid_field}{dataset.config['LIST_SUFFIX'] or '_list'}"
-    if list_field in columns:
-        raise ValueError("user_histories needs the dataset before build() (create_dataset(config)): this one holds "
-                         f"augmented sequences ({list_field}), not the users' histories")
-    if not dataset.time_field or dataset.time_field not in columns:
-        raise ValueError("the user stage needs interaction timestamps: set TIME_FIELD and load it (load_col)")
-    uids = np.asarray(feat[dataset.uid_field])
-    if uids.size == 0:
-        return {}
-    times = np.asarray(feat[dataset.time_field], dtype=np.float64)
-    order = np.argsort(times.astype(np.float32), kind="stable")
-    order = order[np.argsort(uids[order], kind="stable")]
-    uids, times = uids[order], times[order]
-    items = np.asarray(dataset.field2id_token[dataset.iid_field])[np.asarray(feat[dataset.iid_field])[order]]
-    user_tokens = dataset.field2id_token[dataset.uid_field]
-    bounds = np.flatnonzero(np.diff(uids)) + 1
-    histories = {}
-    for lo, hi in zip([0, *bounds], [*bounds, len(uids)]):
-        histories[str(user_tokens[uids[lo]])] = UserHistory([str(i) for i in items[lo:hi]],
-                                                            [float(t) for t in times[lo:hi]])
-    return histories
-
-
-def needed_positions(n: int, config: Mapping) -> list:
-    """Positions t (earlier interactions) of a user with ``n`` interactions the LLM trains or is evaluated on.
-
-    RecBole's sequential split has one row per position t in [1, n): leave-one-out holds the last
-    one or two out (``valid_and_test``: t = n-2 valid and t = n-1 test, fewer for short histories,
-    as RecBole does); the LLM trains on the last ``llm_train_targets_per_user`` of the rest.
-    """
-    leave = held_out_count(config)
-    if n < 2:
-        return []
-    held_out = min(leave, n - 2)
-    first_held_out = n - held_out
-    return list(range(max(1, first_held_out - int(_get(config, "llm_train_targets_per_user"))), n))
 
 
 # ---------------------------------------------------------------------------------------- windows

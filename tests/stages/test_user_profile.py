@@ -10,12 +10,11 @@ import recbole
 import torch
 
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset
+from recbole_mllm.data import UserHistory, create_dataset, user_histories
 from recbole_mllm.stages import item_fusion, user_profile
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.prompts import load_prompt
-from recbole_mllm.stages.user_profile import (UserHistory, open_user_summaries, run_user_profile, user_histories,
-                                              user_profile_cache)
+from recbole_mllm.stages.user_profile import open_user_summaries, run_user_profile, user_profile_cache
 from recbole_mllm.stages.user_text import Clock, duration_words, month_year, user_profiles
 from stage_doubles import TinyLlamaBackend
 from user_profile_doubles import T0, EchoBackend, build_items, shown_items, toy_config, write_items
