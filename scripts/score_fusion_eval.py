@@ -20,9 +20,9 @@ from recbole.utils import init_logger, init_seed
 
 from recbole_mllm.cli import exit_on_help, safe_cmd_args, split_own_keys
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import protocol_fingerprint
-from recbole_mllm.utils import get_model, get_trainer
+from recbole_mllm.data import create_dataset
+from recbole_mllm.quick_start import protocol_fingerprint, split_and_build_model
+from recbole_mllm.utils import get_trainer
 
 
 DEFAULTS = {"fusion_weights": "0.3,1,3,10"}
@@ -56,9 +56,7 @@ def main(argv):
     config = Config("MLLMSRec", None, cmd_args=safe_cmd_args(argv))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model, train_data, valid_data, test_data = split_and_build_model(config, create_dataset(config))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_step = 0  # RecBole's fit then skips validating the joint pass; the warm-up validates on its own
     start = time.time()

@@ -37,7 +37,7 @@ from recbole_mllm.model.context import (RankerContext, build_histories, build_it
 from recbole_mllm.model.prompting import PieceTokenizer, assemble, build_layout
 from recbole_mllm.model.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
-from recbole_mllm.model.stage_inputs import load_stage_inputs
+from recbole_mllm.model.stage_inputs import read_stage_inputs
 from recbole_mllm.data import needed_positions, user_split
 from recbole_mllm.stages.prompts import load_prompt
 
@@ -50,6 +50,7 @@ order is the encoder's, below every LLM score (log-odds, kept above ``-RERANK_FL
 
 class MLLMSRec(SequentialRecommender):
     input_type = InputType.POINTWISE
+    required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -58,7 +59,6 @@ class MLLMSRec(SequentialRecommender):
         self.hidden_size = config["hidden_size"]
         self.train_negatives = config["ranker_train_negatives"]
         self.hard_negatives = min(config["ranker_hard_negatives"], self.train_negatives)
-        self.llm_targets_per_user = config["llm_train_targets_per_user"]
         self.recent_count = config["ranker_recent_items"]
         self.rerank_top_k = config["rerank_top_k"]
         self.rerank_exclude_seen = config["rerank_exclude_seen"]
@@ -73,8 +73,8 @@ class MLLMSRec(SequentialRecommender):
                              "preference": config["ranker_preference_tokens"], "item_text": 48}
         self.score_mode = "llm"  # "encoder" while the trainer warms the encoder up
 
-        # stage caches (run the stages when missing and allowed) and prompt material
-        inputs = load_stage_inputs(config, dataset, self.llm_targets_per_user)
+        # stage caches (read only: quick_start prepared them) and prompt material
+        inputs = read_stage_inputs(config, dataset)
         self.backend = inputs.backend
         texts, titles, categories = build_item_material(config, inputs.item_tokens, inputs.item_table,
                                                         inputs.text_fields, config["item_category_field"],

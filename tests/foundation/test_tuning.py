@@ -108,3 +108,19 @@ def test_shipped_tuned_configs_set_only_their_space_keys_and_are_commented(path)
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             assert "# (" in line, f"{path.name}: '{line}' is not commented as '# (type) meaning.'"
+
+
+def test_a_trial_of_a_plugin_model_prepares_its_stages_before_the_model(tiny_data, tmp_path, monkeypatch):
+    """Each trial is a quick_start.run, so it builds (or checks) the stage caches its model reads first."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_data))
+    asked = []
+
+    def stop(config, stages, histories=None):
+        asked.append(tuple(stages))
+        raise RuntimeError("stages asked for")
+
+    monkeypatch.setattr("recbole_mllm.quick_start.prepare_stages", stop)
+    search = Search(tmp_path / "t", "FusedSASRec", "tiny", _space(tmp_path), 2, [])
+    with pytest.raises(RuntimeError, match="stages asked for"):
+        search.run_trial(0, [str(tmp_path / "tiny.yaml")], [])
+    assert asked == [("item_fusion",)]

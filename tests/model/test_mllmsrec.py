@@ -7,7 +7,8 @@ import torch
 
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import run
+from recbole_mllm.quick_start import run, split_and_build_model
+from recbole_mllm.stages.prepare import prepare_stages
 from recbole_mllm.utils import get_model
 from tests.conftest import write_tiny_dataset
 from tests.mllm.mllm_tiny import build_tiny_causal
@@ -48,11 +49,10 @@ def _sequences(model, uids):
 
 
 def _model_and_data(config_dict):
+    """The model as ``quick_start.run`` builds it: after the split and the stage caches it reads."""
     config = Config("MLLMSRec", "tiny", config_dict=config_dict)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    model = get_model("MLLMSRec")(config, train_data._dataset).to(config["device"]).eval()
-    return config, model, test_data
+    model, _, _, test_data = split_and_build_model(config, create_dataset(config))
+    return config, model.eval(), test_data
 
 
 def test_full_recbole_train_and_test_cycle(mllm_config):
@@ -377,6 +377,7 @@ def _split_rows(model, train_data):
 def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_config, split):
     eval_args = {"split": {"LS": split}, "order": "TO", "group_by": "user", "mode": "full"}
     config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, eval_args=eval_args, test_protocols=None))
+    prepare_stages(config, get_model("MLLMSRec").required_stages)
     train_dataset = create_dataset(config).build()[0]
     model = get_model("MLLMSRec")(config, train_dataset)
     train_data = data_preparation(config, create_dataset(config))[0]

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recbole_mllm.data import UserHistory
-from recbole_mllm.stages.user_profile import (WindowRule, open_user_summaries, run_user_profile, summary_key,
-                                              summary_keys)
+from recbole_mllm.stages.user_profile import run_user_profile
+from recbole_mllm.stages.user_profile_cache import WindowRule, open_user_summaries, summary_key, summary_keys
 from user_profile_doubles import T0, EchoBackend, build_items, shown_items, toy_config, write_items
 
 EARLY = [f"e{i}" for i in range(6)]
