@@ -14,7 +14,6 @@ cross-entropy over all items, as RecBole's SASRec with ``loss_type: CE``.
 
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
-from torch import nn
 
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import read_fused_item_embeddings
@@ -33,8 +32,8 @@ class FusedSASRec(SequentialRecommender):
         return self.encoder(item_seq, item_seq_len)  # [B H]
 
     def calculate_loss(self, interaction):
-        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return nn.functional.cross_entropy(self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
+        return self.encoder.cross_entropy(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
+                                          interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B H]
