@@ -12,7 +12,8 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat
-from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
+from recbole_mllm.stages.cache import canonical_json, sha256_bytes
+from recbole_mllm.utils import atomic_write
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
