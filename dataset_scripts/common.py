@@ -35,6 +35,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from recbole_mllm.utils import atomic_output
+
 INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
@@ -164,14 +166,12 @@ def write_atomic_file(path, fields, rows):
     """Write a RecBole atomic file: header ``name:type``, tab separated, csv quoting where needed.
 
     ``fields`` is a list of ``(name, type)``; ``rows`` an iterable of sequences in that order.
-    Written to a temporary name first, so an interrupted run never leaves a half file behind.
+    Written through ``atomic_output``, so an interrupted run never leaves a half file behind.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_output(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         writer.writerow([f"{name}:{ftype}" for name, ftype in fields])
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def number(value):
@@ -226,14 +226,13 @@ def normalise_image(src, dst):
             return "empty file"
         with Image.open(src) as image:
             image.verify()  # structure checks (PNG CRCs, ...); the image is unusable afterwards
-        with Image.open(src) as image:
+        with Image.open(src) as image, atomic_output(dst) as out:
             image.load()  # full decode: catches truncated JPEGs that verify() lets through
-            tmp = dst.with_name(dst.name + ".tmp")
             if image.format == "JPEG" and image.mode == "RGB":
-                shutil.copyfile(src, tmp)
+                with open(src, "rb") as original:
+                    shutil.copyfileobj(original, out)
             else:
-                _to_rgb(image).save(tmp, "JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, dst)
+                _to_rgb(image).save(out, "JPEG", quality=JPEG_QUALITY)
         return None
     except Exception as error:  # noqa: BLE001 - see docstring
         return f"unreadable image ({type(error).__name__}: {error})"

@@ -98,7 +98,7 @@ def known_keys():
     # deferred: recbole_mllm.config imports this module, and the stage modules import torch
     from recbole_mllm.config import properties_dir
     from recbole_mllm.search_space import load_search_space, space_keys
-    from recbole_mllm.stages import common, item_fusion, user_profile, user_text
+    from recbole_mllm.stages import common, item_fusion_cache, user_profile_cache, user_text
 
     declarations = {}
     for path in sorted((Path(recbole.__file__).parent / "properties").rglob("*.yaml")):
@@ -110,7 +110,8 @@ def known_keys():
                 declarations.setdefault(key, Declaration())
         else:
             _declare_file(declarations, path)
-    for defaults in (common.STAGE_DEFAULTS, item_fusion.DEFAULTS, user_profile.DEFAULTS, user_text.PROFILE_DEFAULTS):
+    for defaults in (common.STAGE_DEFAULTS, item_fusion_cache.DEFAULTS, user_profile_cache.DEFAULTS,
+                     user_text.PROFILE_DEFAULTS):
         for key, value in defaults.items():
             declarations.setdefault(key, Declaration()).none_ok |= value is None
     for key in (*RECBOLE_RUNTIME_KEYS, "per_model"):

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from recbole.evaluator import Collector
 
+from recbole_mllm.data.split import held_out_rows
+
 
 class PerUserCollector(Collector):
     """RecBole's ``Collector`` that also records, per evaluation, each user's id, target and ``rec.topk`` row.
@@ -51,12 +53,12 @@ class PerUserCollector(Collector):
         return struct
 
 
-def user_item_statistics(dataset, held_out):
+def user_item_statistics(dataset, config):
     """``(item_train_count [n_items], test_history_length [n_users])`` of a dataset before ``build()``.
 
-    An item's training interactions exclude each user's last ``held_out`` ones (the evaluation targets);
-    a user's history at test is every interaction before the last one. Time order as RecBole sorts it
-    (stable on the float32 timestamp, then by user).
+    An item's training interactions exclude each user's held-out ones (the evaluation targets, as
+    ``data.split`` counts them for the configured split); a user's history at test is every interaction
+    before the last one. Time order as RecBole sorts it (stable on the float32 timestamp, then by user).
     """
     feat = dataset.inter_feat
     uids = np.asarray(feat[dataset.uid_field])
@@ -69,7 +71,7 @@ def user_item_statistics(dataset, held_out):
     per_user = np.bincount(uids, minlength=dataset.user_num)
     starts = np.concatenate([[0], np.cumsum(per_user)[:-1]])
     position = np.arange(len(uids)) - starts[uids]
-    in_train = position < per_user[uids] - held_out
+    in_train = position < per_user[uids] - held_out_rows(per_user[uids], config)
     item_train_count = np.bincount(iids[in_train], minlength=dataset.item_num)
     return item_train_count, np.maximum(per_user - 1, 0)
 

@@ -1,8 +1,9 @@
 """Train and test one model, or several side by side, through the plugin.
 
 Every model (``MLLMSRec`` or a RecBole baseline) goes through the same steps: the plugin ``Config``,
-the same dataset files and leave-one-out split, the same fixed evaluation candidates, RecBole's
-trainer loop and evaluator, and one test per protocol in ``test_protocols``. Unlike
+the same dataset files and leave-one-out split, the stage caches the model reads (built or checked
+before the model: ``stages.prepare``), the same fixed evaluation candidates, RecBole's trainer loop and
+evaluator, and one test per protocol in ``test_protocols``. Unlike
 ``recbole.quick_start`` this imports no ray and runs no thop pass over the model.
 """
 
@@ -19,9 +20,10 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mllm import compat
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset, data_preparation, held_out_count
+from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
 from recbole_mllm.search_space import search_space_keys
+from recbole_mllm.stages.prepare import prepare_stages, required_stages
 from recbole_mllm.utils import get_model, get_trainer
 
 
@@ -44,6 +46,19 @@ def protocol_fingerprint(eval_data):
     return digest.hexdigest()[:16]
 
 
+def split_and_build_model(config, dataset):
+    """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
+    seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
+    model_class = get_model(config["model"])
+    stages = required_stages(model_class)
+    histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    return model, train_data, valid_data, test_data
+
+
 def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True):
     """Train ``model`` on ``dataset``, select the best epoch on validation, test under every protocol.
 
@@ -63,11 +78,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     logger.info(config)
 
     dataset = create_dataset(config)
-    item_train_count, history_length = user_item_statistics(dataset, held_out_count(config))
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    item_train_count, history_length = user_item_statistics(dataset, config)
+    model, train_data, valid_data, test_data = split_and_build_model(config, dataset)
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_collector = collector = PerUserCollector(config)

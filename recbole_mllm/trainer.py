@@ -12,7 +12,8 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat
-from recbole_mllm.stages.cache import atomic_write, canonical_json, sha256_bytes
+from recbole_mllm.stages.cache import canonical_json, sha256_bytes
+from recbole_mllm.utils import atomic_write
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
@@ -146,34 +147,34 @@ class MLLMSRecTrainer(Trainer):
             self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
 
     def _train_encoder(self, train_data, valid_data, verbose, show_progress):
-        """Train the encoder alone (the model scores with it meanwhile); keep its best validated state.
+        """Train the encoder alone (the model scores with it meanwhile: ``scoring(encoder_only=True)``); keep its
+        best validated state.
 
         Returns ``(best valid score or None, epochs run)``.
         """
-        self.model.score_mode = "encoder"
         validate = self._warmup_validates(valid_data)
         best_score, best_state, stale, epoch = None, None, 0, -1
-        for epoch in range(self.warmup_epochs):
-            loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
-            message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
-            if validate:
-                score, _ = self._valid_epoch(valid_data, show_progress=show_progress)
-                message += f", valid {self.valid_metric} {score:.4f}"
-                better = best_score is None or (score > best_score if self.valid_metric_bigger else score < best_score)
-                if better:
-                    best_score, stale = score, 0
-                    best_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
-                else:
-                    stale += 1
-            if verbose:
-                self.logger.info(message)
-            if validate and stale >= self.warmup_stopping_step:
-                break
+        with self.model.scoring(encoder_only=True):
+            for epoch in range(self.warmup_epochs):
+                loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
+                message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
+                if validate:
+                    score, _ = self._valid_epoch(valid_data, show_progress=show_progress)
+                    message += f", valid {self.valid_metric} {score:.4f}"
+                    better = best_score is None or (score > best_score if self.valid_metric_bigger else score < best_score)
+                    if better:
+                        best_score, stale = score, 0
+                        best_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+                    else:
+                        stale += 1
+                if verbose:
+                    self.logger.info(message)
+                if validate and stale >= self.warmup_stopping_step:
+                    break
         if best_state is not None:
             self.model.encoder.load_state_dict(best_state)
             if verbose:
                 self.logger.info(f"encoder warm-up done: best valid {self.valid_metric} {best_score:.4f} kept")
-        self.model.score_mode = "llm"
         return best_score, epoch + 1
 
     @torch.no_grad()
@@ -183,13 +184,13 @@ class MLLMSRecTrainer(Trainer):
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
             self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        self.model.stage1_hits = self.model.stage1_total = 0
+        recall = self.model.first_stage_recall
+        recall.reset()
         with self._autocast():
             result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        if self.model.stage1_total:
-            self.logger.info(f"stage-1 recall@{self.model.rerank_top_k}: "
-                             f"{self.model.stage1_hits / self.model.stage1_total:.4f} ({self.model.stage1_total} users)")
-        if self.report_first_stage and self.model.score_mode == "llm":
+        if recall.users:
+            self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users)")
+        if self.report_first_stage and self.model.uses_llm:
             self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
             self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
         return result
@@ -197,12 +198,8 @@ class MLLMSRecTrainer(Trainer):
     @torch.no_grad()
     def _first_stage_alone(self, eval_data, show_progress):
         """The same evaluation scored by the encoder alone: what the LLM reranker adds is the difference."""
-        self.model.score_mode = "encoder"
-        try:
-            with self._autocast():
-                return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        finally:
-            self.model.score_mode = "llm"
+        with self.model.scoring(encoder_only=True), self._autocast():
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     def resume_checkpoint(self, resume_file):
         checkpoint = compat.load_checkpoint(resume_file, map_location=self.device)

@@ -1,15 +1,17 @@
-"""Model and trainer resolution: the plugin's own classes first, then RecBole's.
+"""Model and trainer resolution (the plugin's own classes first, then RecBole's), and the one atomic file write.
 
 So ``--model=SASRec,BERT4Rec,MLLMSRec`` runs through one entry point: baselines come from RecBole
 unchanged, MLLM models from ``recbole_mllm.model``. The module of a model is its class name
-lower-cased (RecBole's convention), e.g. ``MLLMSRec`` lives in ``recbole_mllm/model/mllmsrec.py``.
+lower-cased (RecBole's convention), e.g. ``MLLMSRec`` is the package ``recbole_mllm/model/mllmsrec/``.
+
+Nothing heavy is imported at module level (RecBole on first use), so the dataset scripts can share
+:func:`atomic_output` without loading RecBole.
 """
 
 import importlib
-
-from recbole.utils import get_trainer as get_recbole_trainer
-
-from recbole_mllm import compat
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 MODEL_PACKAGES = (
     "recbole_mllm.model",
@@ -34,6 +36,8 @@ def get_model(model_name):
         except ModuleNotFoundError:  # a package whose optional dependency is not installed
             found = False
         if found and hasattr(module := importlib.import_module(module_path), model_name):
+            from recbole_mllm import compat
+
             compat.disable_anomaly_detection()  # RecBole's sine.py turned it on during the import
             return getattr(module, model_name)
     raise ValueError(
@@ -44,7 +48,52 @@ def get_model(model_name):
 
 def get_trainer(model_type, model_name):
     """Return ``<model_name>Trainer`` from the plugin if it defines one, else RecBole's choice."""
+    from recbole.utils import get_trainer as get_recbole_trainer
+
     trainer_module = importlib.import_module("recbole_mllm.trainer")
     if hasattr(trainer_module, model_name + "Trainer"):
         return getattr(trainer_module, model_name + "Trainer")
     return get_recbole_trainer(model_type, model_name)
+
+
+@contextmanager
+def atomic_output(path, mode="wb", **open_kwargs):
+    """A file object to write ``path`` through, so that ``path`` holds either its old content or all of the new.
+
+    The block writes a temp file beside ``path``; when it ends without error the file is flushed, fsynced and
+    renamed over ``path`` (and the folder fsynced, so the rename is durable too); on an error it is removed.
+    The temp name carries the pid, so processes writing the same file never share one; a killed process
+    leaves ``<name>.tmp<pid>``, which the stage cache clears.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (see :func:`atomic_output`)."""
+    with atomic_output(path) as f:
+        f.write(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

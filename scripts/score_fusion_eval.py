@@ -20,9 +20,9 @@ from recbole.utils import init_logger, init_seed
 
 from recbole_mllm.cli import exit_on_help, safe_cmd_args, split_own_keys
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import protocol_fingerprint
-from recbole_mllm.utils import get_model, get_trainer
+from recbole_mllm.data import create_dataset
+from recbole_mllm.quick_start import protocol_fingerprint, split_and_build_model
+from recbole_mllm.utils import get_trainer
 
 
 DEFAULTS = {"fusion_weights": "0.3,1,3,10"}
@@ -37,28 +37,13 @@ def _weights(value):
     return [float(v) for v in str(value if value is not None else "").split(",") if v]
 
 
-def memoize_llm_scores(model):
-    """Reuse the LLM's scores of an identical block of (users, positions, candidates) across passes."""
-    memo, score_blocks = {}, model._score_blocks
-
-    def cached(uids, ts, user_states, candidates, owner):
-        key = (tuple(uids), tuple(ts), candidates.cpu().numpy().tobytes())
-        if key not in memo:
-            memo[key] = score_blocks(uids, ts, user_states, candidates, owner)
-        return memo[key]
-
-    model._score_blocks = cached
-
-
 def main(argv):
     exit_on_help(argv, __doc__, DEFAULTS)
     own, argv = split_own_keys(argv, DEFAULTS)
     config = Config("MLLMSRec", None, cmd_args=safe_cmd_args(argv))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model, train_data, valid_data, test_data = split_and_build_model(config, create_dataset(config))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_step = 0  # RecBole's fit then skips validating the joint pass; the warm-up validates on its own
     start = time.time()
@@ -67,18 +52,18 @@ def main(argv):
     print(f"[fusion] trained in {time.time() - start:.1f} s, skipped updates {trainer.skipped_steps}, "
           f"peak {peak:.2f} GiB", flush=True)
 
-    memoize_llm_scores(model)
-    scorers = [("llm", "llm", 0.0), ("encoder", "encoder", 0.0)]
-    scorers += [(f"fusion w={w:g}", "llm", w) for w in _weights(own["fusion_weights"] or DEFAULTS["fusion_weights"])]
+    scorers = [("llm", False, 0.0), ("encoder", True, 0.0)]
+    scorers += [(f"fusion w={w:g}", False, w) for w in _weights(own["fusion_weights"] or DEFAULTS["fusion_weights"])]
     results = {}
-    for protocol, loader in test_data.items():
-        for name, mode, weight in scorers:
-            model.score_mode, model.fusion_weight = mode, weight
-            begin = time.time()
-            result = dict(trainer.evaluate(loader, load_best_model=False, show_progress=config["show_progress"]))
-            results[(protocol, name)] = result
-            print(f"[fusion] {protocol} {protocol_fingerprint(loader)} {name}: ndcg@10 {result['ndcg@10']:.4f} "
-                  f"hit@10 {result['hit@10']:.4f} ({time.time() - begin:.0f} s) {result}", flush=True)
+    with model.reuse_llm_scores():  # the LLM's scores do not depend on w: each block is scored once
+        for protocol, loader in test_data.items():
+            for name, encoder_only, weight in scorers:
+                begin = time.time()
+                with model.scoring(encoder_only=encoder_only, fusion_weight=weight):
+                    result = dict(trainer.evaluate(loader, load_best_model=False, show_progress=config["show_progress"]))
+                results[(protocol, name)] = result
+                print(f"[fusion] {protocol} {protocol_fingerprint(loader)} {name}: ndcg@10 {result['ndcg@10']:.4f} "
+                      f"hit@10 {result['hit@10']:.4f} ({time.time() - begin:.0f} s) {result}", flush=True)
     return results
 
 

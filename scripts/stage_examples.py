@@ -14,11 +14,12 @@ import logging
 import sys
 
 from recbole_mllm.cli import exit_on_help, split_own_keys
-from recbole_mllm.data import create_dataset
+from recbole_mllm.data import create_dataset, needed_positions, user_histories
 from recbole_mllm.stages.common import load_backend, stage_config
-from recbole_mllm.stages.item_fusion import load_item_fusion
+from recbole_mllm.stages.item_fusion_cache import load_item_fusion
 from recbole_mllm.stages.items import read_item_file
-from recbole_mllm.stages.user_profile import open_user_summaries, summary_chain, user_histories, needed_positions
+from recbole_mllm.stages.user_profile import summary_chain
+from recbole_mllm.stages.user_profile_cache import open_user_summaries
 from recbole_mllm.stages.user_text import Clock
 
 

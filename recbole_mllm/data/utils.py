@@ -7,6 +7,8 @@ Differs from ``recbole.data`` in three deliberate ways:
 * a missing dataset is a clear error naming the file it looked for;
 * the test split gets one dataloader per protocol in ``test_protocols`` (e.g. ``uni100`` and
   ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones.
+
+Which of a user's positions the split holds out is ``split.py``'s rule, shared with the stages and the model.
 """
 
 import importlib
@@ -46,20 +48,6 @@ def create_dataset(config):
     dataset = getattr(dataset_module, class_name)(config)
     getLogger().info(dataset)
     return dataset
-
-
-def held_out_count(config):
-    """How many last interactions per user the configured leave-one-out split holds out (2 or 1).
-
-    The one split rule the stages (which positions a summary may read), the model and the per-user
-    records share.
-    """
-    eval_args = config["eval_args"] if "eval_args" in config and config["eval_args"] else {}
-    split = eval_args.get("split") or {"LS": "valid_and_test"}
-    if list(split) != ["LS"] or split["LS"] not in ("valid_and_test", "valid_only", "test_only"):
-        raise ValueError(f"leave-one-out splits only (eval_args.split LS: valid_and_test, valid_only or test_only); "
-                         f"got {split}")
-    return 2 if split["LS"] == "valid_and_test" else 1
 
 
 def parse_protocol(mode):

@@ -14,26 +14,26 @@ cross-entropy over all items, as RecBole's SASRec with ``loss_type: CE``.
 
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
-from torch import nn
 
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
-from recbole_mllm.model.stage_inputs import load_fused_item_embeddings
+from recbole_mllm.model.stage_inputs import read_fused_item_embeddings
 
 
 class FusedSASRec(SequentialRecommender):
     input_type = InputType.POINTWISE
+    required_stages = ("item_fusion",)  # the cache quick_start prepares before building the model
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        embeddings = load_fused_item_embeddings(config, dataset)  # [n_items F], from the item-fusion cache
+        embeddings = read_fused_item_embeddings(config, dataset)  # [n_items F], from the item-fusion cache
         self.encoder = FusedSequenceEncoder.from_config(config, embeddings, self.max_seq_length)
 
     def forward(self, item_seq, item_seq_len):
         return self.encoder(item_seq, item_seq_len)  # [B H]
 
     def calculate_loss(self, interaction):
-        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return nn.functional.cross_entropy(self.encoder.full_scores(user_states), interaction[self.POS_ITEM_ID])
+        return self.encoder.cross_entropy(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
+                                          interaction[self.POS_ITEM_ID])
 
     def predict(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B H]

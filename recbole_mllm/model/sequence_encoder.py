@@ -84,3 +84,7 @@ class FusedSequenceEncoder(nn.Module):
     def full_scores(self, user_states):
         """Scores of every item ``[B n_items]``."""
         return user_states @ self.item_states().T
+
+    def cross_entropy(self, item_seq, item_seq_len, targets):
+        """SASRec's CE loss: cross-entropy over every item of each sequence's next item ``targets`` ``[B]``."""
+        return nn.functional.cross_entropy(self.full_scores(self(item_seq, item_seq_len)), targets)

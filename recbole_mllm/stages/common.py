@@ -45,18 +45,23 @@ def dataset_location(config: Mapping) -> tuple[str, Path]:
     return str(config["dataset"]), Path(config_value(config, "data_path", {"data_path": "dataset/"}))
 
 
-def load_backend(config: Mapping) -> MultimodalLM:
-    """The backend named by ``config['mllm']``, on this process's device (its rank's GPU under torchrun)."""
-    from recbole_mllm.mllm import load_mllm  # deferred: backends import heavy libraries
-
+def backend_device(config: Mapping) -> torch.device:
+    """The device a backend runs on: ``config['device']``, else a GPU when there is one; its rank's GPU under torchrun."""
     device = config["device"] if "device" in config and config["device"] is not None else None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def load_backend(config: Mapping) -> MultimodalLM:
+    """The backend named by ``config['mllm']``, on :func:`backend_device`."""
+    from recbole_mllm.mllm import load_mllm  # deferred: backends import heavy libraries
+
     return load_mllm(config_value(config, "mllm", STAGE_DEFAULTS),
-                     device=device, dtype=config_value(config, "mllm_dtype", STAGE_DEFAULTS, {"mllm_dtype"}))
+                     device=backend_device(config), dtype=config_value(config, "mllm_dtype", STAGE_DEFAULTS, {"mllm_dtype"}))
 
 
 @contextmanager

@@ -6,10 +6,12 @@ with a sliding window; window by window the LLM revises a preference summary fro
 summary, the window's items (their fused item summaries and text fields) and when they happened
 (dates, gaps, how old the previous summary is). A profile sentence from the ``.user`` fields goes
 into every step. Summaries and their embeddings are kept in a
-:class:`~recbole_mllm.stages.cache.StageCache` keyed by ``(raw user token, covered count c)``.
+:class:`~recbole_mllm.stages.cache.StageCache` keyed by ``(raw user token, covered count c)``. This
+module builds the cache; the window rule's code, what keys the cache and how it is read live in
+``user_profile_cache.py``, so readers never import the stage.
 
-Histories are exactly RecBole's: :func:`user_histories` reads ``dataset.inter_feat`` of the
-dataset ``create_dataset(config)`` builds (so the dataset yaml's filters and k-core apply) and
+Histories are exactly RecBole's: ``data.histories.user_histories`` reads ``dataset.inter_feat`` of
+the dataset ``create_dataset(config)`` builds (so the dataset yaml's filters and k-core apply) and
 orders each user's rows as RecBole's sequential augmentation and leave-one-out split do (a stable
 sort by the float32 timestamp, as RecBole keeps it, then by user).
 
@@ -34,7 +36,7 @@ Window rule (W = ``user_window_size``, S = ``user_window_step``, M = ``user_summ
   of a window's first item to the item before it, and the previous summary's age, measured to the
   window's last item c - 1. Nothing about the target or later interactions enters it.
 
-Which summaries are built: :func:`needed_positions` lists the positions the configured
+Which summaries are built: ``data.split.needed_positions`` lists the positions the configured
 leave-one-out split trains and evaluates the LLM on (the last ``llm_train_targets_per_user``
 training targets, the valid and the test target); a user's keys are their distinct c > 0.
 
@@ -72,158 +74,22 @@ fields, ...; ``stage_shard_size`` is part of the item cache's key, so it is not 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from recbole_mllm.data import held_out_count
-from recbole_mllm.mllm.base import ChatRequest, GenerationConfig, MultimodalLM
-from recbole_mllm.stages.cache import ShardOutput, StageCache, canonical_json, sha256_file
-from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, load_backend,
-                                        stage_config, stage_main)
-from recbole_mllm.stages.item_fusion import item_fusion_cache, load_item_fusion, render_item_text, text_fields
-from recbole_mllm.stages.items import read_item_file
-from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
-from recbole_mllm.stages.user_text import PROFILE_DEFAULTS, USER_TEXT_FORMAT, Clock, user_profiles
+from recbole_mllm.mllm.base import ChatRequest, MultimodalLM
+from recbole_mllm.stages.cache import ShardOutput, StageCache
+from recbole_mllm.stages.common import load_backend, stage_config, stage_main
+from recbole_mllm.stages.item_fusion_cache import load_item_fusion
+from recbole_mllm.stages.user_profile_cache import (DEFAULTS, STAGE, UserProfilePlan, WindowRule, generation_config,
+                                                    histories_or_dataset, user_profile_plan)
 
 logger = logging.getLogger(__name__)
-
-STAGE = "user_profile"
-
-DEFAULTS = {
-    **STAGE_DEFAULTS,
-    "user_window_size": 10,
-    "user_window_step": 10,
-    "user_summary_max_windows": 6,
-    "user_window_partial_first": True,
-    "llm_train_targets_per_user": 2,
-    "user_shard_size": 256,
-    "user_profile_prompt": "v1",
-    "user_summary_max_new_tokens": 64,
-    "user_time_format": "unix_s",
-    "ITEM_ID_FIELD": "item_id",
-    "seq_separator": " ",
-    **PROFILE_DEFAULTS,
-}
-
-_PROMPT_FIELDS = {
-    "system": [], "first": ["profile", "period", "items"],
-    "update": ["profile", "previous_end", "previous_age", "previous_summary", "period", "items"],
-    "item": ["number", "when", "item_text", "item_summary"], "field": ["label", "value"],
-    "empty": [], "no_profile": [],
-}
-
-
-def _get(config: Mapping, key: str):
-    return config_value(config, key, DEFAULTS, {"user_profile_fields", "mllm_dtype"})
-
-
-# ---------------------------------------------------------------------------------------- histories
-@dataclass(frozen=True)
-class UserHistory:
-    """One user's interactions in RecBole's order: raw item tokens and their timestamps."""
-
-    items: list
-    timestamps: list
-
-
-def user_histories(dataset) -> dict:
-    """``{raw user token: UserHistory}`` of a RecBole dataset as ``create_dataset(config)`` returns it.
-
-    The order is RecBole's: ``SequentialDataset.data_augmentation`` sorts stably by the float32
-    timestamp (RecBole stores float fields as float32, so interactions less than a float32 step apart
-    keep their file order), then by user; the leave-one-out split keeps that order. Pass the dataset
-    before ``build()``: a built sequential dataset holds augmented rows, not the histories.
-    """
-    feat = dataset.inter_feat
-    columns = list(feat.columns) if hasattr(feat, "columns") else list(feat.interaction)
-    list_field = f"{dataset.iid_field}{dataset.config['LIST_SUFFIX'] or '_list'}"
-    if list_field in columns:
-        raise ValueError("user_histories needs the dataset before build() (create_dataset(config)): this one holds "
-                         f"augmented sequences ({list_field}), not the users' histories")
-    if not dataset.time_field or dataset.time_field not in columns:
-        raise ValueError("the user stage needs interaction timestamps: set TIME_FIELD and load it (load_col)")
-    uids = np.asarray(feat[dataset.uid_field])
-    if uids.size == 0:
-        return {}
-    times = np.asarray(feat[dataset.time_field], dtype=np.float64)
-    order = np.argsort(times.astype(np.float32), kind="stable")
-    order = order[np.argsort(uids[order], kind="stable")]
-    uids, times = uids[order], times[order]
-    items = np.asarray(dataset.field2id_token[dataset.iid_field])[np.asarray(feat[dataset.iid_field])[order]]
-    user_tokens = dataset.field2id_token[dataset.uid_field]
-    bounds = np.flatnonzero(np.diff(uids)) + 1
-    histories = {}
-    for lo, hi in zip([0, *bounds], [*bounds, len(uids)]):
-        histories[str(user_tokens[uids[lo]])] = UserHistory([str(i) for i in items[lo:hi]],
-                                                            [float(t) for t in times[lo:hi]])
-    return histories
-
-
-def needed_positions(n: int, config: Mapping) -> list:
-    """Positions t (earlier interactions) of a user with ``n`` interactions the LLM trains or is evaluated on.
-
-    RecBole's sequential split has one row per position t in [1, n): leave-one-out holds the last
-    one or two out (``valid_and_test``: t = n-2 valid and t = n-1 test, fewer for short histories,
-    as RecBole does); the LLM trains on the last ``llm_train_targets_per_user`` of the rest.
-    """
-    leave = held_out_count(config)
-    if n < 2:
-        return []
-    held_out = min(leave, n - 2)
-    first_held_out = n - held_out
-    return list(range(max(1, first_held_out - int(_get(config, "llm_train_targets_per_user"))), n))
-
-
-# ---------------------------------------------------------------------------------------- windows
-@dataclass(frozen=True)
-class WindowRule:
-    """Which summary a position uses and which windows build it (see the module docstring)."""
-
-    size: int
-    step: int
-    max_windows: int = 0
-    partial_first: bool = True
-
-    def __post_init__(self):
-        for name, low in (("size", 1), ("step", 1), ("max_windows", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"window {name} must be an integer >= {low}; got {value!r}")
-
-    @classmethod
-    def from_config(cls, config: Mapping) -> "WindowRule":
-        return cls(int(_get(config, "user_window_size")), int(_get(config, "user_window_step")),
-                   int(_get(config, "user_summary_max_windows")), bool(_get(config, "user_window_partial_first")))
-
-    def key(self, t: int) -> int:
-        """The covered count c of the summary used at position t; 0 means no summary (empty text)."""
-        if t < 1:
-            return 0
-        if t < self.size:
-            return t if self.partial_first else 0
-        return (t - self.size) // self.step * self.step + self.size
-
-    def windows(self, c: int) -> list:
-        """The ``(lo, hi)`` item ranges of the chain that ends with the summary at ``c``, oldest first."""
-        if c >= self.size and (c - self.size) % self.step == 0:
-            k = (c - self.size) // self.step
-            start = max(0, k - self.max_windows + 1) if self.max_windows else 0
-            return [(j * self.step, j * self.step + self.size) for j in range(start, k + 1)]
-        if 1 <= c < self.size and self.partial_first:
-            return [(0, c)]
-        raise ValueError(f"no summary covers exactly {c} items under {self}")
-
-
-def summary_key(history_len_t: int, window_size: int, window_step: int, partial_first: bool = True) -> int:
-    """The covered count c of the summary used for a prediction after ``history_len_t`` interactions."""
-    return WindowRule(window_size, window_step, 0, partial_first).key(history_len_t)
 
 
 @dataclass
@@ -247,98 +113,6 @@ def _chains(rule: WindowRule, user: str, covered: Iterable[int]) -> list:
     return list(by_start.values())
 
 
-def summary_keys(histories: Mapping, config: Mapping) -> list:
-    """Every ``(user token, c)`` the configured split needs, for ``histories`` (the cache's key set)."""
-    rule = WindowRule.from_config(config)
-    keys = []
-    for user, history in histories.items():
-        covered = {rule.key(t) for t in needed_positions(len(history.items), config)} - {0}
-        keys.extend((user, c) for c in sorted(covered))
-    return keys
-
-
-# ---------------------------------------------------------------------------------------- the stage
-@dataclass
-class _Plan:
-    """What one configuration reads and where it writes."""
-
-    cache: StageCache
-    histories: Mapping
-    rule: WindowRule
-    clock: Clock
-    template: PromptTemplate
-    profiles: dict
-    item_texts: dict  # raw item token -> "Title: ...; Year: ..."
-
-
-def _generation_config(config: Mapping) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=int(_get(config, "user_summary_max_new_tokens")),
-                            batch_size=int(_get(config, "stage_batch_size")), do_sample=False,
-                            no_repeat_ngram_size=int(_get(config, "stage_no_repeat_ngram_size")))
-
-
-def _histories_sha256(histories: Mapping) -> str:
-    digest = hashlib.sha256()
-    for user, history in histories.items():
-        digest.update(canonical_json([user, history.items, history.timestamps]).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def _time_normalised(config: Mapping) -> bool:
-    time_field = config["TIME_FIELD"] if "TIME_FIELD" in config and config["TIME_FIELD"] else "timestamp"
-    fields = config["normalize_field"] if "normalize_field" in config and config["normalize_field"] else []
-    return time_field in fields or bool("normalize_all" in config and config["normalize_all"])
-
-
-def _plan(config: Mapping, backend: MultimodalLM, histories: Mapping) -> _Plan:
-    dataset, folder = dataset_location(config)
-    rule = WindowRule.from_config(config)
-    clock = Clock(str(_get(config, "user_time_format")))
-    if clock.format != "none" and _time_normalised(config):
-        raise ValueError("RecBole normalises the time field in this configuration (normalize_all / normalize_field), "
-                         "so timestamps are no dates: set normalize_all: False for the stage and the model alike "
-                         "(the order does not change), or user_time_format: none")
-    clock.check(t for history in histories.values() for t in history.timestamps)
-    template = load_prompt(STAGE, _get(config, "user_profile_prompt")).require(_PROMPT_FIELDS)
-    table = read_item_file(folder, dataset, id_field=_get(config, "ITEM_ID_FIELD"),
-                           field_separator=_get(config, "field_separator"), encoding=_get(config, "encoding"))
-    fields = text_fields(config, table)
-    seq_separator = _get(config, "seq_separator")
-    item_texts = {token: "; ".join(render_item_text(row, fields, table, template, seq_separator).splitlines())
-                  for token, row in table.rows.items()}
-    unknown = sorted({i for h in histories.values() for i in h.items} - set(item_texts))
-    if unknown:
-        raise ValueError(f"{len(unknown)} item(s) of the histories are not in {table.path}, e.g. {unknown[:5]}")
-    profiles = user_profiles(config)
-    generation = _generation_config(config)
-    user_file = folder / f"{dataset}.user"
-    inter_file = folder / f"{dataset}.inter"
-    manifest = {
-        "model": backend.identity.as_dict(),
-        "prompt": template.identity(),
-        "generation": {**generation.as_dict(), "batch_size": generation.batch_size},
-        "embedding": {"input": "summary", "batch_size": generation.batch_size},
-        "dataset": {"name": dataset, "inter_file_sha256": sha256_file(inter_file) if inter_file.is_file() else None,
-                    "user_file_sha256": sha256_file(user_file) if user_file.is_file() else None,
-                    "histories_sha256": _histories_sha256(histories), "n_users": len(histories),
-                    "n_interactions": sum(len(h.items) for h in histories.values())},
-        "item_fusion": {"cache": item_fusion_cache(config, backend).key_hash},
-        "params": {"window_size": rule.size, "window_step": rule.step, "max_windows": rule.max_windows,
-                   "partial_first": rule.partial_first, "leave_out": held_out_count(config),
-                   "train_targets_per_user": int(_get(config, "llm_train_targets_per_user")),
-                   "time_format": clock.format, "text_format": USER_TEXT_FORMAT,
-                   "profile_fields": _get(config, "user_profile_fields"), "item_text_fields": [list(p) for p in fields],
-                   "user_id_field": _get(config, "USER_ID_FIELD"), "item_id_field": table.id_field,
-                   "field_separator": _get(config, "field_separator"), "seq_separator": seq_separator,
-                   "encoding": _get(config, "encoding")},
-    }
-    cache = StageCache(_get(config, "stage_cache_dir"), STAGE, manifest, keys=summary_keys(histories, config),
-                       shard_size=int(_get(config, "user_shard_size")), group_by_first=True,
-                       command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
-    return _Plan(cache, histories, rule, clock, template, profiles, item_texts)
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
@@ -347,9 +121,9 @@ class _ShardCompute:
     """Turns one shard's ``(user, c)`` keys into summaries: all the shard's chains advance together, one
     batched ``generate`` call per window index, so every user's next window is generated at once."""
 
-    def __init__(self, config: Mapping, plan: _Plan, backend: MultimodalLM, progress: bool):
+    def __init__(self, config: Mapping, plan: UserProfilePlan, backend: MultimodalLM, progress: bool):
         self.config, self.plan, self.backend, self.progress = config, plan, backend, progress
-        self.generation = _generation_config(config)
+        self.generation = generation_config(config)
         self.item_summaries: Optional[dict] = None
         self.generated = 0
 
@@ -416,28 +190,15 @@ class _ShardCompute:
         return ShardOutput(texts, embeddings, metas)
 
 
-def _histories(config: Mapping, histories: Optional[Mapping]) -> Mapping:
-    if histories is not None:
-        return histories
-    from recbole_mllm.data import create_dataset  # deferred: RecBole's dataset module is heavy
-
-    return user_histories(create_dataset(config))
-
-
-def user_profile_cache(config: Mapping, backend: MultimodalLM, histories: Optional[Mapping] = None) -> StageCache:
-    """The cache for this configuration, backend and histories, built or not (nothing is generated)."""
-    return _plan(config, backend, _histories(config, histories)).cache
-
-
 def run_user_profile(config: Mapping, backend: Optional[MultimodalLM] = None, histories: Optional[Mapping] = None,
                      progress: bool = True) -> StageCache:
     """Build (or finish, or just verify) the user summary cache of ``config``; returns it, complete.
 
-    ``histories`` defaults to :func:`user_histories` of ``create_dataset(config)`` (``config`` is then a
+    ``histories`` defaults to ``data.histories.user_histories`` of ``create_dataset(config)`` (``config`` is then a
     RecBole ``Config``). Idempotent: shards already done are kept.
     """
     backend = backend if backend is not None else load_backend(config)
-    plan = _plan(config, backend, _histories(config, histories))
+    plan = user_profile_plan(config, backend, histories_or_dataset(config, histories))
     compute = _ShardCompute(config, plan, backend, progress)
     started = time.perf_counter()
     cache = plan.cache.build(compute, progress=progress)
@@ -451,63 +212,6 @@ def run_user_profile(config: Mapping, backend: Optional[MultimodalLM] = None, hi
     return cache
 
 
-class UserSummaries:
-    """A built cache, loaded once: the summary text and embedding used for each ``(user token, t)``.
-
-    Where no summary exists yet (c = 0) the text is the template's ``[empty]`` text and the
-    embedding is that text's embedding by the same backend.
-    """
-
-    def __init__(self, records: Mapping, rule: WindowRule, empty_text: str, empty_embedding: torch.Tensor):
-        self.records, self.rule = records, rule
-        self.empty_text, self.empty_embedding = empty_text, empty_embedding
-
-    def key(self, user: str, t: int) -> tuple:
-        """The cache key ``(user, c)`` of the summary used at position ``t``; c = 0: no summary."""
-        return str(user), self.rule.key(int(t))
-
-    def _record(self, user: str, t: int):
-        key = self.key(user, t)
-        if key[1] == 0:
-            return None
-        if key not in self.records:
-            raise KeyError(f"no user summary for user {key[0]!r} at position {t} (covered count {key[1]}): the cache "
-                           f"holds the positions the split needs (needed_positions: the last llm_train_targets_per_user "
-                           f"training targets, valid and test); change the config and rebuild to get others")
-        return self.records[key]
-
-    def texts(self, requests: Sequence[tuple]) -> list:
-        """The summary for each ``(user token, t)`` request."""
-        return [r.text if r is not None else self.empty_text for r in (self._record(u, t) for u, t in requests)]
-
-    def embeddings(self, requests: Sequence[tuple]) -> torch.Tensor:
-        """Embeddings ``[len(requests), H]`` of the same summaries."""
-        rows = [r.embedding if r is not None else self.empty_embedding for r in (self._record(u, t) for u, t in requests)]
-        return torch.stack(rows) if rows else torch.zeros(0, self.empty_embedding.shape[0])
-
-
-def open_user_summaries(config: Mapping, backend: Optional[MultimodalLM] = None,
-                        histories: Optional[Mapping] = None) -> UserSummaries:
-    """Load the user summary cache of ``config`` (a ``StageCacheError`` naming the command when it is not built)."""
-    backend = backend if backend is not None else load_backend(config)
-    plan = _plan(config, backend, _histories(config, histories))
-    records = plan.cache.load()
-    empty_text = plan.template.render("empty")
-    empty_embedding = backend.embed([empty_text])[0].detach().to("cpu", torch.float32)
-    return UserSummaries(records, plan.rule, empty_text, empty_embedding)
-
-
-def load_user_summaries(config: Mapping, requests: Sequence[tuple], backend: Optional[MultimodalLM] = None,
-                        histories: Optional[Mapping] = None) -> list:
-    """The summary used for each ``(user token, t)`` request: built from the user's first ``c <= t`` items.
-
-    ``t`` is the target's position in the user's whole history (:func:`user_histories`), which is
-    RecBole's ``item_length`` only while the history is shorter than ``MAX_ITEM_LIST_LENGTH``. Load once
-    with :func:`open_user_summaries` when asking many times; ``histories`` spares building the dataset.
-    """
-    return open_user_summaries(config, backend, histories).texts(requests)
-
-
 def summary_chain(config: Mapping, user: str, windows: int, backend: Optional[MultimodalLM] = None,
                   histories: Optional[Mapping] = None) -> list:
     """One user's recurrent chain from window 0: ``[(c, summary)]`` for its first ``windows`` full windows.
@@ -516,10 +220,10 @@ def summary_chain(config: Mapping, user: str, windows: int, backend: Optional[Mu
     holds only the summaries the split needs, each from at most ``user_summary_max_windows`` windows.
     """
     backend = backend if backend is not None else load_backend(config)
-    histories = _histories(config, histories)
+    histories = histories_or_dataset(config, histories)
     if user not in histories:
         raise KeyError(f"user {user!r} is not in the dataset {config['dataset']}")
-    plan = _plan(config, backend, {user: histories[user]})
+    plan = user_profile_plan(config, backend, {user: histories[user]})
     plan.rule = WindowRule(plan.rule.size, plan.rule.step, 0, plan.rule.partial_first)
     ends = [plan.rule.size + k * plan.rule.step for k in range(windows)]
     ends = [c for c in ends if c <= len(histories[user].items)]

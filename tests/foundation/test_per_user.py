@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from recbole.evaluator.metrics import NDCG
 
-from recbole_mllm.data import held_out_count
 from recbole_mllm.evaluation import user_item_statistics
 from recbole_mllm.quick_start import run
 
@@ -48,19 +47,17 @@ def _fake_dataset(rows, user_num, item_num):
                            time_field="t", user_num=user_num, item_num=item_num)
 
 
+def _split(mode):
+    return {"eval_args": {"split": {"LS": mode}}}
+
+
 def test_item_training_counts_exclude_the_held_out_items():
     # user 1: items 1, 2, 3, 4 in time order (the file lists them shuffled); user 2: items 2, 1, 5
     rows = [(1, 3, 30.0), (1, 1, 10.0), (2, 2, 5.0), (1, 4, 40.0), (1, 2, 20.0), (2, 1, 6.0), (2, 5, 7.0)]
-    counts, history = user_item_statistics(_fake_dataset(rows, user_num=3, item_num=6), held_out=2)
-    # training interactions: user 1 -> 1, 2 (3 is valid, 4 test); user 2 -> 2 (1 valid, 5 test)
-    assert counts.tolist() == [0, 1, 2, 0, 0, 0]
+    counts, history = user_item_statistics(_fake_dataset(rows, user_num=3, item_num=6), _split("valid_and_test"))
+    # training interactions: user 1 -> 1, 2 (3 is valid, 4 test); user 2 -> 2, 1 (5 test: RecBole's split keeps
+    # one of a three-item user's two rows for training, so it holds out no valid row; see data.split)
+    assert counts.tolist() == [0, 2, 2, 0, 0, 0]
     assert history.tolist() == [0, 3, 2]  # interactions before the test item
-    counts_one, _ = user_item_statistics(_fake_dataset(rows, user_num=3, item_num=6), held_out=1)
+    counts_one, _ = user_item_statistics(_fake_dataset(rows, user_num=3, item_num=6), _split("test_only"))
     assert counts_one.tolist() == [0, 2, 2, 1, 0, 0]
-
-
-def test_held_out_count_follows_the_split():
-    assert held_out_count({"eval_args": {"split": {"LS": "valid_and_test"}}}) == 2
-    assert held_out_count({"eval_args": {"split": {"LS": "test_only"}}}) == 1
-    with pytest.raises(ValueError, match="leave-one-out"):
-        held_out_count({"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}}})

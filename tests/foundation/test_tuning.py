@@ -129,3 +129,19 @@ def test_a_failed_trial_process_names_its_log(tiny_data, tmp_path):
             "--data_path=/nonexistent"]  # a placement key: the search is valid, every trial process fails
     with pytest.raises(RuntimeError, match=r"trials \[0, 1\] failed; their output: .*trial-0/log.txt"):
         main(args)
+
+
+def test_a_trial_of_a_plugin_model_prepares_its_stages_before_the_model(tiny_data, tmp_path, monkeypatch):
+    """Each trial is a quick_start.run, so it builds (or checks) the stage caches its model reads first."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_data))
+    asked = []
+
+    def stop(config, stages, histories=None):
+        asked.append(tuple(stages))
+        raise RuntimeError("stages asked for")
+
+    monkeypatch.setattr("recbole_mllm.quick_start.prepare_stages", stop)
+    search = Search(tmp_path / "t", "FusedSASRec", "tiny", _space(tmp_path), 2, [])
+    with pytest.raises(RuntimeError, match="stages asked for"):
+        search.run_trial(0, [str(tmp_path / "tiny.yaml")], [])
+    assert asked == [("item_fusion",)]

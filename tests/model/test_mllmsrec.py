@@ -7,7 +7,8 @@ import torch
 
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import run
+from recbole_mllm.quick_start import run, split_and_build_model
+from recbole_mllm.stages.prepare import prepare_stages
 from recbole_mllm.utils import get_model
 from tests.conftest import write_tiny_dataset
 from tests.mllm.mllm_tiny import build_tiny_causal
@@ -48,11 +49,10 @@ def _sequences(model, uids):
 
 
 def _model_and_data(config_dict):
+    """The model as ``quick_start.run`` builds it: after the split and the stage caches it reads."""
     config = Config("MLLMSRec", "tiny", config_dict=config_dict)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    model = get_model("MLLMSRec")(config, train_data._dataset).to(config["device"]).eval()
-    return config, model, test_data
+    model, _, _, test_data = split_and_build_model(config, create_dataset(config))
+    return config, model.eval(), test_data
 
 
 def test_full_recbole_train_and_test_cycle(mllm_config):
@@ -91,7 +91,7 @@ def test_sampled_and_full_ranking_are_the_same_two_stage_scores(mllm_config):
     owner = torch.cat([torch.full(((row_idx == u).sum(),), k) for k, u in enumerate(users)])
     candidates = block[model.ITEM_ID]
     torch.testing.assert_close(sampled, full[owner, candidates], atol=1e-4, rtol=1e-4)
-    top = model._catalogue_scores(model.forward(block[model.ITEM_SEQ][firsts], block[model.ITEM_SEQ_LEN][firsts]))
+    top = model.scorer.catalogue_scores(model.forward(block[model.ITEM_SEQ][firsts], block[model.ITEM_SEQ_LEN][firsts]))
     top = top.topk(model.rerank_top_k, dim=1).indices
     in_top = (top[owner] == candidates.unsqueeze(1)).any(1)
     assert in_top.any() and (~in_top).any()
@@ -109,10 +109,10 @@ def test_late_fusion_fallback_adds_the_weighted_encoder_score(mllm_config):
     interaction = next(iter(test_data["uni100"]))[0]
     llm = model.predict(interaction)
     reranked = llm > -RERANK_FLOOR
-    model.score_mode = "encoder"
-    encoder = model.predict(interaction)
-    model.score_mode, model.fusion_weight = "llm", 2.5
-    fused = model.predict(interaction)
+    with model.scoring(encoder_only=True):
+        encoder = model.predict(interaction)
+    with model.scoring(fusion_weight=2.5):
+        fused = model.predict(interaction)
     torch.testing.assert_close(fused[reranked], (llm + 2.5 * encoder)[reranked], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused[~reranked], llm[~reranked])
 
@@ -144,19 +144,19 @@ def test_no_user_prompt_or_summary_mentions_the_target(mllm_config):
     context = model.context
     for interaction, _, _, positive_i in test_data["full"]:
         uids = interaction[model.USER_ID].tolist()
-        for uid, t, target in zip(uids, model._positions(interaction), positive_i.tolist()):
+        for uid, t, target in zip(uids, model.positions(interaction), positive_i.tolist()):
             assert t == len(context.histories[uid]) - 1  # leave-one-out test target: the last interaction
-            ids, _ = model._user_part(uid, t, torch.zeros(model.hidden_size))
+            ids, _ = model.prompts.user_part(uid, t, torch.zeros(model.hidden_size))
             text = tokenizer.decode(ids)
             assert context.item_title[target] not in text
-            assert context.item_title[target] not in model.summaries.get((uid, t), "")
+            assert context.item_title[target] not in model.prompts.summaries.get((uid, t), "")
 
 
 def test_training_negatives_are_never_training_items_of_the_user(mllm_config):
     _, model, _ = _model_and_data(mllm_config)
     for uid in range(1, 6):
         history = model.context.histories[uid]
-        negatives = model._sample_negatives(uid, 5)
+        negatives = model.candidates.sample_negatives(uid, 5)
         assert len(set(negatives)) == 5
         assert not set(negatives) & set(history[:len(history) - 2].tolist())
 
@@ -166,26 +166,26 @@ def test_hard_negatives_are_unseen_items_from_the_encoders_top_k(mllm_config):
     user_states = model.forward(*_sequences(model, range(1, 6)))
     scores = model.encoder.full_scores(user_states)
     for k, uid in enumerate(range(1, 6)):
-        hard = model._hard_negatives(uid, scores[k])
-        assert len(set(hard)) == 2 and not set(hard) & model.user_seen[uid] and 0 not in hard
+        hard = model.candidates.hard_negatives(uid, scores[k])
+        assert len(set(hard)) == 2 and not set(hard) & model.candidates.user_seen[uid] and 0 not in hard
         unseen = scores[k].clone()
-        unseen[[0] + sorted(model.user_seen[uid])] = -torch.inf
+        unseen[[0] + sorted(model.candidates.user_seen[uid])] = -torch.inf
         assert set(hard) <= set(unseen.topk(model.rerank_top_k).indices.tolist())
-        uniform = model._sample_negatives(uid, 3, hard)
-        assert not set(uniform) & (set(hard) | model.user_seen[uid])
+        uniform = model.candidates.sample_negatives(uid, 3, hard)
+        assert not set(uniform) & (set(hard) | model.candidates.user_seen[uid])
 
 
 def test_prompted_rank_counts_the_items_the_encoder_scores_higher(mllm_config):
     _, model, _ = _model_and_data(mllm_config)
-    assert model.prompt_has_rank
+    assert model.prompts.has_retrieval_rank
     user_states = model.forward(*_sequences(model, [1, 2]))
     candidates, owner = torch.tensor([3, 7, 3, 9]), torch.tensor([0, 0, 1, 1])
-    ranks = model._retrieval_ranks(user_states, candidates, owner)
+    ranks = model.scorer.retrieval_ranks(user_states, candidates, owner)
     scores = model.encoder.full_scores(user_states)[:, 1:]  # never the padding item
     expected = [1 + int((scores[o] > scores[o, c - 1]).sum()) for c, o in zip(candidates.tolist(), owner.tolist())]
     assert ranks == expected
     # alone, beside other candidates or in another order: the same rank
-    assert model._retrieval_ranks(user_states, candidates[[2]], owner[[2]]) == [ranks[2]]
+    assert model.scorer.retrieval_ranks(user_states, candidates[[2]], owner[[2]]) == [ranks[2]]
 
 
 def test_soft_tokens_start_at_the_scale_of_token_embeddings(mllm_config):
@@ -211,7 +211,7 @@ def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
     valid_scores, states = iter([0.1, 0.3, 0.2, 0.5]), []
 
     def train_epoch(train_data, epoch_idx, loss_func=None, show_progress=False):
-        assert model.score_mode == "encoder"
+        assert not model.uses_llm  # the warm-up scores with the encoder alone
         with torch.no_grad():
             next(model.encoder.parameters()).add_(1.0)
         states.append({k: v.clone() for k, v in model.encoder.state_dict().items()})
@@ -221,7 +221,7 @@ def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
     trainer._valid_epoch = lambda valid_data, show_progress=False: (next(valid_scores), {})
     trainer._warm_up_encoder(None, "valid", verbose=False, show_progress=False)
     assert len(states) == 3  # 0.1, 0.3 (best), 0.2: one epoch without gain stops it
-    assert model.score_mode == "llm"
+    assert model.uses_llm
     for name, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, states[1][name])
 
@@ -279,7 +279,9 @@ def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
 
     _, _, test_data = _model_and_data(mllm_config)
     batches = sum(len(loader) for loader in test_data.values())
-    calls, score_blocks = [], get_model("MLLMSRec")._score_blocks
+    from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
+
+    calls, score_blocks = [], TwoStageScorer._score_blocks
 
     def counted(self, *args):
         calls.append(1)
@@ -287,7 +289,7 @@ def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
 
     argv = [f"--{k}={v!r}" for k, v in mllm_config.items()] + ["--dataset='tiny'", "--fusion_weights='0.5,2'"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(get_model("MLLMSRec"), "_score_blocks", counted)
+        patch.setattr(TwoStageScorer, "_score_blocks", counted)
         results = score_fusion_eval.main(argv)
     assert set(results) == {(p, n) for p in ("uni100", "full") for n in ("llm", "encoder", "fusion w=0.5", "fusion w=2")}
     assert 0 < len(calls) <= batches  # three LLM-scored passes per protocol, one LLM pass each
@@ -299,11 +301,10 @@ def test_evaluation_also_reports_the_encoder_alone(mllm_config):
     config, model, test_data = _model_and_data(mllm_config)
     trainer = MLLMSRecTrainer(config, model)
     result = trainer.evaluate(test_data["uni100"], load_best_model=False)
-    assert model.score_mode == "llm"
+    assert model.uses_llm
     first_stage = trainer.last_first_stage_result
-    model.score_mode = "encoder"
-    expected = trainer.evaluate(test_data["uni100"], load_best_model=False)
-    model.score_mode = "llm"
+    with model.scoring(encoder_only=True):
+        expected = trainer.evaluate(test_data["uni100"], load_best_model=False)
     assert dict(first_stage) == dict(expected)
     assert dict(trainer.evaluate(test_data["uni100"], load_best_model=False)) == dict(result)
 
@@ -367,7 +368,7 @@ def _split_rows(model, train_data):
     """``{uid: [t of every row the LLM trains on]}`` over the whole training data."""
     selected = {}
     for interaction in train_data:
-        rows, ts = model._llm_rows(interaction)
+        rows, ts = model.candidates.llm_rows(interaction, model.positions)
         for r, t in zip(rows, ts):
             selected.setdefault(int(interaction[model.USER_ID][r]), []).append(t)
     return selected
@@ -377,6 +378,7 @@ def _split_rows(model, train_data):
 def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_config, split):
     eval_args = {"split": {"LS": split}, "order": "TO", "group_by": "user", "mode": "full"}
     config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, eval_args=eval_args, test_protocols=None))
+    prepare_stages(config, get_model("MLLMSRec").required_stages)
     train_dataset = create_dataset(config).build()[0]
     model = get_model("MLLMSRec")(config, train_dataset)
     train_data = data_preparation(config, create_dataset(config))[0]
@@ -386,7 +388,7 @@ def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_conf
     for uid in range(1, len(model.context.histories)):
         n = len(model.context.histories[uid])  # one held out: training targets end at t = n - 2
         assert sorted(selected[uid]) == [n - 3, n - 2], uid
-        assert all((uid, t) in model.summaries for t in selected[uid])
+        assert all((uid, t) in model.prompts.summaries for t in selected[uid])
 
 
 def _write_repeating_dataset(root):
@@ -428,10 +430,10 @@ def test_a_repeated_item_trains_the_llm_at_its_own_position_only(mllm_config, tm
 def test_a_missing_user_summary_is_an_error_naming_the_user(mllm_config):
     _, model, test_data = _model_and_data(mllm_config)
     interaction = next(iter(test_data["full"]))[0][:1]
-    uid, t = int(interaction[model.USER_ID][0]), model._positions(interaction)[0]
+    uid, t = int(interaction[model.USER_ID][0]), model.positions(interaction)[0]
     expected = model.full_sort_predict(interaction)
-    del model.summaries[(uid, t)]
+    del model.prompts.summaries[(uid, t)]
     with pytest.raises(KeyError, match=f"user '{model.context.user_tokens[uid]}' at position {t}.*recbole_mllm.stages.user_profile"):
         model.full_sort_predict(interaction)
-    model.use_summaries = False  # without summaries nothing is looked up
+    model.prompts.use_summaries = False  # without summaries nothing is looked up
     assert model.full_sort_predict(interaction).shape == expected.shape

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from recbole_mllm.stages.cache import StageCacheError
-from recbole_mllm.stages.item_fusion import item_fusion_cache, load_item_fusion, run_item_fusion, stage_config
+from recbole_mllm.stages.common import stage_config
+from recbole_mllm.stages.item_fusion import run_item_fusion
+from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion
 from recbole_mllm.stages import prompts
 from stage_doubles import FakeBackend, Interrupt, TinyLlamaBackend
 

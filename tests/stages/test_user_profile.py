@@ -10,12 +10,13 @@ import recbole
 import torch
 
 from recbole_mllm.config import Config
-from recbole_mllm.data import create_dataset
+from recbole_mllm.data import UserHistory, create_dataset, user_histories
 from recbole_mllm.stages import item_fusion, user_profile
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.prompts import load_prompt
-from recbole_mllm.stages.user_profile import (UserHistory, open_user_summaries, run_user_profile, user_histories,
-                                              user_profile_cache)
+from recbole_mllm.stages.user_profile import run_user_profile
+from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion
+from recbole_mllm.stages.user_profile_cache import _PROMPT_FIELDS, open_user_summaries, user_profile_cache
 from recbole_mllm.stages.user_text import Clock, duration_words, month_year, user_profiles
 from stage_doubles import TinyLlamaBackend
 from user_profile_doubles import T0, EchoBackend, build_items, shown_items, toy_config, write_items
@@ -92,7 +93,7 @@ def test_stage_from_recbole_config_keys_are_raw_tokens(toy):
     assert b2 and all("female, occupation other" in p for p in b2)
     manifest = json.loads((cache.path / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["dataset"]["n_interactions"] == 14 and len(manifest["dataset"]["user_file_sha256"]) == 64
-    assert manifest["item_fusion"]["cache"] == item_fusion.item_fusion_cache(config, backend).key_hash
+    assert manifest["item_fusion"]["cache"] == item_fusion_cache(config, backend).key_hash
     assert str(toy) not in json.dumps({k: v for k, v in manifest.items()})  # no machine paths in the key
 
     # filters change histories: another cache, never the old one
@@ -113,7 +114,7 @@ def test_prompt_reads_profile_dates_gaps_and_item_summaries(toy):
     assert "1. December 2000, first interaction: Title: x1; Genres: Drama. " in first.prompt
     assert "2. December 2000, less than an hour later: Title: x2" in first.prompt
     assert "3. January 2001, two weeks later: Title: x3" in first.prompt
-    item_summary = item_fusion.load_item_fusion(config, ["x1"], backend)[0][0]
+    item_summary = load_item_fusion(config, ["x1"], backend)[0][0]
     assert item_summary in first.prompt
     assert "preferences up to January 2001 (a year before the newest interaction below):" in update.prompt
     assert "1. April 2001, two months later: Title: x4" in update.prompt
@@ -260,7 +261,7 @@ def test_command_line_builds_through_recbole_config(toy, capsys):
 
 
 def test_packaged_template_has_every_section():
-    template = load_prompt("user_profile", "v1").require(user_profile._PROMPT_FIELDS)
+    template = load_prompt("user_profile", "v1").require(_PROMPT_FIELDS)
     assert template.render("no_profile") == "unknown" and "{" not in template.render("empty")
 
 

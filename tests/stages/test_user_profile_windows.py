@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recbole_mllm.stages.user_profile import (UserHistory, WindowRule, needed_positions, open_user_summaries,
-                                              run_user_profile, summary_key, summary_keys)
+from recbole_mllm.data import UserHistory
+from recbole_mllm.stages.user_profile import run_user_profile
+from recbole_mllm.stages.user_profile_cache import WindowRule, open_user_summaries, summary_key, summary_keys
 from user_profile_doubles import T0, EchoBackend, build_items, shown_items, toy_config, write_items
 
 EARLY = [f"e{i}" for i in range(6)]
@@ -60,19 +61,6 @@ def test_chain_windows_and_bounds():
                 {"size": True, "step": 1}, {"size": 2.0, "step": 1}):
         with pytest.raises(ValueError, match="must be an integer"):
             WindowRule(**bad)
-
-
-def test_needed_positions_follow_recboles_leave_one_out():
-    config = {"llm_train_targets_per_user": 2}
-    assert needed_positions(10, config) == [6, 7, 8, 9]      # train 6, 7; valid 8; test 9
-    assert needed_positions(4, config) == [1, 2, 3]          # only one training target exists
-    assert needed_positions(3, config) == [1, 2]             # RecBole: no valid row, test at 2
-    assert needed_positions(2, config) == [1]                # RecBole: one training row
-    assert needed_positions(1, config) == []
-    assert needed_positions(10, {"llm_train_targets_per_user": 0}) == [8, 9]
-    assert needed_positions(10, {"eval_args": {"split": {"LS": "valid_only"}}}) == [7, 8, 9]
-    with pytest.raises(ValueError, match="leave-one-out"):
-        needed_positions(10, {"eval_args": {"split": {"RS": [0.8, 0.1, 0.1]}}})
 
 
 def test_history_shorter_than_window(items_ready):

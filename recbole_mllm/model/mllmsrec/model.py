@@ -1,0 +1,268 @@
+r"""MLLMSRec
+################################################
+Reference:
+    Wang et al. "Leveraging multimodal large language model for multimodal sequential recommendation."
+    Scientific Reports 2025 (doi 10.1038/s41598-025-14251-1).
+
+Three parts: (1) multimodal item fusion (``stages/item_fusion.py``: an MLLM summarises image + text of
+every item), (2) temporal-aware user behaviour comprehension (``stages/user_profile.py``: recurrent
+sliding-window preference summaries), (3) a generative ranker: the paper's instruction prompt with
+multistep chain-of-thought, fine-tuned with LoRA on Yes/No, score = log p(Yes) - log p(No).
+
+This file holds RecBole's contract; the rest of the package one concept each: ``prompt_parts.py``
+(the prompt's user and target parts), ``candidates.py`` (the LLM's training rows and negatives),
+``scorer.py`` (the two-stage scorer); beside it ``../sequence_encoder.py``, ``../ranker.py`` (LoRA) and
+``../prompting.py`` (the prompt layout). The stage caches are built before the model (``required_stages``,
+``stages/prepare.py``); the model reads them and never generates.
+
+NOTE (deviations, all configurable):
+    * Hybrid prompting (after LLaRA): a SASRec-style encoder over the fused item embeddings gives a user
+      state and candidate states that enter the prompt as projected soft tokens, plus a *match* token
+      ``proj(user ⊙ item)``; the encoder is trained jointly (cross-entropy over all items). Measured
+      here: a 135M text-only yes/no ranker is far behind SASRec, so collaborative signal must reach
+      the LLM itself. The same encoder retrieves the top-K for full ranking, which the LLM reranks.
+    * Chain-of-thought steps are filled from the stage caches and the history (evolution, target
+      analysis, match), so scoring needs no free-running generation.
+    * Checkpoints hold only trained tensors (LoRA, projections, encoder, image projector residual) and
+      the base model's identity; the base LLM is rebuilt from its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_mllm.model.context import RankerContext, build_histories, build_item_material, encode_item_images
+from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
+from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
+from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
+from recbole_mllm.model.prompting import build_layout
+from recbole_mllm.model.ranker import LoRARanker
+from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
+from recbole_mllm.model.stage_inputs import read_stage_inputs
+from recbole_mllm.stages.prompts import load_prompt
+
+logger = logging.getLogger(__name__)
+
+
+class MLLMSRec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+    required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        # load parameters info
+        self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
+        self.hidden_size = config["hidden_size"]
+        self.rerank_top_k = config["rerank_top_k"]
+        self.encoder_loss_weight = config["encoder_loss_weight"]
+        use_images = config["ranker_use_images"]
+        switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"]]
+        field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
+                        "preference": config["ranker_preference_tokens"], "item_text": 48}
+
+        # stage caches (read only) and prompt material
+        inputs = read_stage_inputs(config, dataset)
+        self.backend = inputs.backend
+        texts, titles, categories = build_item_material(config, inputs.item_tokens, inputs.item_table,
+                                                        inputs.text_fields, config["item_category_field"],
+                                                        config["item_title_field"])
+        histories, timestamps, positions = build_histories(inputs.histories,
+                                                           inputs.user_tokens, inputs.item_token2id)
+        self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
+                                     categories, histories, timestamps, inputs.profiles, positions)
+        self.candidates = TrainingCandidates(histories, positions, self.n_items, config, self.USER_ID, self.POS_ITEM_ID)
+
+        # define layers
+        self.encoder = FusedSequenceEncoder.from_config(config, inputs.item_embeddings, self.max_seq_length)
+        token_embeddings = self.backend.model.get_input_embeddings().weight
+        llm_hidden, token_std = token_embeddings.shape[1], float(token_embeddings.float().std())
+        self.user_projection = self._projection(llm_hidden, token_std)
+        self.item_projection = self._projection(llm_hidden, token_std)
+        self.match_projection = self._projection(llm_hidden, token_std)
+        template = load_prompt("ranker", config["ranker_prompt"])
+        self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(), "switches": switches,
+                                "recent_items": config["ranker_recent_items"], "field_tokens": field_tokens}
+        layout = build_layout(template, self.backend.tokenizer, config["ranker_use_cot"], config["ranker_use_soft_tokens"])
+        self.prompts = PromptParts(self.context, inputs.user_summaries, layout, self.backend.tokenizer, field_tokens,
+                                   config["ranker_recent_items"], config["ranker_use_summaries"], self.n_items - 1,
+                                   config["dataset"])
+        self.ranker = LoRARanker(self.backend.model, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
+                                 config["lora_target_modules"], layout.yes_id, layout.no_id,
+                                 config["gradient_checkpointing"])
+        self.image_projector = None
+        if use_images and getattr(self.backend, "projector", None) is None:
+            logger.warning(f"ranker_use_images: the {self.backend.identity.backend} backend has no image projector "
+                           f"the ranker can use yet, so target images are left out of its prompts (text only)")
+        if use_images and getattr(self.backend, "projector", None) is not None:
+            features, logits, has_image = encode_item_images(self.backend, inputs.item_tokens, inputs.item_table,
+                                                             inputs.image_field, inputs.image_dir)
+            if features is not None:
+                self.image_projector = self.backend.projector  # its zero-initialised residual is trained
+                self.register_buffer("image_features", features, persistent=False)
+                self.register_buffer("image_logits", logits, persistent=False)
+                self.register_buffer("has_image", has_image, persistent=False)
+        self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["rerank_exclude_seen"],
+                                     config["ranker_eval_batch_size"], config["late_fusion_weight"])
+        self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
+        self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def _projection(self, llm_hidden, token_std):
+        """Encoder state -> one soft token in the LLM's embedding space.
+
+        Initialised so a soft token starts at the scale of the LLM's own token embeddings: with
+        PyTorch's default init it was about 4x longer than any of SmolLM2's tokens, far out of the
+        distribution the frozen layers were trained on.
+        """
+        linear = nn.Linear(self.hidden_size, llm_hidden)
+        nn.init.normal_(linear.weight, std=token_std / self.hidden_size ** 0.5)  # LayerNorm output: unit variance
+        nn.init.zeros_(linear.bias)
+        return nn.Sequential(nn.LayerNorm(self.hidden_size), linear)
+
+    # ------------------------------------------------------------------ checkpoints: trained tensors only
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        return OrderedDict((k, v) for k, v in full.items() if k in self._trained_keys)
+
+    def load_state_dict(self, state_dict, strict=True):
+        unexpected = set(state_dict) - self._trained_keys
+        missing = self._trained_keys - set(state_dict)
+        if strict and (unexpected or missing):
+            raise RuntimeError(f"MLLMSRec checkpoint does not match this model: missing {sorted(missing)[:5]}, "
+                               f"unexpected {sorted(unexpected)[:5]}")
+        return super().load_state_dict(state_dict, strict=False)
+
+    def _identity(self):
+        base = {k: v for k, v in self.backend.identity.as_dict().items() if k != "dtype"}  # CPU fp32 may load GPU bf16
+        return {"base_model": base, "inputs": self.inputs_identity}
+
+    def other_parameter(self):
+        return self._identity()
+
+    def load_other_parameter(self, para):
+        """Refuse a checkpoint trained on another base model, other stage caches, template or switches."""
+        expected = self._identity()
+        for key, value in expected.items():
+            if para and para.get(key) != value:
+                raise ValueError(f"checkpoint {key} {para.get(key)} does not match this model's {value}")
+
+    # ------------------------------------------------------------------ how predictions are scored
+    @contextmanager
+    def scoring(self, encoder_only=False, fusion_weight=None):
+        """Inside the block, score with the encoder alone (``encoder_only``: the first stage) or with another
+        late-fusion weight; the previous way is restored after it.
+
+        The trainer's warm-up and first-stage report ask for ``encoder_only``; ``scripts/score_fusion_eval.py``
+        for fusion weights.
+        """
+        saved = self.scorer.encoder_only, self.scorer.fusion_weight
+        self.scorer.encoder_only = bool(encoder_only)
+        if fusion_weight is not None:
+            self.scorer.fusion_weight = float(fusion_weight)
+        try:
+            yield self
+        finally:
+            self.scorer.encoder_only, self.scorer.fusion_weight = saved
+
+    @property
+    def uses_llm(self):
+        """Whether predictions go through the LLM reranker (False inside ``scoring(encoder_only=True)``)."""
+        return not self.scorer.encoder_only
+
+    def reuse_llm_scores(self):
+        """A block in which identical LLM scoring work is done once (see ``TwoStageScorer.reuse_llm_scores``)."""
+        return self.scorer.reuse_llm_scores()
+
+    # ------------------------------------------------------------------ the LLM on hybrid prompts
+    def positions(self, interaction):
+        """``t`` of every row, from its input sequence (see ``RankerContext.position``)."""
+        seqs = interaction[self.ITEM_SEQ].cpu().numpy()
+        lens = interaction[self.ITEM_SEQ_LEN].tolist()
+        uids = interaction[self.USER_ID].tolist()
+        times = interaction[self.TIME_FIELD].tolist() if self.TIME_FIELD in interaction else [None] * len(uids)
+        return [self.context.position(u, s, n, self.max_seq_length, ts) for u, s, n, ts in zip(uids, seqs, lens, times)]
+
+    def _image_tokens(self, candidates):
+        """Projected image tokens ``[n H']`` of each candidate, or None where it has no image (or images are off)."""
+        image_tokens = [None] * len(candidates)
+        if self.image_projector is not None:
+            with_image = self.has_image[candidates].nonzero().squeeze(1)
+            if len(with_image):
+                items = candidates[with_image]
+                projected = self.image_projector(self.image_features[items], self.image_logits[items])  # [I n H']
+                for k, c in enumerate(with_image.tolist()):
+                    image_tokens[c] = projected[k]
+        return image_tokens
+
+    def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
+        """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
+        ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner) if self.prompts.has_retrieval_rank
+                 else [None] * len(candidates))
+        item_states = self.encoder.item_states(candidates)  # [C H]
+        user_tokens = self.user_projection(user_states).unsqueeze(1)  # [U 1 H']
+        item_tokens = self.item_projection(item_states).unsqueeze(1)  # [C 1 H']
+        match_tokens = self.match_projection(user_states[owner] * item_states).unsqueeze(1)  # [C 1 H']
+        image_tokens = self._image_tokens(candidates)
+        users, targets = self.prompts.batch(uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens,
+                                            image_tokens, ranks)
+        if labels is not None:
+            return self.ranker.loss(users, targets, owner, labels)
+        return self.ranker.score(users, targets, owner)
+
+    # ------------------------------------------------------------------ RecBole contract
+    def forward(self, item_seq, item_seq_len):
+        return self.encoder(item_seq, item_seq_len)  # [B H]
+
+    def encoder_loss(self, interaction):
+        """The encoder alone (its warm-up): what FusedSASRec trains."""
+        return self.encoder.cross_entropy(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
+                                          interaction[self.POS_ITEM_ID])
+
+    def calculate_loss(self, interaction):
+        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        all_scores = self.encoder.full_scores(user_states)
+        loss = self.encoder_loss_weight * nn.functional.cross_entropy(all_scores, interaction[self.POS_ITEM_ID])
+        if not self.uses_llm:
+            return loss
+        uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
+        rows, ts = self.candidates.llm_rows(interaction, self.positions)
+        if not rows:
+            return loss
+        candidates, owner, labels = self.candidates.for_rows(uids, targets, rows, all_scores)
+        device = user_states.device
+        return loss + self.llm_scores([uids[r] for r in rows], ts, user_states[rows],
+                                      torch.tensor(candidates, device=device), torch.tensor(owner, device=device),
+                                      torch.tensor(labels, device=device))
+
+    def predict(self, interaction):
+        """Scores of RecBole's sampled blocks, by the same two stages as full ranking (``scorer.py``).
+
+        Each user's prompt part is encoded once for all its reranked candidates.
+        """
+        uids_all = interaction[self.USER_ID]
+        # rows of one user share its history; group them by user (never by position in the block)
+        unique_uids, owner = torch.unique(uids_all, return_inverse=True)
+        rows = torch.arange(len(owner), device=owner.device)
+        first = torch.full_like(unique_uids, len(owner)).scatter_reduce_(0, owner, rows, "amin")
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first]
+        user_states = self.forward(item_seq, item_seq_len)
+        candidates = interaction[self.ITEM_ID]
+        if not self.uses_llm:
+            return (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
+        uids, ts = unique_uids.tolist(), self.positions(interaction[first])
+        return self.scorer.sampled(uids, ts, user_states, candidates, owner, self.llm_scores)
+
+    def full_sort_predict(self, interaction):
+        """Retrieve-then-rerank: the encoder picks its top-K items, the LLM reranks them, the rest follow in the
+        encoder's order (the LLM never scores the whole catalogue)."""
+        user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        if not self.uses_llm:
+            return self.scorer.catalogue_scores(user_states)
+        uids, ts = interaction[self.USER_ID].tolist(), self.positions(interaction)
+        return self.scorer.full(uids, ts, user_states, interaction[self.POS_ITEM_ID], self.llm_scores)
