@@ -18,6 +18,7 @@ import torch
 from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_mllm import compat
+from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
@@ -56,6 +57,7 @@ def split_and_build_model(config, dataset):
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
+    use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     return model, train_data, valid_data, test_data
 
 

@@ -55,3 +55,15 @@ def test_sdpa_applies_attention_dropout_in_training_only():
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="transformer_attention: 'flash' is none of eager, sdpa"):
         use_attention(torch.nn.Linear(2, 2), "flash")
+
+
+def test_a_run_builds_its_transformer_with_the_configured_attention(tiny_data):
+    from recbole_mllm.config import Config
+    from recbole_mllm.data import create_dataset
+    from recbole_mllm.quick_start import split_and_build_model
+
+    for implementation, patched in (("eager", False), ("sdpa", True)):
+        config = Config("SASRec", "tiny", config_dict={**tiny_data, "transformer_attention": implementation})
+        model = split_and_build_model(config, create_dataset(config))[0]
+        layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+        assert layers and all(("forward" in vars(layer)) == patched for layer in layers)
