@@ -15,19 +15,24 @@ from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
+import yaml
 
 from recbole_mllm.cli import exit_on_help, safe_cmd_args
+from recbole_mllm.config import properties_dir
 from recbole_mllm.mllm.base import MultimodalLM
 from recbole_mllm.stages.cache import StageCacheError
 
-STAGE_DEFAULTS = {
-    "mllm": "offline-default",
-    "mllm_dtype": None,
-    "stage_cache_dir": "saved/stage_cache",
-    "stage_batch_size": 16,
-    "stage_shard_size": 256,
-    "stage_no_repeat_ngram_size": 3,
-}
+DECLARED = yaml.safe_load((properties_dir() / "stages.yaml").read_text())
+"""The stage keys and their defaults, declared once with their types and help in ``properties/stages.yaml``."""
+
+
+def declared(*keys):
+    """``{key: default}`` of ``keys`` from ``properties/stages.yaml`` (a key it lacks is a KeyError at import)."""
+    return {key: DECLARED[key] for key in keys}
+
+
+STAGE_DEFAULTS = declared("mllm", "mllm_dtype", "stage_cache_dir", "stage_batch_size", "stage_shard_size",
+                          "stage_no_repeat_ngram_size")
 """Keys every stage reads (the model, where caches live, batch and shard sizes); see item_fusion's docstring."""
 
 

@@ -18,7 +18,7 @@ import torch
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location
+from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared
 from recbole_mllm.stages.items import ItemTable, fingerprint, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -28,12 +28,9 @@ STAGE = "item_fusion"
 
 DEFAULTS = {
     **STAGE_DEFAULTS,
-    "item_fusion_prompt": "v1",
-    "item_fusion_max_new_tokens": 96,
-    "item_text_fields": None,
-    "item_image_field": "image",
-    "item_image_dir": "images",
-    "data_path": "dataset/",
+    **declared("item_fusion_prompt", "item_fusion_max_new_tokens", "item_text_fields", "item_image_field",
+               "item_image_dir"),
+    "data_path": "dataset/",  # RecBole's dataset keys, with RecBole's defaults
     "ITEM_ID_FIELD": "item_id",
     "field_separator": "\t",
     "seq_separator": " ",

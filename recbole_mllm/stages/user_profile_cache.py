@@ -16,11 +16,11 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from recbole_mllm.data.histories import user_histories
-from recbole_mllm.data.split import LLM_TRAIN_TARGETS_PER_USER, held_out_count, needed_positions
+from recbole_mllm.data.split import held_out_count, needed_positions
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.backend_identity import BackendIdentity
 from recbole_mllm.stages.cache import StageCache, canonical_json, sha256_file
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, load_backend
+from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, load_backend
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, render_item_text, text_fields
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
@@ -30,16 +30,10 @@ STAGE = "user_profile"
 
 DEFAULTS = {
     **STAGE_DEFAULTS,
-    "user_window_size": 10,
-    "user_window_step": 10,
-    "user_summary_max_windows": 6,
-    "user_window_partial_first": True,
-    "llm_train_targets_per_user": LLM_TRAIN_TARGETS_PER_USER,
-    "user_shard_size": 256,
-    "user_profile_prompt": "v1",
-    "user_summary_max_new_tokens": 64,
-    "user_time_format": "unix_s",
-    "ITEM_ID_FIELD": "item_id",
+    **declared("user_window_size", "user_window_step", "user_summary_max_windows", "user_window_partial_first",
+               "llm_train_targets_per_user", "user_shard_size", "user_profile_prompt", "user_summary_max_new_tokens",
+               "user_time_format"),
+    "ITEM_ID_FIELD": "item_id",  # RecBole's dataset keys, with RecBole's defaults
     "seq_separator": " ",
     **PROFILE_DEFAULTS,
 }

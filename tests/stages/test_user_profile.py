@@ -173,7 +173,7 @@ def test_every_setting_is_in_the_cache_key(toy, tmp_path):
     v1 = Path(user_profile.__file__).parent / "prompts" / "user_profile_v1.txt"
     custom.write_text(v1.read_text(encoding="utf-8").replace("two or three", "three"), encoding="utf-8")
     changed = {
-        "W": {"user_window_size": 3}, "S": {"user_window_step": 3}, "M": {"user_summary_max_windows": 2},
+        "W": {"user_window_size": 3}, "S": {"user_window_step": 3}, "M": {"user_summary_max_windows": 3},
         "N": {"llm_train_targets_per_user": 1}, "partial": {"user_window_partial_first": False},
         "tokens": {"user_summary_max_new_tokens": 9}, "prompt": {"user_profile_prompt": str(custom)},
         "time": {"user_time_format": "none"}, "profile": {"user_profile_fields": ["age"]},
