@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from recbole_mllm.utils import atomic_write
 
 HOME_ENV = "RECBOLE_MLLM_HOME"
 
@@ -46,7 +47,8 @@ def file_sha256(path: str | os.PathLike) -> str:
             digest.update(block)
     sha = digest.hexdigest()
     try:
-        atomic_write_text(record, json.dumps({**key, "sha256": sha}))
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, json.dumps({**key, "sha256": sha}).encode())
     except OSError:  # a read-only home only costs a re-hash next time
         pass
     return sha
@@ -79,19 +81,6 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(name_or_path), local_files_only=True))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> Path:
