@@ -32,7 +32,8 @@ def parse_seeds(text):
 if __name__ == "__main__":
     shared = yaml.safe_load((properties_dir() / "overall.yaml").read_text(encoding="utf-8"))
     epilog = help_text("The shared protocol (properties/overall.yaml); model keys: properties/model/<Model>.yaml.", shared)
-    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=HelpFormatter,
+                                     allow_abbrev=False)  # --seed=3 is the config key, no abbreviation of --seeds
     parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare (default SASRec)")
     parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files; default ml-100k)")
     parser.add_argument("--config_files", default=None, help="YAML config files, separated by spaces or commas")

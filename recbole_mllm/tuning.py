@@ -151,8 +151,10 @@ class Search:
         return "\n".join(rows) + "\n"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """The command line of ``python -m recbole_mllm.tuning``; unknown ``--key=value`` pairs are config overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --gpu_id=1 (a trial's GPU) is no abbreviation of --gpu_ids
     parser.add_argument("-m", "--model", required=True, help="model to tune (one name)")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name (RecBole atomic files)")
     parser.add_argument("--config_files", default=None, help="YAML files, separated by spaces or commas")
@@ -165,6 +167,11 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="trials run at once, each as its own process (--trial=i); a GPU holds several")
     parser.add_argument("--gpu_ids", default=None, help="with --jobs: GPUs the trial processes take in turn, e.g. 0,1")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")

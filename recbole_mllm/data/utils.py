@@ -22,6 +22,7 @@ from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 
 from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader
+from recbole_mllm.data.windows import select_window_rows
 
 _DATASET_CLASS_BY_TYPE = {
     ModelType.GENERAL: "Dataset",
@@ -81,6 +82,8 @@ def data_preparation(config, dataset):
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
+    if config["train_positions"] == "all":  # one row per window, the loss at every position (data/windows.py)
+        train_dataset = select_window_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
     train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], user_items)
     test_protocols = config["test_protocols"] or [config["eval_args"]["mode"]["test"]]

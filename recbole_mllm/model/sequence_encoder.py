@@ -70,14 +70,18 @@ class FusedSequenceEncoder(nn.Module):
             states = states + self.fused_projection(self.fused if items is None else self.fused[items])
         return states
 
-    def forward(self, item_seq, item_seq_len):
-        """User states ``[B hidden]`` from left-aligned item sequences ``[B L]`` and their lengths ``[B]``."""
+    def sequence_states(self, item_seq):
+        """States ``[B L hidden]`` at every position of left-aligned item sequences ``[B L]`` (causal)."""
         positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0)
         hidden = self.dropout(self.layer_norm(self.item_states(item_seq) + self.position_embedding(positions)))
         padding = (item_seq > 0).unsqueeze(1).unsqueeze(2)  # [B 1 1 L]
         causal = torch.tril(torch.ones(item_seq.size(1), item_seq.size(1), dtype=torch.bool, device=item_seq.device))
         mask = torch.where(padding & causal, 0.0, -10000.0)  # [B 1 L L]
-        output = self.transformer(hidden, mask, output_all_encoded_layers=False)[-1]  # [B L H]
+        return self.transformer(hidden, mask, output_all_encoded_layers=False)[-1]  # [B L H]
+
+    def forward(self, item_seq, item_seq_len):
+        """User states ``[B hidden]``: the state at each sequence's last item (``item_seq_len`` ``[B]``)."""
+        output = self.sequence_states(item_seq)
         last = (item_seq_len - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, output.size(-1))
         return output.gather(1, last).squeeze(1)  # [B H]
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from recbole_mllm.search_space import load_search_space, search_space_file, space_keys
-from recbole_mllm.tuning import Search, main, sample_trials
+from recbole_mllm.tuning import Search, build_parser, main, sample_trials
 from tests.conftest import REPO_ROOT
 
 TUNED_MODELS = ("SASRec", "BERT4Rec", "GRU4Rec", "FusedSASRec")
@@ -18,7 +18,8 @@ TUNED_MODELS = ("SASRec", "BERT4Rec", "GRU4Rec", "FusedSASRec")
 def test_every_model_ships_a_space_of_the_same_size(model):
     space = load_search_space(search_space_file(model))
     sizes = [len(options) for options in space["choice"].values()]
-    assert sorted(sizes) == [2, 2, 2, 2, 3], sizes  # the same five settings, 48 combinations, for every model
+    assert sorted(sizes) == [1, 1, 2, 2, 2, 2, 3], sizes  # the same five settings, 48 combinations, for every model
+    assert space["choice"]["train_positions"] == ["all"] and space["choice"]["train_batch_size"] == [128]  # one regime
     assert {"learning_rate", "MAX_ITEM_LIST_LENGTH", "hidden_size"} <= set(space_keys(space))
     trials = sample_trials(space, 8)
     assert len(trials) == len({json.dumps(t, sort_keys=True) for t in trials}) == 8  # 8 distinct settings
@@ -145,3 +146,9 @@ def test_a_trial_of_a_plugin_model_prepares_its_stages_before_the_model(tiny_dat
     with pytest.raises(RuntimeError, match="stages asked for"):
         search.run_trial(0, [str(tmp_path / "tiny.yaml")], [])
     assert asked == [("item_fusion",)]
+
+
+def test_a_trials_gpu_id_stays_a_config_override():
+    """argparse would read --gpu_id=1 as an abbreviation of --gpu_ids and put every trial on GPU 0."""
+    args, overrides = build_parser().parse_known_args(["--model=SASRec", "--dataset=d", "--trial=0", "--gpu_id=1"])
+    assert overrides == ["--gpu_id=1"] and args.gpu_ids is None
