@@ -5,7 +5,7 @@ interactions gives ``n - 1`` rows, each up to ``MAX_ITEM_LIST_LENGTH`` = L items
 the row's last position only. A causal model already computes a prediction at every position of a row,
 so with ``all`` the training set keeps one row per window of L targets (each user's last training row,
 then every L-th row before it) and the loss is taken at every position: each training target is still
-predicted once per epoch, from about L times fewer rows (ML-1M, L = 200: ~10k rows instead of 988k).
+predicted once per epoch, from about L times fewer rows (ML-1M, L = 200: 8,619 rows instead of 982,089).
 This is how SASRec (Kang & McAuley, 2018) and the SASRec+/eSASRec benchmarks train; one difference from
 RecBole's rows is that a target early in a window sees fewer earlier items than its sliding prefix would.
 
