@@ -23,7 +23,7 @@ from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
-from recbole_mllm.model.train_positions import check_train_positions, use_train_positions
+from recbole_mllm.model.train_positions import check_train_positions, trains_on_windows, use_train_positions
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
 from recbole_mllm.utils import get_model, get_trainer
@@ -55,7 +55,8 @@ def split_and_build_model(config, dataset):
     check_train_positions(config["model"], config)
     stages = required_stages(model_class)
     histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset,
+                                                         window_rows=trains_on_windows(config["model"], config))
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])

@@ -12,13 +12,16 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat
+from recbole_mllm.data import windows
+from recbole_mllm.model import train_positions
 from recbole_mllm.stages.cache import canonical_json, sha256_bytes
 from recbole_mllm.utils import atomic_write
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
                "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
-               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input")
+               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
+               "train_positions", "encoder_warmup_batch_size")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
 it validated and its code: see ``MLLMSRecTrainer._warmup_cache_path``); the ranker switches are not among them."""
 
@@ -30,7 +33,7 @@ def warmup_code_sha256(model):
     to bump it, the hash whenever that code changes. An unrelated edit there costs one warm-up rerun, never a stale encoder.
     """
     sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
-               inspect.getsource(sys.modules[__name__])]
+               inspect.getsource(sys.modules[__name__]), inspect.getsource(train_positions), inspect.getsource(windows)]
     return sha256_bytes("\n".join(sources).encode())
 
 
@@ -146,6 +149,18 @@ class MLLMSRecTrainer(Trainer):
             atomic_write(self.warmup_cache, buffer.getvalue())
             self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
 
+    def _warmup_rows(self, train_data):
+        """What the warm-up trains on, and its loss: ``train_positions: all`` gives window rows with the loss at every
+        position (as FusedSASRec trains; ``encoder_warmup_batch_size`` windows per step), ``last`` the joint
+        epochs' own rows with the loss at their last position."""
+        batch_size = self.config["encoder_warmup_batch_size"] or self.config["train_batch_size"]
+        if self.config["train_positions"] == "all":
+            return (windows.window_loader(self.config, train_data, batch_size),
+                    lambda interaction: train_positions.all_positions_loss(self.model, interaction))
+        if batch_size != self.config["train_batch_size"]:
+            raise ValueError("encoder_warmup_batch_size applies to train_positions: all (window rows) only")
+        return train_data, self.model.encoder_loss
+
     def _train_encoder(self, train_data, valid_data, verbose, show_progress):
         """Train the encoder alone (the model scores with it meanwhile: ``scoring(encoder_only=True)``); keep its
         best validated state.
@@ -153,10 +168,11 @@ class MLLMSRecTrainer(Trainer):
         Returns ``(best valid score or None, epochs run)``.
         """
         validate = self._warmup_validates(valid_data)
+        warmup_data, loss_func = self._warmup_rows(train_data)
         best_score, best_state, stale, epoch = None, None, 0, -1
         with self.model.scoring(encoder_only=True):
             for epoch in range(self.warmup_epochs):
-                loss = self._train_epoch(train_data, epoch, self.model.encoder_loss, show_progress)
+                loss = self._train_epoch(warmup_data, epoch, loss_func, show_progress)
                 message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
                 if validate:
                     score, _ = self._valid_epoch(valid_data, show_progress=show_progress)

@@ -76,13 +76,17 @@ def _eval_dataloader(config, dataset, sampler, mode, user_items):
     return FixedCandidateEvalDataLoader(config, dataset, sampler, neg_sample_args, config["seed"], user_items)
 
 
-def data_preparation(config, dataset):
-    """Split ``dataset`` and return ``(train_data, valid_data, {protocol: test_data})``."""
+def data_preparation(config, dataset, window_rows=False):
+    """Split ``dataset`` and return ``(train_data, valid_data, {protocol: test_data})``.
+
+    ``window_rows``: train on one row per window of ``MAX_ITEM_LIST_LENGTH`` targets (``data/windows.py``)
+    rather than RecBole's row per prefix; ``quick_start`` asks for it under ``train_positions: all``.
+    """
     user_items = user_item_sets(dataset)
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
-    if config["train_positions"] == "all":  # one row per window, the loss at every position (data/windows.py)
+    if window_rows:  # one row per window, the loss at every position (data/windows.py)
         train_dataset = select_window_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
     train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
     valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], user_items)

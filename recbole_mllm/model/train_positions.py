@@ -14,6 +14,9 @@ The rows are ``data/windows.py``'s; here is the loss:
 * SASRec, GRU4Rec, FusedSASRec: cross-entropy over all items at every non-padding position (the next
   item inside the row, the row's target at its last position).
 * BERT4Rec: rows only; its masked-item loss already covers every position of a row.
+* MLLMSRec: its encoder warm-up trains on windows with the loss at every position (what FusedSASRec
+  trains); its joint epochs keep RecBole's rows, since the LLM trains on chosen positions of them
+  (``MLLMSRecTrainer``, ``encoder_warmup_batch_size``).
 
 ``train_positions: last`` (the default) keeps RecBole's rows and each model's own loss.
 """
@@ -47,9 +50,12 @@ def _item_table(model):
     return model.encoder.item_states() if hasattr(model, "encoder") else model.item_embedding.weight
 
 
-_SEQUENCE_STATES = {"SASRec": _sasrec_states, "GRU4Rec": _gru4rec_states, "FusedSASRec": _fusedsasrec_states}
+_SEQUENCE_STATES = {"SASRec": _sasrec_states, "GRU4Rec": _gru4rec_states, "FusedSASRec": _fusedsasrec_states,
+                    "MLLMSRec": _fusedsasrec_states}
 ROWS_ONLY = ("BERT4Rec",)
 """Models whose own loss already covers every position of a row: ``all`` changes their rows only."""
+WARMUP_ONLY = ("MLLMSRec",)
+"""Models for which ``all`` applies to the encoder warm-up alone; their training rows stay RecBole's."""
 SUPPORTED = (*_SEQUENCE_STATES, *ROWS_ONLY)
 
 
@@ -65,6 +71,11 @@ def check_train_positions(model_name, config):
         raise ValueError(f"train_positions: all trains with cross-entropy (loss_type: CE); got {config['loss_type']}")
 
 
+def trains_on_windows(model_name, config):
+    """Whether the model's training loader serves window rows (``all``, except for ``WARMUP_ONLY`` models)."""
+    return config["train_positions"] == "all" and model_name not in WARMUP_ONLY
+
+
 def all_positions_loss(model, interaction):
     """Mean cross-entropy over all items at every non-padding position of each row."""
     item_seq, lengths = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
@@ -78,6 +89,6 @@ def all_positions_loss(model, interaction):
 def use_train_positions(model, config):
     """Give ``model`` the loss ``train_positions`` asks for (``all``: :func:`all_positions_loss`); returns it."""
     name = type(model).__name__
-    if config["train_positions"] == "all" and name in _SEQUENCE_STATES:
+    if config["train_positions"] == "all" and name in _SEQUENCE_STATES and name not in WARMUP_ONLY:
         model.calculate_loss = lambda interaction: all_positions_loss(model, interaction)
     return model

@@ -321,7 +321,8 @@ def test_warm_up_cache_key_covers_every_input(mllm_config, monkeypatch):
     assert MLLMSRecTrainer(config, model)._warmup_cache_path(True) == base  # an identical config: the same path
     assert trainer._warmup_cache_path(False) != base  # an unvalidated warm-up never stands in for a validated one
     for key, value in (("gradient_accumulation_steps", 2), ("enable_amp", not config["enable_amp"]),
-                       ("mllm_dtype", "float16"), ("eval_args", dict(config["eval_args"], order="RO"))):
+                       ("mllm_dtype", "float16"), ("eval_args", dict(config["eval_args"], order="RO")),
+                       ("train_positions", "all"), ("encoder_warmup_batch_size", 16)):
         with monkeypatch.context() as patch:
             patch.setitem(config.final_config_dict, key, value)
             assert trainer._warmup_cache_path(True) != base, key
@@ -437,3 +438,47 @@ def test_a_missing_user_summary_is_an_error_naming_the_user(mllm_config):
         model.full_sort_predict(interaction)
     model.prompts.use_summaries = False  # without summaries nothing is looked up
     assert model.full_sort_predict(interaction).shape == expected.shape
+
+
+def test_train_positions_all_warms_the_encoder_up_on_windows_and_keeps_the_joint_rows(mllm_config):
+    """``all`` gives MLLMSRec's warm-up FusedSASRec's training (windows, the loss at every position); the joint
+    epochs keep RecBole's rows, whose positions the LLM trains on."""
+    from recbole_mllm.data.windows import window_rows
+    from recbole_mllm.model.train_positions import all_positions_loss
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    settings = dict(mllm_config, encoder_warmup_cache=False, encoder_warmup_epochs=2, encoder_warmup_stopping_step=0)
+    prefix_rows = len(split_and_build_model(*_config_and_dataset(settings))[1]._dataset)
+    config, dataset = _config_and_dataset(dict(settings, train_positions="all", encoder_warmup_batch_size=16))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    assert len(train_data._dataset) == prefix_rows  # the joint epochs' rows are RecBole's
+    trainer, seen = MLLMSRecTrainer(config, model), []
+    train_epoch = trainer._train_epoch
+
+    def spy(data, epoch_idx, loss_func=None, show_progress=False):
+        seen.append((data, loss_func))
+        return train_epoch(data, epoch_idx, loss_func, show_progress)
+
+    trainer._train_epoch = spy
+    trainer._warm_up_encoder(train_data, valid_data, verbose=False, show_progress=False)
+    assert len(seen) == 2
+    windows, loss_func = seen[0]
+    users = train_data._dataset.inter_feat["user_id"].numpy()
+    assert len(windows._dataset) == window_rows(users, config["MAX_ITEM_LIST_LENGTH"]).sum() < prefix_rows
+    assert windows.step == 16
+    batch, _ = next(iter(windows)), model.eval()  # no dropout: both losses see the same network
+    torch.testing.assert_close(loss_func(batch), all_positions_loss(model, batch))
+
+
+def test_a_warm_up_batch_size_without_window_rows_is_refused(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_batch_size=16))
+    model, train_data, _, _ = split_and_build_model(config, dataset)
+    with pytest.raises(ValueError, match="encoder_warmup_batch_size applies to train_positions: all"):
+        MLLMSRecTrainer(config, model)._warmup_rows(train_data)
+
+
+def _config_and_dataset(config_dict):
+    config = Config("MLLMSRec", "tiny", config_dict=config_dict)
+    return config, create_dataset(config)

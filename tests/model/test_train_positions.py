@@ -76,7 +76,7 @@ def test_a_run_trains_on_every_position_and_tests_as_before(tiny_data, model_nam
 
 @pytest.mark.parametrize("model_name, keys, message", [
     ("SASRec", {"train_positions": "every"}, "train_positions: 'every' is none of last, all"),
-    ("NARM", {"train_positions": "all"}, "train_positions: all supports SASRec, GRU4Rec, FusedSASRec, BERT4Rec; NARM"),
+    ("NARM", {"train_positions": "all"}, "train_positions: all supports SASRec, GRU4Rec, FusedSASRec, MLLMSRec, BERT4Rec; NARM"),
     ("SASRec", {"train_positions": "all", "loss_type": "BPR"}, "cross-entropy"),
 ])
 def test_bad_settings_fail_before_the_split(model_name, keys, message):
