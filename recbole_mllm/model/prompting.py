@@ -46,16 +46,19 @@ class PromptLayout:
     no_id: int = -1
 
 
-def _keep_line(line: str, use_cot: bool, use_soft_tokens: bool) -> bool:
+def _keep_line(line: str, use_cot: bool, use_soft_tokens: bool, use_rank: bool) -> bool:
     if not use_cot and line.startswith("Step "):
         return False
     if not use_soft_tokens and line.startswith("Collaborative"):
         return False
+    if not use_rank and line.startswith("Retrieval"):
+        return False
     return True
 
 
-def _section(template: PromptTemplate, name: str, use_cot: bool, use_soft_tokens: bool) -> str:
-    lines = [line for line in template.sections[name].splitlines() if _keep_line(line, use_cot, use_soft_tokens)]
+def _section(template: PromptTemplate, name: str, use_cot: bool, use_soft_tokens: bool, use_rank: bool) -> str:
+    lines = [line for line in template.sections[name].splitlines()
+             if _keep_line(line, use_cot, use_soft_tokens, use_rank)]
     text = "\n".join(lines)
     if not use_soft_tokens:
         text = text.replace(" <match_state>", "")
@@ -64,10 +67,16 @@ def _section(template: PromptTemplate, name: str, use_cot: bool, use_soft_tokens
     return re.sub(r"\{([a-z_]+)\}", lambda m: _SENTINEL.format(m.group(1)), text)
 
 
-def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tokens=True) -> PromptLayout:
-    """Render ``template`` through ``tokenizer``'s chat template into a :class:`PromptLayout`."""
-    user = _section(template, "user", use_cot, use_soft_tokens)
-    target = _section(template, "target", use_cot, use_soft_tokens)
+def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tokens=True, use_rank=True) -> PromptLayout:
+    """Render ``template`` through ``tokenizer``'s chat template into a :class:`PromptLayout`.
+
+    ``use_rank=False`` drops the "Retrieval" line (the encoder's rank of the target); a template without one
+    (v1, v2: the rank sits in the "Collaborative" line) cannot drop it alone, which is an error.
+    """
+    if not use_rank and not any(line.startswith("Retrieval") for line in template.sections["target"].splitlines()):
+        raise ValueError("ranker_use_rank: False needs a prompt whose rank has a line of its own (ranker_prompt: v3)")
+    user = _section(template, "user", use_cot, use_soft_tokens, use_rank)
+    target = _section(template, "target", use_cot, use_soft_tokens, use_rank)
     messages = [{"role": "system", "content": template.sections["system"]},
                 {"role": "user", "content": f"{user}\n{_SENTINEL.format(_SPLIT)}{target}"}]
     chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

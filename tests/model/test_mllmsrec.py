@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -482,3 +483,53 @@ def test_a_warm_up_batch_size_without_window_rows_is_refused(mllm_config):
 def _config_and_dataset(config_dict):
     config = Config("MLLMSRec", "tiny", config_dict=config_dict)
     return config, create_dataset(config)
+
+
+def test_top_k_training_lists_are_the_lists_evaluation_reranks():
+    """``ranker_train_candidates: top_k``: a target outside its row's top-K trains nothing; a kept row's negatives
+    come from that top-K (masked items never), drawn without repeats."""
+    from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
+
+    config = {"ranker_train_candidates": "top_k", "ranker_train_negatives": 2, "ranker_hard_negatives": 0,
+              "rerank_top_k": 3, "eval_args": {"split": {"LS": "valid_and_test"}}, "llm_train_targets_per_user": 2}
+    rule = TrainingCandidates([np.arange(1, 6)], {}, 8, config, "user_id", "item_id")
+    catalogue = torch.tensor([[-torch.inf, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0],    # top-3: 1, 2, 3
+                              [-torch.inf, 5.0, -torch.inf, 3.0, 2.0, 1.0, 0.0, -1.0],  # 2 masked: top-3 is 1, 3, 4
+                              [-torch.inf, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    kept, candidates, owner, labels = rule.from_top_k(catalogue, [2, 2, 6])
+    assert kept == [0]  # row 1's target is masked (history), row 2's ranks 6th: neither is reranked at test
+    assert candidates[0] == 2 and labels == [1, 0, 0] and owner == [0, 0, 0]
+    assert sorted(candidates[1:]) == [1, 3]
+    kept, candidates, _, _ = rule.from_top_k(catalogue[1:2], [4])
+    assert kept == [0] and candidates[0] == 4 and set(candidates[1:]) <= {1, 3} and 2 not in candidates
+
+
+def test_an_unknown_training_list_rule_is_refused():
+    from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
+
+    with pytest.raises(ValueError, match="ranker_train_candidates: 'hard' is none of sampled, top_k"):
+        TrainingCandidates([], {}, 5, {"ranker_train_candidates": "hard"}, "user_id", "item_id")
+
+
+def test_top_k_training_scores_only_targets_and_items_of_the_evaluation_top_k(mllm_config):
+    config, model, _ = _model_and_data(dict(mllm_config, ranker_train_candidates="top_k", ranker_train_negatives=4,
+                                            rerank_exclude_seen=True))
+    model.train()
+    config_, dataset = _config_and_dataset(dict(mllm_config, ranker_train_candidates="top_k"))
+    train_data = split_and_build_model(config_, dataset)[1]
+    calls = []
+
+    def llm_scores(uids, ts, user_states, candidates, owner, labels=None):
+        calls.append((uids, ts, user_states.detach(), candidates, owner, labels))
+        return user_states.sum() * 0
+
+    model.llm_scores = llm_scores
+    for batch in train_data:
+        model.calculate_loss(batch)
+    assert calls
+    for uids, ts, user_states, candidates, owner, labels in calls:
+        catalogue = model.scorer.catalogue_scores(user_states, uids, ts)
+        top = catalogue.topk(model.rerank_top_k, dim=1).indices
+        for c, o in zip(candidates.tolist(), owner.tolist()):
+            assert c in top[o].tolist() and torch.isfinite(catalogue[o, c])
+        assert int(labels.sum()) == len(uids)  # one positive per kept row

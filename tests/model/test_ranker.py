@@ -172,3 +172,24 @@ def test_only_lora_tensors_are_trainable(setup):
     trainable = [n for n, p in ranker.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert set(ranker.trainable_state_dict()) == {n for n in ranker.state_dict() if "lora_" in n}
+
+
+def _fields_and_slots(pieces):
+    return {p.value for p in pieces if p.kind in ("field", "soft")}
+
+
+@pytest.mark.parametrize("use_soft_tokens, use_rank", [(True, True), (False, True), (True, False), (False, False)])
+def test_v3_ablates_the_rank_line_and_the_soft_tokens_separately(use_soft_tokens, use_rank):
+    layout = build_layout(load_prompt("ranker", "v3"), tiny_tokenizer(), use_soft_tokens=use_soft_tokens,
+                          use_rank=use_rank)
+    target = _fields_and_slots(layout.target)
+    assert ("retrieval_rank" in target) == use_rank
+    assert ("item_state" in target) == use_soft_tokens and ("match_state" in target) == use_soft_tokens
+    assert ("user_state" in _fields_and_slots(layout.user)) == use_soft_tokens
+
+
+def test_v2_ties_the_rank_to_the_soft_tokens_so_dropping_the_rank_alone_is_refused():
+    v2 = load_prompt("ranker", "v2")
+    assert "retrieval_rank" not in _fields_and_slots(build_layout(v2, tiny_tokenizer(), use_soft_tokens=False).target)
+    with pytest.raises(ValueError, match="ranker_use_rank: False needs a prompt whose rank has a line of its own"):
+        build_layout(v2, tiny_tokenizer(), use_rank=False)

@@ -13,10 +13,17 @@ import torch
 
 from recbole_mllm.data.split import needed_positions, user_split
 
+TRAIN_CANDIDATE_RULES = ("sampled", "top_k")
+"""Values of ``ranker_train_candidates`` (see :class:`TrainingCandidates`)."""
+
 
 class TrainingCandidates:
-    """The LLM's training rows and, per positive, its negatives: hard ones from the encoder's top
-    ``rerank_top_k``, the rest uniform, all unseen by the user in training.
+    """The LLM's training rows and, per positive, its negatives, by one of two rules (``ranker_train_candidates``):
+
+    * ``sampled`` (the paper's pointwise fine-tuning): every training target, with ``ranker_hard_negatives`` from the
+      encoder's top ``rerank_top_k`` and the rest uniform, all unseen by the user in training;
+    * ``top_k`` (train as tested): only targets the encoder ranks within its top ``rerank_top_k`` under evaluation's
+      rule, with ``ranker_train_negatives`` of the other items of that same list: the lists the LLM reranks at test.
 
     Args:
         histories: per internal user id, its internal item ids in time order (the whole history).
@@ -29,6 +36,9 @@ class TrainingCandidates:
     def __init__(self, histories, positions, n_items, config, user_field, target_field):
         self.positions, self.n_items = positions, n_items
         self.user_field, self.target_field = user_field, target_field
+        self.rule = config["ranker_train_candidates"]
+        if self.rule not in TRAIN_CANDIDATE_RULES:
+            raise ValueError(f"ranker_train_candidates: {self.rule!r} is none of {', '.join(TRAIN_CANDIDATE_RULES)}")
         self.n_negatives = config["ranker_train_negatives"]
         self.n_hard = min(config["ranker_hard_negatives"], self.n_negatives)
         self.rerank_top_k = config["rerank_top_k"]
@@ -90,3 +100,26 @@ class TrainingCandidates:
             owner += [k] * len(items)
             labels += [1] + [0] * (len(items) - 1)
         return candidates, owner, labels
+
+    def from_top_k(self, catalogue, targets):
+        """Train as tested: ``(kept, candidates, owner, labels)`` from each row's top ``rerank_top_k`` of ``catalogue``.
+
+        ``catalogue`` ``[R n_items]``: the encoder's scores of each row as evaluation computes them (the scorer's
+        ``catalogue_scores``: padding, and with ``rerank_exclude_seen`` the history before ``t``, at -inf). A row whose
+        target is outside its top-K is dropped (at test the LLM never sees such a target); ``kept`` lists the rows
+        kept. A kept row gives its target (label 1), then ``ranker_train_negatives`` other items of its top-K drawn
+        uniformly (label 0); ``owner[c]`` indexes ``kept``.
+        """
+        top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
+        kept, candidates, owner, labels = [], [], [], []
+        for row, (items, scores, target) in enumerate(zip(top.indices.tolist(), top.values.tolist(), targets)):
+            listed = [item for item, score in zip(items, scores) if score != float("-inf")]
+            if target not in listed:
+                continue
+            others = [item for item in listed if item != target]
+            picked = [others[j] for j in torch.randperm(len(others))[:self.n_negatives].tolist()]
+            owner += [len(kept)] * (1 + len(picked))
+            candidates += [target] + picked
+            labels += [1] + [0] * len(picked)
+            kept.append(row)
+        return kept, candidates, owner, labels

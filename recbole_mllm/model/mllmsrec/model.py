@@ -63,7 +63,8 @@ class MLLMSRec(SequentialRecommender):
         self.rerank_top_k = config["rerank_top_k"]
         self.encoder_loss_weight = config["encoder_loss_weight"]
         use_images = config["ranker_use_images"]
-        switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"]]
+        switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"],
+                    config["ranker_use_rank"]]
         field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
                         "preference": config["ranker_preference_tokens"], "item_text": 48}
 
@@ -89,7 +90,8 @@ class MLLMSRec(SequentialRecommender):
         template = load_prompt("ranker", config["ranker_prompt"])
         self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(), "switches": switches,
                                 "recent_items": config["ranker_recent_items"], "field_tokens": field_tokens}
-        layout = build_layout(template, self.backend.tokenizer, config["ranker_use_cot"], config["ranker_use_soft_tokens"])
+        layout = build_layout(template, self.backend.tokenizer, config["ranker_use_cot"], config["ranker_use_soft_tokens"],
+                              config["ranker_use_rank"])
         self.prompts = PromptParts(self.context, inputs.user_summaries, layout, self.backend.tokenizer, field_tokens,
                                    config["ranker_recent_items"], config["ranker_use_summaries"], self.n_items - 1,
                                    config["dataset"])
@@ -234,7 +236,14 @@ class MLLMSRec(SequentialRecommender):
         rows, ts = self.candidates.llm_rows(interaction, self.positions)
         if not rows:
             return loss
-        candidates, owner, labels = self.candidates.for_rows(uids, targets, rows, all_scores)
+        if self.candidates.rule == "top_k":  # the lists evaluation reranks: the scorer's catalogue scores and history rule
+            catalogue = self.scorer.catalogue_scores(user_states[rows].detach(), [uids[r] for r in rows], ts)
+            kept, candidates, owner, labels = self.candidates.from_top_k(catalogue, [targets[r] for r in rows])
+            rows, ts = [rows[k] for k in kept], [ts[k] for k in kept]
+            if not rows:
+                return loss
+        else:
+            candidates, owner, labels = self.candidates.for_rows(uids, targets, rows, all_scores)
         device = user_states.device
         return loss + self.llm_scores([uids[r] for r in rows], ts, user_states[rows],
                                       torch.tensor(candidates, device=device), torch.tensor(owner, device=device),
