@@ -82,7 +82,8 @@ class MLLMSRecTrainer(Trainer):
             with self._autocast():
                 loss = loss_func(interaction.to(self.device))
             self._check_nan(loss)
-            (loss / self.accumulation_steps).backward()
+            if loss.requires_grad:  # a frozen encoder and no LLM row in the batch: nothing to train on it
+                (loss / self.accumulation_steps).backward()
             total_loss += loss.item()
             if (batch_idx + 1) % self.accumulation_steps == 0 or batch_idx + 1 == len(train_data):
                 self._step()
@@ -106,6 +107,10 @@ class MLLMSRecTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
+        if self.config["encoder_frozen_after_warmup"]:
+            if self.warmup_epochs <= 0:
+                raise ValueError("encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0)")
+            self.model.freeze_encoder()
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
     def _warmup_validates(self, valid_data):

@@ -533,3 +533,35 @@ def test_top_k_training_scores_only_targets_and_items_of_the_evaluation_top_k(ml
         for c, o in zip(candidates.tolist(), owner.tolist()):
             assert c in top[o].tolist() and torch.isfinite(catalogue[o, c])
         assert int(labels.sum()) == len(uids)  # one positive per kept row
+
+
+def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_cache=False,
+                                               encoder_warmup_epochs=1, encoder_warmup_stopping_step=0))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    trainer = MLLMSRecTrainer(config, model)
+    warm_up, states = trainer._warm_up_encoder, {}
+
+    def spy(*args, **kwargs):
+        warm_up(*args, **kwargs)
+        states["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        states["lora"] = {k: v.clone() for k, v in model.named_parameters() if "lora_B" in k}
+
+    trainer._warm_up_encoder = spy
+    trainer.fit(train_data, valid_data, saved=False)
+    assert model.encoder_frozen and not model.train().encoder.training  # no dropout in the joint epochs either
+    for name, value in model.encoder.state_dict().items():
+        torch.testing.assert_close(value, states["encoder"][name])
+    lora = dict(model.named_parameters())
+    assert any(not torch.equal(lora[k], v) for k, v in states["lora"].items())  # the LLM's adapters did train
+
+
+def test_freezing_an_encoder_that_was_never_warmed_up_is_refused(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_epochs=0))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    with pytest.raises(ValueError, match="encoder_frozen_after_warmup needs a warm-up"):
+        MLLMSRecTrainer(config, model).fit(train_data, valid_data, saved=False)

@@ -62,6 +62,7 @@ class MLLMSRec(SequentialRecommender):
         self.hidden_size = config["hidden_size"]
         self.rerank_top_k = config["rerank_top_k"]
         self.encoder_loss_weight = config["encoder_loss_weight"]
+        self.encoder_frozen = False  # freeze_encoder(): the trainer's encoder_frozen_after_warmup
         use_images = config["ranker_use_images"]
         switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"],
                     config["ranker_use_rank"]]
@@ -217,6 +218,20 @@ class MLLMSRec(SequentialRecommender):
             return self.ranker.loss(users, targets, owner, labels)
         return self.ranker.score(users, targets, owner)
 
+    # ------------------------------------------------------------------ a first stage fixed after the warm-up
+    def freeze_encoder(self):
+        """Keep the warmed-up encoder as it is for the joint epochs (``encoder_frozen_after_warmup``): no gradient, no
+        dropout, no encoder loss. Its top-K lists, ranks and soft tokens are then the same in training and at test."""
+        self.encoder.requires_grad_(False)
+        self.encoder_frozen = True
+        self.encoder.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if getattr(self, "encoder_frozen", False):
+            self.encoder.eval()
+        return self
+
     # ------------------------------------------------------------------ RecBole contract
     def forward(self, item_seq, item_seq_len):
         return self.encoder(item_seq, item_seq_len)  # [B H]
@@ -229,7 +244,10 @@ class MLLMSRec(SequentialRecommender):
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         all_scores = self.encoder.full_scores(user_states)
-        loss = self.encoder_loss_weight * nn.functional.cross_entropy(all_scores, interaction[self.POS_ITEM_ID])
+        if self.encoder_frozen:
+            loss = all_scores.new_zeros(())  # the LLM's loss alone; a batch without LLM rows then trains nothing
+        else:
+            loss = self.encoder_loss_weight * nn.functional.cross_entropy(all_scores, interaction[self.POS_ITEM_ID])
         if not self.uses_llm:
             return loss
         uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
