@@ -229,9 +229,15 @@ class LoRARanker(nn.Module):
 
     def loss(self, users, candidates, owner, labels):
         """Supervised fine-tuning loss on the answer token only: CE towards "Yes" (label 1) or "No" (0)."""
+        return self.loss_and_scores(users, candidates, owner, labels)[0]
+
+    def loss_and_scores(self, users, candidates, owner, labels):
+        """``(loss, scores)`` of one forward: :meth:`loss`, and each candidate's ``log p(Yes) - log p(No)`` ``[C]``
+        with its gradient (what a list-wise loss over the scores needs beside the pointwise one)."""
         log_probs = self.answer_logits(users, candidates, owner).log_softmax(-1)
         targets = torch.where(labels.to(log_probs.device) > 0, self.yes_id, self.no_id)
-        return -log_probs.gather(1, targets.view(-1, 1)).mean()
+        loss = -log_probs.gather(1, targets.view(-1, 1)).mean()
+        return loss, log_probs[:, self.yes_id] - log_probs[:, self.no_id]
 
     def trainable_state_dict(self):
         """Only the LoRA adapter tensors (the base model is frozen and identified by its hash)."""

@@ -565,3 +565,42 @@ def test_freezing_an_encoder_that_was_never_warmed_up_is_refused(mllm_config):
     model, train_data, valid_data, _ = split_and_build_model(config, dataset)
     with pytest.raises(ValueError, match="encoder_frozen_after_warmup needs a warm-up"):
         MLLMSRecTrainer(config, model).fit(train_data, valid_data, saved=False)
+
+
+def test_list_cross_entropy_is_each_lists_softmax_loss_of_its_positive():
+    from recbole_mllm.model.mllmsrec.model import list_cross_entropy
+
+    scores = torch.tensor([2.0, 0.0, 1.0, 5.0, 3.0])
+    owner, labels = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 0, 1, 0])
+    first = torch.logsumexp(torch.tensor([2.0, 0.0, 1.0]), 0) - 0.0
+    second = torch.logsumexp(torch.tensor([5.0, 3.0]), 0) - 5.0
+    torch.testing.assert_close(list_cross_entropy(scores, owner, labels), (first + second) / 2)
+
+
+@torch.no_grad()
+def test_a_residual_ranker_starts_as_its_first_stage(mllm_config):
+    """``ranker_residual``: the gate starts at 0, so full ranking's top-K and uni100's blocks keep the encoder's order."""
+    _, model, test_data = _model_and_data(dict(mllm_config, ranker_residual=True))
+    assert float(model.residual_gate) == 0.0 and "residual_gate" in model.state_dict()
+    interaction = next(iter(test_data["full"]))[0]
+    reranked = model.full_sort_predict(interaction)
+    with model.scoring(encoder_only=True):
+        first = model.full_sort_predict(interaction)
+    k = model.rerank_top_k
+    assert torch.equal(reranked.topk(k, dim=1).indices, first.topk(k, dim=1).indices)
+    top = first.topk(k, dim=1).indices
+    torch.testing.assert_close(reranked.gather(1, top), first.gather(1, top))  # the encoder's own scores, untouched
+
+
+def test_a_residual_ranker_trains_its_gate_with_the_list_loss(mllm_config):
+    config, dataset = _config_and_dataset(dict(mllm_config, ranker_residual=True, ranker_train_negatives=3))
+    model, train_data, _, _ = split_and_build_model(config, dataset)
+    model.train()
+    for batch in train_data:  # the first batch with LLM rows
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        if loss.requires_grad:
+            loss.backward()
+        if model.residual_gate.grad is not None and float(model.residual_gate.grad) != 0.0:
+            break
+    assert model.residual_gate.grad is not None and float(model.residual_gate.grad) != 0.0

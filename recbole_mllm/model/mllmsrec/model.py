@@ -51,6 +51,18 @@ from recbole_mllm.stages.prompts import load_prompt
 logger = logging.getLogger(__name__)
 
 
+def list_cross_entropy(scores, owner, labels):
+    """Softmax cross-entropy of each list's positive among its candidates (``owner[c]``: the list of ``scores[c]``;
+    one label 1 per list), averaged over the lists: the list-wise loss of ``ranker_residual``."""
+    owner, labels = owner.to(scores.device), labels.to(scores.device)
+    n_lists = int(owner.max()) + 1
+    top = torch.full((n_lists,), -torch.inf, device=scores.device).scatter_reduce(0, owner, scores.detach(), "amax")
+    sums = torch.zeros(n_lists, device=scores.device).index_add(0, owner, (scores - top[owner]).exp())
+    log_norm = top + sums.log()  # log-sum-exp per list
+    positive = labels > 0
+    return (log_norm[owner[positive]] - scores[positive]).mean()
+
+
 class MLLMSRec(SequentialRecommender):
     input_type = InputType.POINTWISE
     required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
@@ -65,7 +77,7 @@ class MLLMSRec(SequentialRecommender):
         self.encoder_frozen = False  # freeze_encoder(): the trainer's encoder_frozen_after_warmup
         use_images = config["ranker_use_images"]
         switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"],
-                    config["ranker_use_rank"]]
+                    config["ranker_use_rank"], config["ranker_residual"]]
         field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
                         "preference": config["ranker_preference_tokens"], "item_text": 48}
 
@@ -111,8 +123,11 @@ class MLLMSRec(SequentialRecommender):
                 self.register_buffer("image_features", features, persistent=False)
                 self.register_buffer("image_logits", logits, persistent=False)
                 self.register_buffer("has_image", has_image, persistent=False)
+        # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
+        self.residual_gate = nn.Parameter(torch.zeros(())) if config["ranker_residual"] else None
         self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["rerank_exclude_seen"],
-                                     config["ranker_eval_batch_size"], config["late_fusion_weight"])
+                                     config["ranker_eval_batch_size"], config["late_fusion_weight"],
+                                     residual=config["ranker_residual"])
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 
@@ -214,9 +229,14 @@ class MLLMSRec(SequentialRecommender):
         image_tokens = self._image_tokens(candidates)
         users, targets = self.prompts.batch(uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens,
                                             image_tokens, ranks)
-        if labels is not None:
+        if labels is None:
+            scores = self.ranker.score(users, targets, owner)
+            return scores if self.residual_gate is None else self.residual_gate * scores
+        if self.residual_gate is None:
             return self.ranker.loss(users, targets, owner, labels)
-        return self.ranker.score(users, targets, owner)
+        pointwise, log_odds = self.ranker.loss_and_scores(users, targets, owner, labels)
+        encoder_scores = (user_states[owner] * item_states).sum(-1).float()  # each candidate's first-stage score
+        return pointwise + list_cross_entropy(encoder_scores + self.residual_gate * log_odds, owner, labels)
 
     # ------------------------------------------------------------------ a first stage fixed after the warm-up
     def freeze_encoder(self):

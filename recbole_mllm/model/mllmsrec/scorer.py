@@ -46,9 +46,13 @@ class TwoStageScorer:
         exclude_seen: retrieve only items outside the user's history before ``t``.
         candidates_per_forward: most candidates per LLM call.
         fusion_weight: late fusion, the fallback compared against: LLM score + w * encoder score (0: LLM alone).
+        residual: the reranked score is the encoder's score plus the LLM's (``ranker_residual``: the model scales the
+            LLM's log-odds by a gate that starts at 0, so the first step reranks nothing).
     """
 
-    def __init__(self, encoder, histories, rerank_top_k, exclude_seen, candidates_per_forward, fusion_weight=0.0):
+    def __init__(self, encoder, histories, rerank_top_k, exclude_seen, candidates_per_forward, fusion_weight=0.0,
+                 residual=False):
+        self.residual = bool(residual)
         self.encoder, self.histories = encoder, histories
         self.rerank_top_k, self.exclude_seen = rerank_top_k, exclude_seen
         self.candidates_per_forward = candidates_per_forward
@@ -145,6 +149,8 @@ class TwoStageScorer:
                                     user_states[users], candidates[chosen], local, llm_scores).float()
             if self.fusion_weight:  # the fallback to compare against: the encoder's score added beside the LLM's
                 llm = llm + self.fusion_weight * own[chosen]
+            if self.residual:  # the LLM's gated score is a correction of the encoder's
+                llm = llm + own[chosen]
             scores[chosen] = llm.clamp(min=1.0 - RERANK_FLOOR)
         return scores
 
