@@ -604,3 +604,13 @@ def test_a_residual_ranker_trains_its_gate_with_the_list_loss(mllm_config):
         if model.residual_gate.grad is not None and float(model.residual_gate.grad) != 0.0:
             break
     assert model.residual_gate.grad is not None and float(model.residual_gate.grad) != 0.0
+
+
+def test_every_issue16_switch_together_trains_and_tests_end_to_end(mllm_config):
+    result = run("MLLMSRec", "tiny", config_dict=dict(
+        mllm_config, train_positions="all", encoder_warmup_batch_size=16, ranker_train_candidates="top_k",
+        ranker_train_negatives=4, encoder_frozen_after_warmup=True, ranker_residual=True, ranker_prompt="v3",
+        ranker_use_rank=False, encoder_warmup_cache=False, report_first_stage=True))
+    assert set(result["test_result"]) == set(result["first_stage_result"]) == {"uni100", "full"}
+    for metrics in result["test_result"].values():
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
