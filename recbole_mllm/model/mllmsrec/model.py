@@ -248,7 +248,7 @@ class MLLMSRec(SequentialRecommender):
 
     def train(self, mode=True):
         super().train(mode)
-        if getattr(self, "encoder_frozen", False):
+        if self.encoder_frozen:  # no dropout in a first stage that no longer trains
             self.encoder.eval()
         return self
 
