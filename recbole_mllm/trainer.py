@@ -7,12 +7,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat
 from recbole_mllm.data import windows
+from recbole_mllm.data.dataloader import subset_loader
 from recbole_mllm.model import train_positions
 from recbole_mllm.stages.cache import canonical_json, sha256_bytes
 from recbole_mllm.utils import atomic_write
@@ -63,6 +65,7 @@ class MLLMSRecTrainer(Trainer):
         self.skipped_steps = 0
         self.report_first_stage = bool(config["report_first_stage"])
         self.last_first_stage_result = None
+        self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -72,6 +75,8 @@ class MLLMSRecTrainer(Trainer):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if loss_func is None and self.joint_rows is not None:  # a joint epoch of a frozen encoder: the LLM's rows alone
+            train_data = self.joint_rows
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         total_loss = 0.0
@@ -111,7 +116,23 @@ class MLLMSRecTrainer(Trainer):
             if self.warmup_epochs <= 0:
                 raise ValueError("encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0)")
             self.model.freeze_encoder()
+            self.joint_rows = self._llm_rows(train_data)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _llm_rows(self, train_data):
+        """A loader of the training rows the LLM trains on, ``ranker_train_batch_size`` rows per step.
+
+        With the encoder frozen no other row trains anything: RecBole's ~1M rows of ML-1M hold ~12k of them, so a joint
+        epoch over all rows would spend almost every step on an encoder forward that is thrown away. The rows are
+        chosen by the model's own rule (``TrainingCandidates.llm_rows``), so they are exactly those a full epoch trains.
+        """
+        inter, keep, chunk = train_data._dataset.inter_feat, [], 65536
+        for start in range(0, len(inter), chunk):
+            rows, _ = self.model.candidates.llm_rows(inter[start:start + chunk], self.model.positions)
+            keep += [start + row for row in rows]
+        self.logger.info(f"encoder frozen: the joint epochs read the {len(keep)} rows the LLM trains on "
+                         f"(of {len(inter)}), {self.config['ranker_train_batch_size']} per step")
+        return subset_loader(self.config, train_data, keep, self.config["ranker_train_batch_size"])
 
     def _warmup_validates(self, valid_data):
         """Whether a warm-up early-stops on validation (and keeps its best encoder) or runs every epoch."""
@@ -135,24 +156,30 @@ class MLLMSRecTrainer(Trainer):
     def _warm_up_encoder(self, train_data, valid_data, verbose, show_progress):
         """Warm the encoder up, or reuse the encoder an identical configuration warmed up (``encoder_warmup_cache``).
 
-        Runs that differ only in the ranker (the ablation ladder) then share one warm-up.
+        Runs that differ only in the ranker (the ablation ladder) then share one warm-up, also when they start at
+        once: the warm-up runs under a lock beside its cache file, and a run that waited for it reuses the result.
         """
-        if self.warmup_cache is not None:
-            self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
-        if self.warmup_cache is not None and self.warmup_cache.is_file():
+        if self.warmup_cache is None:
+            self._train_encoder(train_data, valid_data, verbose, show_progress)
+            return
+        self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
+        self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.warmup_cache}.lock"):
+            self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
+
+    def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
+        if self.warmup_cache.is_file():
             saved = compat.load_weights(self.warmup_cache, map_location=self.device)
             self.model.encoder.load_state_dict(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
                              f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")
             return
         best_score, epochs = self._train_encoder(train_data, valid_data, verbose, show_progress)
-        if self.warmup_cache is not None:
-            buffer = io.BytesIO()
-            torch.save({"encoder": self.model.encoder.state_dict(), "best_score": best_score or float("nan"),
-                        "epochs": epochs}, buffer)
-            self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.warmup_cache, buffer.getvalue())
-            self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
+        buffer = io.BytesIO()
+        torch.save({"encoder": self.model.encoder.state_dict(), "best_score": best_score or float("nan"),
+                    "epochs": epochs}, buffer)
+        atomic_write(self.warmup_cache, buffer.getvalue())
+        self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
 
     def _warmup_rows(self, train_data):
         """What the warm-up trains on, and its loss: ``train_positions: all`` gives window rows with the loss at every

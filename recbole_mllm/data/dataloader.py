@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 import torch
-from recbole.data.dataloader import NegSampleEvalDataLoader
+from recbole.data.dataloader import NegSampleEvalDataLoader, TrainDataLoader
 from recbole.data.interaction import cat_interactions
 
 
@@ -83,3 +83,25 @@ class FixedCandidateEvalDataLoader(NegSampleEvalDataLoader):
             torch.tensor(positive_u, dtype=torch.long),
             torch.cat(positive_i),
         )
+
+
+class SubsetTrainDataLoader(TrainDataLoader):
+    """RecBole's training loader over some of the training rows, with a batch size of its own: ``train_batch_size``
+    counts the rows that the same run's other loader still serves (MLLMSRec's warm-up on windows, its joint epochs
+    on the LLM's rows alone)."""
+
+    def __init__(self, config, dataset, sampler, batch_size, shuffle=False):
+        self._subset_batch_size = int(batch_size)
+        super().__init__(config, dataset, sampler, shuffle=shuffle)
+
+    def _init_batch_size_and_step(self):
+        self.step = self._subset_batch_size
+        self.set_batch_size(self._subset_batch_size)
+
+
+def subset_loader(config, train_data, rows, batch_size):
+    """A loader of rows ``rows`` (indices) of ``train_data``'s dataset, ``batch_size`` rows per batch, shuffled as
+    ``train_data`` is (RecBole's ``shuffle``)."""
+    dataset = train_data._dataset
+    subset = dataset.copy(dataset.inter_feat[torch.as_tensor(np.asarray(rows, dtype=np.int64))])
+    return SubsetTrainDataLoader(config, subset, train_data._sampler, batch_size, shuffle=config["shuffle"])

@@ -7,7 +7,8 @@ each training target once: each user's last row and every L-th row before it.
 
 import numpy as np
 import torch
-from recbole.data.dataloader import TrainDataLoader
+
+from recbole_mllm.data.dataloader import subset_loader
 
 
 def window_rows(user_ids, max_length):
@@ -35,20 +36,8 @@ def select_window_rows(train_dataset, max_length):
     return train_dataset.copy(train_dataset.inter_feat[torch.from_numpy(np.flatnonzero(keep))])
 
 
-class WindowTrainDataLoader(TrainDataLoader):
-    """RecBole's training loader over window rows, with a batch size of its own (``train_batch_size`` counts
-    the prefix rows that the same run's other loader still serves: MLLMSRec's joint epochs)."""
-
-    def __init__(self, config, dataset, sampler, batch_size, shuffle=False):
-        self._window_batch_size = int(batch_size)
-        super().__init__(config, dataset, sampler, shuffle=shuffle)
-
-    def _init_batch_size_and_step(self):
-        self.step = self._window_batch_size
-        self.set_batch_size(self._window_batch_size)
-
-
 def window_loader(config, train_data, batch_size):
-    """A loader of ``train_data``'s window rows (:func:`select_window_rows`), ``batch_size`` windows per batch."""
-    windows = select_window_rows(train_data._dataset, config["MAX_ITEM_LIST_LENGTH"])
-    return WindowTrainDataLoader(config, windows, train_data._sampler, batch_size, shuffle=config["shuffle"])
+    """A loader of ``train_data``'s window rows (:func:`window_rows`), ``batch_size`` windows per batch."""
+    dataset = train_data._dataset
+    keep = np.flatnonzero(window_rows(dataset.inter_feat[dataset.uid_field].numpy(), config["MAX_ITEM_LIST_LENGTH"]))
+    return subset_loader(config, train_data, keep, batch_size)

@@ -558,6 +558,63 @@ def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
     assert any(not torch.equal(lora[k], v) for k, v in states["lora"].items())  # the LLM's adapters did train
 
 
+def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config):
+    """With the encoder frozen, the other rows train nothing: the joint epochs read the LLM's rows alone, by the
+    model's own rule, ``ranker_train_batch_size`` per step."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_cache=False,
+                                               encoder_warmup_epochs=1, encoder_warmup_stopping_step=0,
+                                               ranker_train_batch_size=3))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    trainer, read = MLLMSRecTrainer(config, model), []
+    train_epoch = trainer._train_epoch
+
+    def spy(data, epoch_idx, loss_func=None, show_progress=False):
+        read.append(data if loss_func is not None else trainer.joint_rows)
+        return train_epoch(data, epoch_idx, loss_func, show_progress)
+
+    trainer._train_epoch = spy
+    trainer.fit(train_data, valid_data, saved=False)
+    warm_up, joint = read
+    assert warm_up is train_data and joint.step == 3
+    expected = _split_rows(model, train_data)  # {uid: [t]} of a pass over every training row
+    assert sum(map(len, expected.values())) == len(joint._dataset) < len(train_data._dataset)
+    assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in expected.items()}
+
+
+def test_runs_started_at_once_share_one_warm_up(mllm_config, tmp_path):
+    """A run whose warm-up is being computed by another waits on its lock, then reuses it rather than training."""
+    import threading
+
+    from filelock import FileLock
+
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    settings = dict(mllm_config, encoder_warmup_epochs=2, encoder_warmup_stopping_step=0,
+                    stage_cache_dir=str(tmp_path / "cache"), checkpoint_dir=str(tmp_path))
+    config, first_model, _ = _model_and_data(settings)
+    second_model = _model_and_data(settings)[1]
+    first, second = MLLMSRecTrainer(config, first_model), MLLMSRecTrainer(config, second_model)
+    second._train_epoch = lambda *args, **kwargs: pytest.fail("the second run must reuse the first one's warm-up")
+    first.warmup_cache.parent.mkdir(parents=True)
+    lock = FileLock(f"{first.warmup_cache}.lock")
+    lock.acquire()  # the first run is warming up
+    waiting = threading.Thread(target=second._warm_up_encoder, args=(None, None, False, False))
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive()  # blocked on the lock, not training
+    with torch.no_grad():
+        next(first_model.encoder.parameters()).add_(1.0)
+    first._train_encoder = lambda *args: (None, 2)  # the holder's (changed) encoder is its warm-up's result
+    first._warm_up_or_reuse(None, None, False, False)
+    lock.release()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+    for name, value in second_model.encoder.state_dict().items():
+        torch.testing.assert_close(value, first_model.encoder.state_dict()[name])
+
+
 def test_freezing_an_encoder_that_was_never_warmed_up_is_refused(mllm_config):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
