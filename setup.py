@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["recbole_mllm", "recbole_mllm.*"]) + ["recbole_mllm.properties"],
     package_dir={"recbole_mllm.properties": "properties"},
-    package_data={"recbole_mllm.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml", "tuning/*.yaml", "tuned/*/*.yaml"], "recbole_mllm": ["**/*.txt"]},
+    package_data={"recbole_mllm.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml", "tuning/*.yaml", "tuned/*/*.yaml", "ranker/*.yaml"], "recbole_mllm": ["**/*.txt"]},
     install_requires=install_requires,
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
 )

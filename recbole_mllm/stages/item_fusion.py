@@ -26,7 +26,7 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
         RecBole's ``saved/`` checkpoints (not next to the data, which may be read-only, e.g. ml-100k).
     item_fusion_prompt (str): template version (``v1`` -> ``prompts/item_fusion_v1.txt``) or a .txt path.
     item_fusion_max_new_tokens (int): longest summary, in tokens.
-    stage_batch_size (int): requests per generation / embedding batch.
+    stage_batch_size (int or None): requests per generation / embedding batch (None: 512 on a GPU, 16 on a CPU).
     stage_no_repeat_ngram_size (int): greedy decoding never repeats an n-gram of this size (0: off).
     stage_shard_size (int): items per cache shard (the unit of resume and of multi-process work).
     item_text_fields (list | dict | None): ``.item`` fields written into the prompt, as a list of field

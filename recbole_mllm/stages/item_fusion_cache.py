@@ -18,7 +18,7 @@ import torch
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared
+from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, stage_batch_size
 from recbole_mllm.stages.items import ItemTable, fingerprint, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -92,7 +92,7 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
 def generation_config(config: Mapping) -> GenerationConfig:
     """Greedy decoding with the configured length and batch (part of the cache key)."""
     return GenerationConfig(max_new_tokens=int(setting(config, "item_fusion_max_new_tokens")),
-                            batch_size=int(setting(config, "stage_batch_size")), do_sample=False,
+                            batch_size=stage_batch_size(config), do_sample=False,
                             no_repeat_ngram_size=int(setting(config, "stage_no_repeat_ngram_size")))
 
 

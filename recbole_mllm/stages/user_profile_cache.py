@@ -20,7 +20,8 @@ from recbole_mllm.data.split import held_out_count, needed_positions
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.backend_identity import BackendIdentity
 from recbole_mllm.stages.cache import StageCache, canonical_json, sha256_file
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, load_backend
+from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, declared, load_backend,
+                                         stage_batch_size)
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, render_item_text, text_fields
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
@@ -121,7 +122,7 @@ class UserProfilePlan:
 def generation_config(config: Mapping) -> GenerationConfig:
     """Greedy decoding with the configured length and batch (part of the cache key)."""
     return GenerationConfig(max_new_tokens=int(setting(config, "user_summary_max_new_tokens")),
-                            batch_size=int(setting(config, "stage_batch_size")), do_sample=False,
+                            batch_size=stage_batch_size(config), do_sample=False,
                             no_repeat_ngram_size=int(setting(config, "stage_no_repeat_ngram_size")))
 
 

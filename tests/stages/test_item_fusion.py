@@ -209,3 +209,11 @@ def test_named_backend_is_loaded_through_load_mllm(toy, tmp_path):
 def test_unknown_model_name_is_the_loaders_error(toy):
     with pytest.raises(ValueError, match="does not exist.*offline-default"):
         run_item_fusion({**toy, "mllm": "./no-such-model"}, progress=False)
+
+
+def test_the_stage_batch_size_defaults_to_the_device_it_runs_on():
+    from recbole_mllm.stages.common import CPU_STAGE_BATCH_SIZE, GPU_STAGE_BATCH_SIZE, stage_batch_size
+
+    assert stage_batch_size({"device": "cpu"}) == CPU_STAGE_BATCH_SIZE == 16
+    assert stage_batch_size({"device": "cuda"}) == GPU_STAGE_BATCH_SIZE == 512
+    assert stage_batch_size({"device": "cuda", "stage_batch_size": 8}) == 8  # a given value wins on every device
