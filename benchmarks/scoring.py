@@ -18,6 +18,7 @@ speed-up. Peak memory is torch.cuda.max_memory_allocated, weights included.
 
     python benchmarks/scoring.py                       # on a GPU: both models, bf16
     python benchmarks/scoring.py --tiny                # a few seconds on a CPU (the smoke test)
+    python benchmarks/scoring.py --models llama2-7b --train_only --gradient_checkpointing --users 4  # a 7B LoRA step
 """
 
 import argparse
@@ -36,6 +37,9 @@ MODELS = {  # name: (model class, config)
     "qwen2-1.5b": (Qwen2ForCausalLM, Qwen2Config(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
         vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)),
+    "llama2-7b": (LlamaForCausalLM, LlamaConfig(  # a 7B-class config: the LoRA step with gradient checkpointing
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=32000, max_position_embeddings=4096)),
     "tiny": (LlamaForCausalLM, LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=1000, max_position_embeddings=1024)),
@@ -59,6 +63,9 @@ def parse_args(argv=None):
                         help="peak memory of ours at this size too (CUDA only; 0 0: skip)")
     parser.add_argument("--train_candidates", type=int, default=4,
                         help="candidates per user in a timed training step of ours (0: none)")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="recompute the LLM's activations in the backward pass (LoRARanker's gradient_checkpointing)")
+    parser.add_argument("--train_only", action="store_true", help="time the training step alone (no scoring rows)")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="the device's peak TFLOP/s for MFU (989: bf16 dense H200)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
@@ -135,7 +142,8 @@ def build_ranker(name, args):
     torch.manual_seed(0)
     with args.device:
         llm = model_class._from_config(config, attn_implementation="sdpa", dtype=args.dtype)
-    return LoRARanker(llm, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 2).eval()
+    return LoRARanker(llm, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 2,
+                      gradient_checkpointing=args.gradient_checkpointing).eval()
 
 
 def synthetic_batch(ranker, n_users, per_user, args, generator):
@@ -150,7 +158,7 @@ def report(name, size, path, seconds, batch, flops, peak, args):
     _, prompt_tokens = workload(*batch)
     tflops = flops / seconds / 1e12 if flops else float("nan")
     mfu = f"{100 * tflops / args.peak_tflops:5.1f}%" if args.device.type == "cuda" and flops else "  n/a"
-    print(f"{name:13} {size:>9} {path:6} {1000 * seconds:9.1f} {len(batch[2]) / seconds:12,.0f} "
+    print(f"{name:13} {size:>9} {path:8} {1000 * seconds:9.1f} {len(batch[2]) / seconds:12,.0f} "
           f"{prompt_tokens / seconds:14,.0f} {tflops:8.2f} {mfu:>6} {peak:9.2f}")
 
 
@@ -165,7 +173,7 @@ def compare(name, ranker, n_users, per_user, args, generator):
         try:
             scores[path], seconds[path], peak = timed(fn, args.repeats, args.device)
         except torch.OutOfMemoryError:
-            print(f"{name:13} {size:>9} {path:6} out of memory")
+            print(f"{name:13} {size:>9} {path:8} out of memory")
             torch.cuda.empty_cache()
             continue
         report(name, size, path, seconds[path], batch, model_flops(ranker, *work[path]), peak, args)
@@ -191,8 +199,9 @@ def train_step(name, ranker, n_users, per_user, args, generator):
     ranker.train()
     _, seconds, peak = timed(lambda: ranker.loss(users, candidates, owner, labels).backward(), args.repeats, args.device)
     ranker.eval()
-    report(name, f"{n_users}x{per_user}", "train", seconds, batch, 3 * model_flops(ranker, *workload(*batch)[0]["ours"]),
-           peak, args)
+    # recomputation runs the forward twice, but MFU counts the model's FLOPs (3 x forward) either way
+    report(name, f"{n_users}x{per_user}", "train" + ("+gc" if args.gradient_checkpointing else ""), seconds, batch,
+           3 * model_flops(ranker, *workload(*batch)[0]["ours"]), peak, args)
 
 
 def main(argv=None):
@@ -200,14 +209,14 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"device {device_name}, {args.dtype}, user part ~{args.user_tokens} tokens, candidate part "
           f"~{args.candidate_tokens} tokens, naive batch {args.naive_batch}, MFU against {args.peak_tflops:g} TFLOP/s")
-    print(f"{'model':13} {'users x c':>9} {'path':6} {'ms/call':>9} {'candidates/s':>12} {'prompt tok/s':>14} "
+    print(f"{'model':13} {'users x c':>9} {'path':8} {'ms/call':>9} {'candidates/s':>12} {'prompt tok/s':>14} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     generator = torch.Generator().manual_seed(0)
     for name in args.models:
         ranker = build_ranker(name, args)
-        for per_user in args.candidates:
+        for per_user in [] if args.train_only else args.candidates:
             compare(name, ranker, args.users, per_user, args, generator)
-        if all(args.memory_case) and args.device.type == "cuda":
+        if all(args.memory_case) and args.device.type == "cuda" and not args.train_only:
             memory_case(name, ranker, *args.memory_case, args, generator)
         if args.train_candidates:
             train_step(name, ranker, args.users, args.train_candidates, args, generator)

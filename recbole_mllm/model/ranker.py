@@ -101,7 +101,11 @@ class LoRARanker(nn.Module):
             else "past_key_values"
         self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.llm, "activation_checkpointing_enable", None)  # transformers >= 5.2x renamed it
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.llm.enable_input_require_grads()
 
     @property

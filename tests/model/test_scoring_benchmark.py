@@ -15,3 +15,11 @@ def test_tiny_benchmark_prints_equal_scores(monkeypatch, capsys):
     assert re.search(r"^tiny +2x100 ours ", out, re.MULTILINE), out
     differences = [float(d) for d in re.findall(r"max \|ours - naive\| = (\S+)", out)]
     assert len(differences) == 2 and max(differences) < 1e-4, out
+
+
+def test_tiny_benchmark_times_a_checkpointed_training_step_alone(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu", "--train_only", "--gradient_checkpointing"])
+    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = re.findall(r"^tiny +\S+ +(\S+) +([\d.]+) ", out, re.MULTILINE)
+    assert rows and {path for path, _ in rows} == {"train+gc"} and all(float(ms) > 0 for _, ms in rows), out
