@@ -82,8 +82,12 @@ class RankerContext:
         text = f"{len(items)} items from {_date(times[0])} to {_date(times[-1])}; latest {len(recent)}: {top(recent)}"
         return text + (f"; earlier: {top(older)}" if len(older) else "")
 
+    def recent_items(self, uid: int, t: int, count: int):
+        """The user's last ``count`` items before position ``t``, oldest first (never the item at ``t``)."""
+        return self.histories[uid][max(0, t - count):t]
+
     def recent_titles(self, uid: int, t: int, count: int) -> str:
-        return "; ".join(self.item_title[i] for i in self.histories[uid][max(0, t - count):t]) or "none"
+        return "; ".join(self.item_title[i] for i in self.recent_items(uid, t, count)) or "none"
 
     def match(self, uid: int, t: int, iid: int, count: int) -> str:
         """Step 3: which of the target's categories the recent items share, and how many recent items do."""

@@ -103,6 +103,13 @@ def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tok
     return PromptLayout(pieces(user_text), pieces(target_text), yes[0], no[0])
 
 
+@dataclass(frozen=True)
+class SoftSlot:
+    """One soft embedding inside a field's value, e.g. a recent item's encoder state right after its title."""
+
+    name: str
+
+
 class PieceTokenizer:
     """Tokenises field values once per distinct string (item texts, titles and match lines repeat a lot)."""
 
@@ -127,14 +134,21 @@ def assemble(pieces, values: dict, soft_sizes: dict, tokenize: PieceTokenizer, m
     """Token ids of one prompt part and the positions of each soft slot.
 
     Returns ``(ids, slots)``: ``slots[name]`` is the list of positions (in ``ids``) to fill with that
-    marker's soft embeddings; a soft marker of size 0 leaves no position at all.
+    marker's soft embeddings; a soft marker of size 0 leaves no position at all. A field's value is a string, or a
+    list of strings and :class:`SoftSlot` s (each string tokenised on its own, each slot one position, in order).
     """
     ids, slots = [], {}
     for piece in pieces:
         if piece.kind == "const":
             ids.extend(piece.value)
         elif piece.kind == "field":
-            ids.extend(tokenize(str(values[piece.value]), max_field_tokens.get(piece.value)))
+            value = values[piece.value]
+            for segment in value if isinstance(value, list) else [str(value)]:
+                if isinstance(segment, SoftSlot):
+                    slots.setdefault(segment.name, []).append(len(ids))
+                    ids.append(0)
+                else:
+                    ids.extend(tokenize(segment, max_field_tokens.get(piece.value)))
         else:
             size = soft_sizes.get(piece.value, 0)
             slots[piece.value] = list(range(len(ids), len(ids) + size))

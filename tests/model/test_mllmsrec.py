@@ -671,3 +671,31 @@ def test_every_issue16_switch_together_trains_and_tests_end_to_end(mllm_config):
     assert set(result["test_result"]) == set(result["first_stage_result"]) == {"uni100", "full"}
     for metrics in result["test_result"].values():
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+
+
+@torch.no_grad()
+def test_recent_states_follow_each_recent_title_as_its_own_projected_encoder_state(mllm_config):
+    """``ranker_use_recent_states`` (rung 5): one soft slot right after each recent item's title, filled with that item's
+    encoder state through the candidates' projection; only items before ``t`` (never the target)."""
+    _, model, _ = _model_and_data(dict(mllm_config, ranker_use_recent_states=True))
+    uid = 1
+    t = len(model.context.histories[uid]) - 1  # the test position
+    recent = list(model.context.recent_items(uid, t, model.prompts.recent_count))
+    assert recent == list(model.context.histories[uid][max(0, t - model.prompts.recent_count):t]) and len(recent) > 1
+    tokens = model._recent_tokens([uid], [t], torch.device("cpu"))[0]
+    torch.testing.assert_close(tokens, model.item_projection(model.encoder.item_states(torch.tensor(recent))))
+    ids, soft = model.prompts.user_part(uid, t, torch.zeros(1, tokens.shape[1]), tokens)
+    positions, values = soft["recent_states"]
+    assert len(positions) == len(recent) and values is tokens
+    tokenizer = model.backend.tokenizer
+    for position, item in zip(positions, recent):  # each slot right after its own title (and a space)
+        title = tokenizer(model.context.item_title[item] + " ", add_special_tokens=False).input_ids
+        assert ids[position - len(title):position] == title
+    plain_ids, plain_soft = model.prompts.user_part(uid, t, torch.zeros(1, tokens.shape[1]))
+    assert "recent_states" not in plain_soft and len(plain_ids) < len(ids)
+
+
+def test_recent_states_train_and_test_end_to_end(mllm_config):
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, ranker_use_recent_states=True, encoder_warmup_cache=False))
+    for metrics in result["test_result"].values():
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0

@@ -78,6 +78,8 @@ class MLLMSRec(SequentialRecommender):
         use_images = config["ranker_use_images"]
         switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"],
                     config["ranker_use_rank"], config["ranker_residual"]]
+        self.use_recent_states = bool(config["ranker_use_recent_states"])
+        switches += [True] if self.use_recent_states else []  # appended only when on: earlier checkpoints still load
         field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
                         "preference": config["ranker_preference_tokens"], "item_text": 48}
 
@@ -218,6 +220,18 @@ class MLLMSRec(SequentialRecommender):
                     image_tokens[c] = projected[k]
         return image_tokens
 
+    def _recent_tokens(self, uids, ts, device):
+        """Per user row, its recent items' soft tokens ``[n, H']`` (``ranker_use_recent_states``): each item's encoder
+        state through the same projection as a candidate's, in one encoder call for the batch."""
+        recent = [list(self.context.recent_items(u, t, self.prompts.recent_count)) for u, t in zip(uids, ts)]
+        flat = torch.tensor([i for items in recent for i in items], dtype=torch.long, device=device)
+        tokens = self.item_projection(self.encoder.item_states(flat)) if len(flat) else None
+        out, start = [], 0
+        for items in recent:
+            out.append(tokens[start:start + len(items)] if items else None)
+            start += len(items)
+        return out
+
     def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
         ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner) if self.prompts.has_retrieval_rank
@@ -227,8 +241,9 @@ class MLLMSRec(SequentialRecommender):
         item_tokens = self.item_projection(item_states).unsqueeze(1)  # [C 1 H']
         match_tokens = self.match_projection(user_states[owner] * item_states).unsqueeze(1)  # [C 1 H']
         image_tokens = self._image_tokens(candidates)
+        recent_tokens = self._recent_tokens(uids, ts, user_states.device) if self.use_recent_states else None
         users, targets = self.prompts.batch(uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens,
-                                            image_tokens, ranks)
+                                            image_tokens, ranks, recent_tokens)
         if labels is None:
             scores = self.ranker.score(users, targets, owner)
             return scores if self.residual_gate is None else self.residual_gate * scores

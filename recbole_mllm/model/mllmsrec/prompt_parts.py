@@ -7,7 +7,7 @@ Only the user's interactions before the target position ``t`` reach a user part.
 
 from __future__ import annotations
 
-from recbole_mllm.model.prompting import PieceTokenizer, PromptLayout, assemble
+from recbole_mllm.model.prompting import PieceTokenizer, PromptLayout, SoftSlot, assemble
 from recbole_mllm.model.ranker import PromptBatch
 
 
@@ -42,14 +42,27 @@ class PromptParts:
                            f"[--key=value ...]")
         return self.summaries[(uid, t)]
 
-    def user_part(self, uid, t, user_token):
-        """Token ids and soft slots of a user's shared prompt part; ``user_token`` is its soft embedding ``[1, H]``."""
+    def recent_items(self, uid, t, recent_tokens):
+        """The recent-items field: titles joined by "; ", or with ``recent_tokens`` (``[n, H]``, one per recent item:
+        ``ranker_use_recent_states``) each title followed by its item's soft token, LLaRA's hybrid item representation."""
+        if recent_tokens is None:
+            return self.context.recent_titles(uid, t, self.recent_count)
+        items = self.context.recent_items(uid, t, self.recent_count)
+        segments = []
+        for k, item in enumerate(items):
+            segments += ["; " if k else "", self.context.item_title[item] + " ", SoftSlot("recent_states")]
+        return segments or "none"
+
+    def user_part(self, uid, t, user_token, recent_tokens=None):
+        """Token ids and soft slots of a user's shared prompt part; ``user_token`` is its soft embedding ``[1, H]``,
+        ``recent_tokens`` those of its recent items (or None: titles only)."""
         preference = self.summary(uid, t) if self.use_summaries else "unknown"
         values = {"user_id": self.context.user_tokens[uid], "profile": self.context.profiles[uid],
                   "preference": preference, "evolution": self.context.evolution(uid, t, self.recent_count),
-                  "recent_items": self.context.recent_titles(uid, t, self.recent_count)}
+                  "recent_items": self.recent_items(uid, t, recent_tokens)}
         ids, slots = assemble(self.layout.user, values, {"user_state": 1}, self.tokenize, self.field_tokens)
-        return ids, {"user_state": (slots["user_state"], user_token)} if "user_state" in slots else {}
+        soft = {"user_state": (slots.get("user_state"), user_token), "recent_states": (slots.get("recent_states"), recent_tokens)}
+        return ids, {name: value for name, value in soft.items() if value[0]}
 
     def target_part(self, uid, t, iid, item_token, match_token, image_tokens, rank):
         """Token ids and soft slots of one candidate's prompt part (``image_tokens`` None: no image)."""
@@ -63,10 +76,14 @@ class PromptParts:
                 "image": (slots.get("image"), image_tokens)}
         return ids, {name: value for name, value in soft.items() if value[0]}
 
-    def batch(self, uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens, image_tokens, ranks):
-        """``(users, targets)`` prompt batches: one user part per ``uids[k]`` at ``ts[k]``, one target part per
-        candidate ``c`` of user row ``owner[c]``, with its soft tokens, image tokens (or None) and rank."""
-        users = PromptBatch(*zip(*[self.user_part(u, t, user_tokens[k]) for k, (u, t) in enumerate(zip(uids, ts))]))
+    def batch(self, uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens, image_tokens, ranks,
+              recent_tokens=None):
+        """``(users, targets)`` prompt batches: one user part per ``uids[k]`` at ``ts[k]`` (with ``recent_tokens[k]``
+        when given), one target part per candidate ``c`` of user row ``owner[c]``, with its soft tokens, image tokens
+        (or None) and rank."""
+        recent_tokens = recent_tokens or [None] * len(uids)
+        users = PromptBatch(*zip(*[self.user_part(u, t, user_tokens[k], recent_tokens[k])
+                                   for k, (u, t) in enumerate(zip(uids, ts))]))
         targets = PromptBatch(*zip(*[self.target_part(uids[o], ts[o], i, item_tokens[c], match_tokens[c],
                                                       image_tokens[c], ranks[c])
                                      for c, (o, i) in enumerate(zip(owner.tolist(), candidates.tolist()))]))
