@@ -29,7 +29,7 @@ from pathlib import Path
 
 from recbole.config import Config as RecBoleConfig
 
-from recbole_mllm import compat
+from recbole_mllm import compat, distributed
 from recbole_mllm.cli import parse_cli_value
 from recbole_mllm.config_check import check_config
 from recbole_mllm.utils import get_model
@@ -96,6 +96,14 @@ class Config(RecBoleConfig):
         super()._merge_external_config_dict()
         if self.external_config_dict.get("check_config_keys", True):
             check_config(given)
+
+    def _init_device(self):
+        """RecBole's device setup; under ``torchrun`` the process group and rank keys come from ``distributed.start``
+        (RecBole's own path would start NCCL at its ``ip``/``port`` and hide every GPU but ``gpu_id``)."""
+        if not distributed.launched():
+            return super()._init_device()
+        self.final_config_dict["gpu_id"] = str(self.final_config_dict["gpu_id"])
+        self.final_config_dict.update(distributed.start(bool(self.final_config_dict.get("use_gpu", True))))
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:

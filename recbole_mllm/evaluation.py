@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from recbole.evaluator import Collector
 
+from recbole_mllm import distributed
 from recbole_mllm.data.split import held_out_rows
 
 
@@ -19,6 +20,10 @@ class PerUserCollector(Collector):
     While ``recording`` is True, ``evaluations`` gets one dict per ``get_data_struct`` call (one per
     ``trainer.evaluate``), in order: ``{"user_id": int64[n], "target_item": int64[n], "topk": int64[n, max(topk) + 1]}``.
     Off by default, so the validations of training keep nothing.
+
+    Under ``torchrun`` each rank evaluates a share of the users; the ``rec.topk`` rows of every rank are gathered
+    (a user repeated by ``DistributedSampler``'s padding counted once), so every rank computes the metrics of all
+    users, exactly as one process would, and records them.
     """
 
     def __init__(self, config):
@@ -30,7 +35,7 @@ class PerUserCollector(Collector):
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
-        if not self.recording:
+        if not self.recording and not distributed.active():
             return
         # a batch holds each user's rows contiguously (one row under full ranking, a block of 1 + N when sampled),
         # in the order of the score rows
@@ -45,12 +50,32 @@ class PerUserCollector(Collector):
 
     def get_data_struct(self):
         struct = super().get_data_struct()
-        if self.recording and "rec.topk" in struct:
-            self.evaluations.append({"user_id": torch.cat(self._users).numpy(),
-                                     "target_item": torch.cat(self._targets).numpy(),
-                                     "topk": struct["rec.topk"].long().numpy()})
+        if "rec.topk" in struct and (self.recording or distributed.active()):
+            users, targets, topk = torch.cat(self._users), torch.cat(self._targets), struct["rec.topk"].cpu()
+            if distributed.active():
+                users, targets, topk = self._gathered(users, targets, topk)
+                struct.set("rec.topk", topk)
+            if self.recording:
+                self.evaluations.append({"user_id": users.numpy(), "target_item": targets.numpy(),
+                                         "topk": topk.long().numpy()})
         self._users, self._targets = [], []
         return struct
+
+    @staticmethod
+    def _gathered(users, targets, topk):
+        """Every rank's rows in the loader's own order, each user once.
+
+        ``DistributedSampler`` (unshuffled) deals the loader's users to the ranks in turn, one row each, padding the
+        last round with the first users again; interleaving the ranks' rows restores the order one process sees,
+        and the padding's repeats are dropped.
+        """
+        parts = distributed.gather((users, targets, topk))
+        order = [(k, r) for k in range(max(len(part[0]) for part in parts)) for r in range(len(parts))
+                 if k < len(parts[r][0])]
+        users, targets, topk = (torch.stack([parts[r][i][k] for k, r in order]) for i in range(3))
+        _, first = np.unique(users.numpy(), return_index=True)
+        keep = torch.from_numpy(np.sort(first))
+        return users[keep], targets[keep], topk[keep]
 
 
 def user_item_statistics(dataset, config):

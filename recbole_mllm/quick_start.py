@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_mllm import compat
+from recbole_mllm import compat, distributed
 from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
@@ -32,11 +32,15 @@ from recbole_mllm.utils import get_model, get_trainer
 def protocol_fingerprint(eval_data):
     """Hash of every (user, candidate item) pair an evaluation loader yields, in order.
 
-    Two models whose fingerprints match were tested on exactly the same users, targets and candidates.
+    Two models whose fingerprints match were tested on exactly the same users, targets and candidates. The batches
+    are built here in the loader's own order from all of its rows, so a rank of a ``torchrun`` job (whose sampler
+    serves it a share) hashes what one process does.
     """
     uid_field, iid_field = eval_data._dataset.uid_field, eval_data._dataset.iid_field
     users, items, targets = [], [], []
-    for interaction, _, _, positive_i in eval_data:
+    rows, step = eval_data.sample_size, max(1, eval_data.step)
+    for interaction, _, _, positive_i in (eval_data.collate_fn(list(range(start, min(start + step, rows))))
+                                         for start in range(0, rows, step)):
         users.append(interaction[uid_field].numpy())
         if iid_field in interaction:
             items.append(interaction[iid_field].numpy())
@@ -97,6 +101,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
     train_seconds = time.time() - start
+    distributed.barrier()  # rank 0 has written the best checkpoint before any rank reads it
 
     if saved and os.path.isfile(trainer.saved_model_file):
         checkpoint = compat.load_checkpoint(trainer.saved_model_file, map_location=config["device"])
@@ -152,8 +157,10 @@ def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd
     results = [run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved)
                for m in models for seed_dict in seed_dicts]
     config = results[0]["config"]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = distributed.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
     output_dir = os.path.join(config["output_dir"], f"{config['dataset']}-{stamp}")
+    if not distributed.is_main():  # under torchrun every rank holds the same results; rank 0 writes them
+        return results, output_dir
     slices = default_slices(config["slice_cold_item_max"], config["slice_short_history_max"])
     table = write_comparison(results, output_dir, topk=config["topk"], slices=slices)
     getLogger().info(set_color("Comparison", "green") + f" (written to {output_dir}):\n{table}")

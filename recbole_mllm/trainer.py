@@ -12,7 +12,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_mllm import compat
+from recbole_mllm import compat, distributed
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
 from recbole_mllm.model import train_positions
@@ -37,6 +37,35 @@ def warmup_code_sha256(model):
     sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
                inspect.getsource(sys.modules[__name__]), inspect.getsource(train_positions), inspect.getsource(windows)]
     return sha256_bytes("\n".join(sources).encode())
+
+
+class DataParallel:
+    """Mixin of :func:`data_parallel`: RecBole's DDP wrapping, on a CPU too, and one checkpoint name for every rank.
+
+    RecBole's ``AbstractTrainer`` wraps the model with ``device_ids=[local_rank]``, which DDP refuses for a CPU
+    module; and each rank names its checkpoint by its own clock, so ranks could look for different files.
+    """
+
+    def __init__(self, config, model):
+        config["single_spec"] = True  # skip RecBole's wrapping (device_ids on a CPU module) ...
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = False
+        self.distributed_model = distributed.ddp(self.model, self.device)  # ... and wrap as DDP wants on either device
+        self.saved_model_file = distributed.broadcast(self.saved_model_file)
+
+    def _map_reduce(self, result, num_sample):
+        """The metrics as they are: ``PerUserCollector`` already evaluated every rank's users on every rank
+        (RecBole's reduction would average the ranks' means, weighted by a count of batches)."""
+        return result
+
+
+def data_parallel(trainer_class):
+    """``trainer_class`` itself, or under ``torchrun`` (a process group of several ranks) it with :class:`DataParallel`."""
+    if not distributed.active():
+        return trainer_class
+    return type(trainer_class.__name__, (DataParallel, trainer_class), {"__doc__": trainer_class.__doc__})
 
 
 class MLLMSRecTrainer(Trainer):
@@ -71,6 +100,11 @@ class MLLMSRecTrainer(Trainer):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
         return super()._build_optimizer(**kwargs)
 
+    def sync_grad_loss(self):
+        """RecBole's zero term that puts every trained parameter in each step's loss (so DDP reduces them all), over
+        the trained ones only: the frozen LLM would add a sum over all its weights and no gradient."""
+        return sum((p.sum() * 0 for p in self.model.parameters() if p.requires_grad), torch.zeros((), device=self.device))
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
 
@@ -83,9 +117,15 @@ class MLLMSRecTrainer(Trainer):
         iter_data = tqdm(train_data, total=len(train_data), ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")) \
             if show_progress else train_data
         self.optimizer.zero_grad()
+        if distributed.active() and getattr(train_data, "shuffle", False):
+            train_data.sampler.set_epoch(epoch_idx)
         for batch_idx, interaction in enumerate(iter_data):
+            sync_loss = 0.0
+            if distributed.active():  # RecBole's DDP path: every rank's gradients are averaged in backward
+                self.set_reduce_hook()
+                sync_loss = self.sync_grad_loss()
             with self._autocast():
-                loss = loss_func(interaction.to(self.device))
+                loss = loss_func(interaction.to(self.device)) + sync_loss
             self._check_nan(loss)
             if loss.requires_grad:  # a frozen encoder and no LLM row in the batch: nothing to train on it
                 (loss / self.accumulation_steps).backward()
@@ -116,6 +156,8 @@ class MLLMSRecTrainer(Trainer):
             if self.warmup_epochs <= 0:
                 raise ValueError("encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0)")
             self.model.freeze_encoder()
+            if distributed.active():  # DDP averages the gradients of what requires them when it is built
+                self.distributed_model = distributed.ddp(self.model, self.device)
             self.joint_rows = self._llm_rows(train_data)
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
 
@@ -164,6 +206,10 @@ class MLLMSRecTrainer(Trainer):
             return
         self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
         self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
+        if distributed.active():  # the ranks warm up together (a lock would keep one waiting on the others' steps)
+            distributed.barrier()  # every rank sees the cache file as it was before any of them writes it
+            self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
+            return
         with FileLock(f"{self.warmup_cache}.lock"):
             self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
 
@@ -175,6 +221,8 @@ class MLLMSRecTrainer(Trainer):
                              f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")
             return
         best_score, epochs = self._train_encoder(train_data, valid_data, verbose, show_progress)
+        if not distributed.is_main():
+            return
         buffer = io.BytesIO()
         torch.save({"encoder": self.model.encoder.state_dict(), "best_score": best_score or float("nan"),
                     "epochs": epochs}, buffer)

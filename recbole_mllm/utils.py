@@ -52,8 +52,8 @@ def get_trainer(model_type, model_name):
 
     trainer_module = importlib.import_module("recbole_mllm.trainer")
     if hasattr(trainer_module, model_name + "Trainer"):
-        return getattr(trainer_module, model_name + "Trainer")
-    return get_recbole_trainer(model_type, model_name)
+        return trainer_module.data_parallel(getattr(trainer_module, model_name + "Trainer"))
+    return trainer_module.data_parallel(get_recbole_trainer(model_type, model_name))
 
 
 @contextmanager

@@ -1,0 +1,83 @@
+"""Data-parallel runs under ``torchrun``: RecBole's own distributed path, started from torchrun's environment.
+
+``torchrun --nproc_per_node=2 run_recbole_mllm.py --model=... --dataset=...`` runs one process per GPU (or per
+CPU process with gloo). What RecBole already does is kept: ``DistributedSampler`` in every loader (each rank
+trains on and evaluates a share of the rows and users, the global batch unchanged), DDP gradient averaging
+(``Trainer.set_reduce_hook``), metrics averaged over ranks (``Trainer._map_reduce``) and checkpoints written by
+rank 0. This module adds what RecBole lacks for it: starting from torchrun's variables rather than its own
+``nproc``/``ip``/``port`` launcher, gloo on CPUs (RecBole hard-codes NCCL and ``device_ids``), and the
+helpers the plugin's records need (one checkpoint name, per-user records gathered on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (or any launcher setting its variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def start(use_gpu: bool) -> dict:
+    """Start the process group (NCCL on GPUs, gloo on CPUs) and return RecBole's distributed config keys.
+
+    Rank 0 logs and shows progress; the others stay quiet, as RecBole's own launcher arranges.
+    """
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_gpu = use_gpu and torch.cuda.is_available()
+    if use_gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():  # the stages' long timeout: fast ranks wait for slow ones at the cache barriers
+        dist.init_process_group("nccl" if use_gpu else "gloo", timeout=timedelta(hours=24))
+    rank = dist.get_rank()
+    keys = {"single_spec": False, "local_rank": local_rank, "world_size": dist.get_world_size(),
+            "nproc": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())), "offset": rank - local_rank,
+            "device": torch.device("cuda", local_rank) if use_gpu else torch.device("cpu")}
+    if rank != 0:
+        keys.update(state="error", show_progress=False, verbose=False)
+    return keys
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process."""
+    return not active() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's ``obj`` on every rank (a picklable object); ``obj`` itself without a process group."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank; ``[obj]`` without a process group."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def ddp(model, device):
+    """``model`` wrapped for gradient averaging: ``device_ids`` on a GPU, none on a CPU (which DDP requires), and
+    buffers not broadcast each step (the plugin's are constants: image features, fused embeddings)."""
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

@@ -1,0 +1,56 @@
+"""``torchrun --nproc_per_node=2`` (gloo, CPU): RecBole's distributed path through the plugin. Every rank ends training
+with the same weights (DDP averaged the gradients), and an evaluation split over two ranks gives one process's
+metrics, candidates and per-user records."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recbole_mllm.quick_start import run
+from tests.conftest import REPO_ROOT, write_tiny_dataset
+from tests.distributed_worker import TINY
+from tests.mllm.mllm_tiny import build_tiny_causal
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_tiny_dataset(root / "data")
+    llm = build_tiny_causal(root / "llm")
+    out = root / "results.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "tests" / "distributed_worker.py"), str(root / "data"), str(llm), str(out)]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return root, json.loads(out.read_text())
+
+
+def test_both_ranks_took_part(two_ranks):
+    _, results = two_ranks
+    assert {r["world_size"] for r in results.values()} == {2}
+
+
+@pytest.mark.parametrize("name", ["sasrec", "mllmsrec"])
+def test_every_rank_ends_training_with_the_same_weights(two_ranks, name):
+    first, second = two_ranks[1][name]["checksums"]
+    assert first.keys() == second.keys() and first
+    for key in first:
+        assert first[key] == pytest.approx(second[key], rel=1e-6, abs=1e-6), key
+
+
+def test_an_evaluation_over_two_ranks_is_one_process_evaluation(two_ranks):
+    root, results = two_ranks
+    alone = run("SASRec", "tiny", config_dict={**TINY, "epochs": 0, "data_path": str(root / "data"),
+                                               "checkpoint_dir": str(root / "alone")})
+    split = results["untrained"]
+    assert split["fingerprints"] == alone["fingerprints"]
+    for protocol, metrics in alone["test_result"].items():
+        assert split["test_result"][protocol] == pytest.approx({k: float(v) for k, v in metrics.items()}, abs=1e-9)
+        users = alone["per_user"][protocol]["user_id"].tolist()
+        assert split["users"][protocol] == users and len(set(users)) == len(users)  # every user once, in order
