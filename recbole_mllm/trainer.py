@@ -23,7 +23,7 @@ WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_no
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
                "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
                "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
-               "train_positions", "encoder_warmup_batch_size")
+               "train_positions", "encoder_warmup_batch_size", "encoder_item_content", "item_content_text_model")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
 it validated and its code: see ``MLLMSRecTrainer._warmup_cache_path``); the ranker switches are not among them."""
 

@@ -16,7 +16,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
-from recbole_mllm.model.stage_inputs import read_fused_item_embeddings
+from recbole_mllm.model.stage_inputs import read_encoder_item_content
 
 
 class FusedSASRec(SequentialRecommender):
@@ -25,7 +25,7 @@ class FusedSASRec(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        embeddings = read_fused_item_embeddings(config, dataset)  # [n_items F], from the item-fusion cache
+        embeddings = read_encoder_item_content(config, dataset)  # [n_items F]: the item-fusion cache's by default
         self.encoder = FusedSequenceEncoder.from_config(config, embeddings, self.max_seq_length)
 
     def forward(self, item_seq, item_seq_len):

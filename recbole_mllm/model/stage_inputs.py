@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recbole_mllm.data import create_dataset, needed_positions, user_histories
+from recbole_mllm.model.item_content import check_item_content, read_item_content
 from recbole_mllm.stages.backend_identity import describe_backend
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.common import config_value, load_backend
@@ -32,7 +33,7 @@ class StageInputs:
     image_field: object  # .item field naming the image file, or None
     image_dir: Path
     item_summaries: list
-    item_embeddings: object  # [n_items, H] float tensor, row 0 ([PAD]) zero
+    item_embeddings: object  # [n_items, d] the encoder's item content (encoder_item_content), row 0 ([PAD]) zero
     histories: dict  # user token -> UserHistory (time-ordered items and timestamps, as RecBole orders them)
     profiles: list  # per internal user id
     user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
@@ -49,14 +50,30 @@ def _read(config, read):
                               f"builds missing stages first (run_missing_stages: True)") from None
 
 
-def read_fused_item_embeddings(config, dataset):
-    """The item-fusion embeddings ``[n_items, H]`` in RecBole's item-id order (row 0, padding, zero).
+def read_encoder_item_content(config, dataset):
+    """The encoder's item content ``[n_items, d]`` in RecBole's item-id order (row 0, padding, zero): the item-fusion
+    embeddings, or another encoder of the same items (``encoder_item_content``, ``model/item_content.py``).
 
-    The cache is found by the backend's identity alone (``describe_backend``): no model weights are loaded.
+    The cache is found by the backend's identity alone (``describe_backend``): no LLM weights are loaded.
     """
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    _, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, describe_backend(config)))
-    return embeddings
+    summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, describe_backend(config)))
+    if check_item_content(config) == "fused":
+        return embeddings
+    table = _item_table(config)
+    return read_item_content(config, item_tokens, embeddings, summaries, table, text_fields(config, table),
+                             *_image_location(config))
+
+
+def _item_table(config):
+    return read_item_file(Path(config["data_path"]), config["dataset"], config["ITEM_ID_FIELD"],
+                          config["field_separator"] or "\t", config["encoding"] or "utf-8")
+
+
+def _image_location(config):
+    """``(image field or None, image folder)`` of the items."""
+    return (config_value(config, "item_image_field", ITEM_DEFAULTS, {"item_image_field"}),
+            Path(config["data_path"]) / config_value(config, "item_image_dir", ITEM_DEFAULTS))
 
 
 def read_stage_inputs(config, dataset) -> StageInputs:
@@ -65,10 +82,11 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
     user_tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
-    data_dir = Path(config["data_path"])
-    table = read_item_file(data_dir, config["dataset"], dataset.iid_field, config["field_separator"] or "\t",
-                           config["encoding"] or "utf-8")
+    table = _item_table(config)
     summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, backend))
+    image_field, image_dir = _image_location(config)
+    embeddings = read_item_content(config, item_tokens, embeddings, summaries, table, text_fields(config, table),
+                                   image_field, image_dir)  # what the encoder reads (the fused embeddings by default)
 
     histories = user_histories(create_dataset(config))  # un-split histories (the model only receives the train split)
     requests = [(token, t) for token, history in histories.items() for t in needed_positions(len(history.items), config)]
@@ -80,7 +98,5 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     cache_keys = {"item_fusion": item_fusion_cache(config, backend).path.name,
                   "user_profile": user_profile_cache(config, backend, histories).path.name}
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
-                       text_fields(config, table),
-                       config_value(config, "item_image_field", ITEM_DEFAULTS, {"item_image_field"}),
-                       data_dir / config_value(config, "item_image_dir", ITEM_DEFAULTS),
+                       text_fields(config, table), image_field, image_dir,
                        summaries, embeddings, histories, profiles, user_summaries, cache_keys)

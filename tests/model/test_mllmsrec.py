@@ -699,3 +699,15 @@ def test_recent_states_train_and_test_end_to_end(mllm_config):
     result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, ranker_use_recent_states=True, encoder_warmup_cache=False))
     for metrics in result["test_result"].values():
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+
+
+def test_the_encoder_reads_the_item_content_it_is_given(mllm_config, tmp_path):
+    """``encoder_item_content: minilm`` (rung 4) replaces the fused rows the encoder and its warm-up read."""
+    from tests.model.test_item_content import build_tiny_bert
+
+    settings = dict(mllm_config, encoder_item_content="minilm", item_content_text_model=str(build_tiny_bert(tmp_path / "bert")))
+    _, model, _ = _model_and_data(settings)
+    assert model.encoder.fused.shape[1] == 16  # the tiny BERT's width, not the LLM's
+    torch.testing.assert_close(model.encoder.fused[1:].norm(dim=1), torch.ones(model.n_items - 1))
+    result = run("MLLMSRec", "tiny", config_dict=dict(settings, encoder_warmup_cache=False))
+    assert set(result["test_result"]) == {"uni100", "full"}
