@@ -54,3 +54,24 @@ def test_an_evaluation_over_two_ranks_is_one_process_evaluation(two_ranks):
         assert split["test_result"][protocol] == pytest.approx({k: float(v) for k, v in metrics.items()}, abs=1e-9)
         users = alone["per_user"][protocol]["user_id"].tolist()
         assert split["users"][protocol] == users and len(set(users)) == len(users)  # every user once, in order
+
+
+def test_a_stage_under_two_ranks_builds_each_shard_once_into_the_cache_one_process_reads(two_ranks):
+    from recbole_mllm.stages.common import stage_config
+    from recbole_mllm.stages.item_fusion_cache import item_fusion_cache
+    from recbole_mllm.stages.backend_identity import describe_backend
+
+    root, _ = two_ranks
+    args = ["--dataset=tiny", f"--data_path={root / 'data'}", f"--mllm={root / 'llm'}", "--use_gpu=False",
+            f"--stage_cache_dir={root / 'stage_ranks'}", "--item_image_field=None", "--item_text_fields=['title','genres']",
+            "--stage_batch_size=8", "--item_fusion_max_new_tokens=6", "--stage_shard_size=8"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "recbole_mllm.stages.item_fusion", *args], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    config = stage_config([a for a in args if not a.startswith("--use_gpu")] + ["--use_gpu=False"])
+    cache = item_fusion_cache(config, describe_backend(config))
+    assert cache.is_complete() and len(cache.load()) == 30 and len(cache.shards) == 4
+    assert done.stdout.count(str(cache.path)) == 2  # both ranks print the folder one process reads (lines may interleave)

@@ -84,7 +84,8 @@ def load_backend(config: Mapping) -> MultimodalLM:
 
 @contextmanager
 def process_group_if_launched() -> Iterator[None]:
-    """Under ``torchrun`` (WORLD_SIZE > 1) start a gloo group for the cache's barriers, and end it after."""
+    """Under ``torchrun`` (WORLD_SIZE > 1) start a gloo group for the cache's barriers, and end it after, unless
+    one is up already (the plugin ``Config`` starts it: ``recbole_mllm.distributed``)."""
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
@@ -154,9 +155,5 @@ def stage_config(argv: Sequence[str]):
             overrides.append(arg)
     if not dataset:
         raise ValueError("name the dataset: --dataset=<name>")
-    config_dict = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # RecBole would hide every GPU but gpu_id from the ranks
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        config_dict["gpu_id"] = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(local)))
-    return Config(model=model, dataset=dataset, config_file_list=files or None, config_dict=config_dict,
-                  cmd_args=safe_cmd_args(overrides))
+    # under torchrun, Config starts the process group and gives each rank its GPU (recbole_mllm.distributed)
+    return Config(model=model, dataset=dataset, config_file_list=files or None, cmd_args=safe_cmd_args(overrides))
