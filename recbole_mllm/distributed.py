@@ -48,9 +48,16 @@ def start(use_gpu: bool) -> dict:
     return keys
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size when a process group is up, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_main() -> bool:
     """Rank 0, or the only process."""
-    return not active() or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def barrier() -> None:

@@ -99,9 +99,13 @@ class SubsetTrainDataLoader(TrainDataLoader):
         self.set_batch_size(self._subset_batch_size)
 
 
+def row_subset(dataset, rows):
+    """``dataset`` (RecBole's training rows) reduced to the rows ``rows`` (indices, in that order)."""
+    return dataset.copy(dataset.inter_feat[torch.as_tensor(np.asarray(rows, dtype=np.int64))])
+
+
 def subset_loader(config, train_data, rows, batch_size):
     """A loader of rows ``rows`` (indices) of ``train_data``'s dataset, ``batch_size`` rows per batch, shuffled as
     ``train_data`` is (RecBole's ``shuffle``)."""
-    dataset = train_data._dataset
-    subset = dataset.copy(dataset.inter_feat[torch.as_tensor(np.asarray(rows, dtype=np.int64))])
-    return SubsetTrainDataLoader(config, subset, train_data._sampler, batch_size, shuffle=config["shuffle"])
+    return SubsetTrainDataLoader(config, row_subset(train_data._dataset, rows), train_data._sampler, batch_size,
+                                 shuffle=config["shuffle"])

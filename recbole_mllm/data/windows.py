@@ -6,9 +6,8 @@ each training target once: each user's last row and every L-th row before it.
 """
 
 import numpy as np
-import torch
 
-from recbole_mllm.data.dataloader import subset_loader
+from recbole_mllm.data.dataloader import row_subset, subset_loader
 
 
 def window_rows(user_ids, max_length):
@@ -30,14 +29,16 @@ def window_rows(user_ids, max_length):
     return (size - 1 - rank) % max_length == 0
 
 
+def _window_indices(dataset, max_length):
+    return np.flatnonzero(window_rows(dataset.inter_feat[dataset.uid_field].numpy(), max_length))
+
+
 def select_window_rows(train_dataset, max_length):
     """``train_dataset`` (RecBole's augmented training rows) reduced to the rows of :func:`window_rows`."""
-    keep = window_rows(train_dataset.inter_feat[train_dataset.uid_field].numpy(), max_length)
-    return train_dataset.copy(train_dataset.inter_feat[torch.from_numpy(np.flatnonzero(keep))])
+    return row_subset(train_dataset, _window_indices(train_dataset, max_length))
 
 
 def window_loader(config, train_data, batch_size):
     """A loader of ``train_data``'s window rows (:func:`window_rows`), ``batch_size`` windows per batch."""
-    dataset = train_data._dataset
-    keep = np.flatnonzero(window_rows(dataset.inter_feat[dataset.uid_field].numpy(), config["MAX_ITEM_LIST_LENGTH"]))
-    return subset_loader(config, train_data, keep, batch_size)
+    return subset_loader(config, train_data, _window_indices(train_data._dataset, config["MAX_ITEM_LIST_LENGTH"]),
+                         batch_size)

@@ -60,6 +60,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from recbole_mllm import distributed
 from recbole_mllm.utils import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -124,18 +125,6 @@ def _check_key(key) -> None:
     parts = key if isinstance(key, tuple) else (key,)
     if not parts or not all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in parts):
         raise TypeError(f"cache keys are str, int or non-empty tuples of them (raw tokens, counts); got {key!r}")
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size when a process group is up (torchrun), else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class StageCache:
@@ -250,7 +239,7 @@ class StageCache:
                 ``torch.distributed``); without a process group rank 0 finalises only if every shard
                 is already done, so running once more with one process merges the parts.
         """
-        group_rank, group_world = _rank_and_world()
+        group_rank, group_world = distributed.rank_and_world()
         rank = group_rank if rank is None else rank
         world_size = group_world if world_size is None else world_size
         if not 0 <= rank < world_size:
@@ -279,11 +268,11 @@ class StageCache:
                             f"{self.path}; waiting for them")
                 self._build_shards(held_elsewhere, compute, bar, wait=True)
 
-        _barrier()
+        distributed.barrier()
         if rank == 0:
             with self._lock("finalise"):  # a concurrent run may be finalising (and removing temp files) too
                 self._finalise()
-        _barrier()
+        distributed.barrier()
         return self
 
     def _lock(self, part: Union[int, str]) -> FileLock:

@@ -17,6 +17,7 @@ from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 import torch
 import yaml
 
+from recbole_mllm import distributed
 from recbole_mllm.cli import exit_on_help, safe_cmd_args
 from recbole_mllm.config import properties_dir
 from recbole_mllm.mllm.base import MultimodalLM
@@ -87,7 +88,7 @@ def process_group_if_launched() -> Iterator[None]:
     """Under ``torchrun`` (WORLD_SIZE > 1) start a gloo group for the cache's barriers, and end it after, unless
     one is up already (the plugin ``Config`` starts it: ``recbole_mllm.distributed``)."""
     started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+    if distributed.launched() and not torch.distributed.is_initialized():
         # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
         torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
         started = True
