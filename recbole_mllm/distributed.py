@@ -12,6 +12,7 @@ helpers the plugin's records need (one checkpoint name, per-user records gathere
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -63,6 +64,17 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block before the other ranks do: RecBole creates folders by checking, then creating
+    (``ensure_dir``), so two ranks doing it at once can fail with ``FileExistsError``."""
+    if is_main():
+        yield
+    barrier()
+    if not is_main():
+        yield
 
 
 def broadcast(obj):

@@ -83,7 +83,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    with distributed.main_first():  # ./log/<model> is made once
+        init_logger(config)
     logger = getLogger()
     logger.info(config)
 

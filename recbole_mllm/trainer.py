@@ -47,6 +47,7 @@ class DataParallel:
     """
 
     def __init__(self, config, model):
+        Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)  # RecBole's check-then-create races between ranks
         config["single_spec"] = True  # skip RecBole's wrapping (device_ids on a CPU module) ...
         try:
             super().__init__(config, model)
