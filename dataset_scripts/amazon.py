@@ -398,6 +398,8 @@ def convert(args, build):
         **meta_counts,
     )
     stats["orphaned"] = common.row_counts(items_without_metadata=stats["items_without_meta"])
+    common.write_dataset_yaml(build, "amazon.py", "Amazon reviews with item title, brand, categories, description and "
+                              "image.", {"inter": common.INTER_FIELDS, "item": ITEM_FIELDS}, "categories", stats)
     return stats
 
 

@@ -176,7 +176,8 @@ def write_atomic_file(path, fields, rows):
 
 def number(value):
     """A rating or timestamp as RecBole float text without a spurious ``.0``."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    number = float(value)  # "4.0" (ml-20m and later) as "4", like "4"
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -272,6 +273,57 @@ def write_missing_images(path, missing):
     """``missing_images.txt``: one ``<item_id>\\t<reason>`` line per item left without an image."""
     lines = [f"{item_id}\t{clean_text(reason)}\n" for item_id, reason in sorted(missing.items())]
     path.write_text("".join(lines), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------- the dataset's yaml
+DATASET_YAML = """\
+# {name}: {description}
+# Written by dataset_scripts/{script} beside the atomic files. The plugin reads it for --dataset={name}
+# --data_path=<this folder's parent> when it ships no properties/dataset/{name}.yaml (--config_files override it).
+# {interactions:,} interactions, {users:,} users, {items:,} items.
+
+# Atomic File Format
+field_separator: "\\t"           # (str) Separator of different columns in atomic files.
+seq_separator: " "              # (str) Separator inside token_seq fields: title words, labels (inner spaces as _).
+
+# Basic Information
+USER_ID_FIELD: user_id          # (str) Field name of user ID feature.
+ITEM_ID_FIELD: item_id          # (str) Field name of item ID feature.
+RATING_FIELD: rating            # (str) Field name of rating feature.
+TIME_FIELD: timestamp           # (str) Field name of timestamp feature (Unix seconds).
+
+# Selectively Loading
+load_col:                       # (dict) The suffix of atomic files: (list) field names to be loaded.
+{load_col}
+# Filtering: done by the script (if at all), so RecBole keeps every interaction it finds.
+rm_dup_inter: ~                 # (str) Whether to remove duplicated user-item interactions.
+val_interval: ~                 # (dict) Filter inter by values in {{value field (str): interval (str)}}.
+filter_inter_by_user_or_item: True    # (bool) Whether or not to filter inter by user or item (all are present).
+user_inter_num_interval: "[0,inf)"    # (str) User interval for filtering inter, such as [A,B] / [A,B) / (A,B) / (A,B].
+item_inter_num_interval: "[0,inf)"    # (str) Item interval for filtering inter, such as [A,B] / [A,B) / (A,B) / (A,B].
+
+# Preprocessing
+normalize_all: False            # (bool) Whether or not to normalize all the float like fields (False keeps timestamps in seconds).
+
+# Prompt fields (the plugin's models)
+item_title_field: title         # (str) .item field with the item's title.
+item_category_field: {category:<10} # (str) .item field with the item's categories.
+item_image_field: image         # (str) .item field with the image file name under images/.
+"""
+
+
+def write_dataset_yaml(build, script, description, files, category_field, stats):
+    """``<name>.yaml`` beside the atomic files: the RecBole keys that load them, so a dataset built under a
+    name the plugin ships no YAML for still loads its timestamps, text and images (not RecBole's ids-only default).
+
+    ``files``: ``{suffix: fields}`` of the atomic files written (fields as ``(name, type)``).
+    """
+    load_col = "".join(f"    {suffix}: [{', '.join(n for n, _ in fields)}]\n" for suffix, fields in files.items())
+    text = DATASET_YAML.format(name=build.name, description=description, script=script, load_col=load_col,
+                               category=category_field, interactions=stats["interactions"], users=stats["users"],
+                               items=stats["items"])
+    with atomic_output(build.dir / f"{build.name}.yaml", "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 # -------------------------------------------------------------------------------------- statistics
@@ -423,7 +475,7 @@ def run_script(args, inputs, script, convert, ignored=()):
         for k, v in vars(args).items()
         if k not in {"output", "force", "debug", *ignored}
     }
-    outputs = [f"{args.name}.inter", f"{args.name}.item", "images"]
+    outputs = [f"{args.name}.inter", f"{args.name}.item", f"{args.name}.yaml", "images"]
     build = Build(args.output, args.name, fingerprint(settings, inputs, [script]), outputs)
     return run_build(build, lambda b: convert(args, b), args.force)
 

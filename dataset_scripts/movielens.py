@@ -1,12 +1,17 @@
-"""MovieLens-100K / -1M (+ an optional poster folder) to a multimodal RecBole dataset.
+"""MovieLens (any release, + an optional poster folder) to a multimodal RecBole dataset.
 
 MovieLens with posters is the real multimodal data set this project can use without a network: the
-ratings give the sequences, movies.dat/u.item the text (title, year, genres), users.dat/u.user a
-profile for the prompt, and ``<MovieID>.jpg`` posters the images. Reads the releases exactly as
+ratings give the sequences, the movies file the text (title, year, genres), users.dat/u.user (where the
+release has one) a profile for the prompt, and the posters the images. Reads the releases exactly as
 GroupLens ships them, as the zip or as its extracted folder:
 
     ml-100k: u.data (tab separated), u.item (``|``, latin-1, 19 genre flags), u.user, u.genre
     ml-1m:   ratings.dat, movies.dat (latin-1), users.dat, all ``::`` separated
+    ml-10m:  ratings.dat (half stars), movies.dat, ``::`` separated; no user file
+    ml-20m, ml-25m, ml-32m, ml-latest(-small): ratings.csv, movies.csv (titles csv-quoted), links.csv; no user file
+
+Posters are files named by MovieID (``1.jpg``), or by the movie's IMDb id (``tt0114709.jpg``) or TMDb id
+(``862.jpg``) given in links.csv; ``--image-key auto`` takes whichever names the most rated movies.
 
 Usage (idempotent, like nanoGPT's ``prepare.py``: a second run with the same inputs does nothing):
 
@@ -24,6 +29,7 @@ Written to ``<output>/<name>/`` (see common.py for the shared format):
   ``occupation`` (ml-1m codes turned into the README's names), ``zip_code``.
 """
 
+import csv
 import re
 import zipfile
 import zlib
@@ -62,6 +68,8 @@ USER_FIELDS = [
     ("occupation", "token"),
     ("zip_code", "token"),
 ]
+IMAGE_KEYS = {"movie": "MovieID", "imdb": "IMDb id (links.csv)", "tmdb": "TMDb id (links.csv)"}  # poster names
+NO_GENRES = "(no genres listed)"  # movies.csv's genres of a movie without any
 _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 
@@ -232,9 +240,100 @@ def name_ml1m_codes(users):
     return named
 
 
+def csv_rows(release, file, columns, errors):
+    """``(line_number, {column: value})`` of a MovieLens csv file (ml-20m and later), columns found by header name.
+
+    The header must name every one of ``columns``; a row with another number of fields is malformed.
+    """
+    lines = list(release.lines(file))
+    header_number, header = lines[0] if lines else (1, "")
+    names = next(csv.reader([header.lstrip("\ufeff")]), [])
+    absent = [c for c in columns if c not in names]
+    if absent:
+        raise common.InputError(f"{release.path} ({file})", f"line {header_number}: the header lacks {', '.join(absent)}; "
+                                f"expected {','.join(columns)}")
+    numbers = [number for number, _ in lines[1:]]
+    for line_number, fields in zip(numbers, csv.reader(line for _, line in lines[1:])):
+        if len(fields) != len(names):
+            errors.add(file, line_number, f"expected {len(names)} comma-separated fields, got {len(fields)}")
+            continue
+        yield line_number, dict(zip(names, fields))
+
+
+def read_ratings_csv(release, errors):
+    """``[(user, item, rating, timestamp)]`` from ratings.csv (``userId,movieId,rating,timestamp``)."""
+    ratings = []
+    for line_number, row in csv_rows(release, "ratings.csv", ("userId", "movieId", "rating", "timestamp"), errors):
+        try:
+            ratings.append((str(int(row["userId"])), str(int(row["movieId"])), common.number(row["rating"]),
+                            common.number(row["timestamp"])))
+        except ValueError as error:
+            errors.add("ratings.csv", line_number, f"not a number ({error})")
+    return ratings
+
+
+def read_movies_csv(release, errors):
+    """``{item_id: (title, year, genres)}`` from movies.csv (``movieId,title,genres``; titles csv-quoted)."""
+    movies = {}
+    for line_number, row in csv_rows(release, "movies.csv", ("movieId", "title", "genres"), errors):
+        if not row["movieId"].strip().isdigit():
+            errors.add("movies.csv", line_number, f"movie id {row['movieId']!r} is not an integer")
+            continue
+        title, year = split_title(row["title"])
+        genres = [common.label_token(g) for g in row["genres"].split("|") if g.strip() and g != NO_GENRES]
+        _add_once(movies, str(int(row["movieId"])), (title, year, genres), "movies.csv", line_number, errors)
+    return movies
+
+
+def read_links(release, errors):
+    """``{item_id: {"imdb": id, "tmdb": id}}`` from links.csv (ml-20m and later), ids without leading zeros or
+    ``tt``; empty when the release has no links file. Posters named by IMDb or TMDb id are matched through it."""
+    if not release.has("links.csv"):
+        return {}
+    links = {}
+    for line_number, row in csv_rows(release, "links.csv", ("movieId", "imdbId", "tmdbId"), errors):
+        if not row["movieId"].strip().isdigit():
+            errors.add("links.csv", line_number, f"movie id {row['movieId']!r} is not an integer")
+            continue
+        ids = {"imdb": poster_number(row["imdbId"]), "tmdb": poster_number(row["tmdbId"])}
+        _add_once(links, str(int(row["movieId"])), {k: v for k, v in ids.items() if v}, "links.csv", line_number, errors)
+    return links
+
+
+def poster_number(value):
+    """An IMDb or TMDb id as the number it names: ``'tt0114709'``, ``'0114709'`` -> ``'114709'``; ``''`` if none."""
+    text = value.strip().lower().removeprefix("tt")
+    return str(int(text)) if text.isdigit() else ""
+
+
+def match_posters(rated_items, links, posters, key):
+    """``({item_id: poster path}, key)``: each rated movie's poster, by the file name's id.
+
+    ``posters`` maps file stems to paths. ``movie``: ``<MovieID>.jpg``; ``imdb``/``tmdb``: ``<id>.jpg`` of the
+    movie's id in links.csv (``tt`` and leading zeros ignored); ``auto``: the key that matches the most rated
+    movies, MovieID on a tie, so a poster folder of any of the three sources is read without a flag.
+    """
+    by_number = {}
+    for stem, path in posters.items():
+        by_number.setdefault(poster_number(stem), path)
+
+    def matched(k):
+        if k == "movie":
+            return {item: posters[item] for item in rated_items if item in posters}
+        ids = {item: links.get(item, {}).get(k) for item in rated_items}
+        return {item: by_number[i] for item, i in ids.items() if i and i in by_number}
+
+    keys = [key] if key != "auto" else ["movie", "imdb", "tmdb"] if links else ["movie"]
+    found = {k: matched(k) for k in keys}
+    best = max(keys, key=lambda k: len(found[k]))  # the first of equals: MovieID
+    return found[best], best
+
+
 def read_release(release, errors):
-    """Ratings, movies and users (``None`` when the release has no user file) of either layout."""
-    if release.has("ratings.dat"):
+    """Ratings, movies and users (``None`` when the release has no user file) of any layout."""
+    if release.has("ratings.csv"):  # ml-20m, ml-25m, ml-32m, ml-latest(-small): no user file
+        return read_ratings_csv(release, errors), read_movies_csv(release, errors) if release.has("movies.csv") else {}, None
+    if release.has("ratings.dat"):  # ml-1m; ml-10m has no users.dat
         ratings = read_ratings(release, "ratings.dat", "::", errors)
         movies = read_movies_1m(release, errors) if release.has("movies.dat") else {}
         order = ("user_id", "gender", "age", "occupation", "zip_code")
@@ -247,7 +346,8 @@ def read_release(release, errors):
         order = ("user_id", "age", "gender", "occupation", "zip_code")
         users = read_users(release, "u.user", "|", order, errors) if release.has("u.user") else None
     else:
-        raise common.InputError(release.path, "holds no ratings.dat (ml-1m) or u.data (ml-100k) (--input)")
+        raise common.InputError(release.path, "holds no ratings.csv (ml-20m and later), ratings.dat (ml-1m, ml-10m) or "
+                                              "u.data (ml-100k) (--input)")
     return ratings, movies, users
 
 
@@ -255,6 +355,7 @@ def convert(args, build):
     errors = common.LineErrors()
     with Release(args.input) as release:
         ratings, movies, users = read_release(release, errors)
+        links = read_links(release, errors)
     errors.report()
     if not ratings:
         raise common.InputError(args.input, "holds no valid rating line (--input)")
@@ -264,12 +365,15 @@ def convert(args, build):
     rated_items = sorted({r[1] for r in ratings}, key=int)
     rated_users = sorted({r[0] for r in ratings}, key=int)
 
-    posters = common.find_images(args.images)
-    sources = {item: posters[item] for item in rated_items if item in posters}
+    if args.image_key in ("imdb", "tmdb") and not links:
+        raise common.InputError(args.input, f"has no links.csv, which --image-key {args.image_key} needs")
+    sources, image_key = match_posters(rated_items, links, common.find_images(args.images), args.image_key)
+    if args.images:
+        print(f"posters: {len(sources):,} of {len(rated_items):,} rated movies, matched by {IMAGE_KEYS[image_key]}")
     images, missing = common.normalise_images(sources, build.dir / "images")
     for item in rated_items:
         if item not in images and item not in missing:
-            missing[item] = f"no {item}.<ext> in --images" if args.images else "no --images folder given"
+            missing[item] = f"no poster named by its {IMAGE_KEYS[image_key]} in --images" if args.images else "no --images folder given"
 
     name = build.name
     common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, ratings)
@@ -296,6 +400,7 @@ def convert(args, build):
         users_missing_from_users_file=sum(1 for u in rated_users if u not in users) if users is not None else None,
         duplicates=duplicates,
         duplicates_choice=args.duplicates,
+        image_key=image_key if args.images else None,
     )
     stats["dropped"] = common.row_counts(
         malformed_lines=errors.total,
@@ -306,14 +411,24 @@ def convert(args, build):
         rated_movies_missing_from_the_movies_file=stats["rated_items_missing_from_movies"],
         rating_users_missing_from_the_users_file=stats["users_missing_from_users_file"] or 0,
     )
+    files = {"inter": common.INTER_FIELDS, "item": ITEM_FIELDS, **({"user": USER_FIELDS} if users is not None else {})}
+    common.write_dataset_yaml(build, "movielens.py", "MovieLens ratings with titles, years, genres and posters.", files,
+                              "genres", stats)
     return stats
 
 
 def parse_args(argv=None):
-    images_help = "folder of posters named <MovieID>.jpg (any common image format)"
+    images_help = "folder of posters named <MovieID>.jpg, or by IMDb/TMDb id (--image-key), any common image format"
     parser = common.argument_parser(__doc__, "ml-1m-mm", images_help)
     parser.add_argument(
-        "--input", required=True, type=Path, help="ml-100k.zip / ml-1m.zip as downloaded, or the extracted folder"
+        "--input", required=True, type=Path,
+        help="a MovieLens release zip as downloaded (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest[-small]), "
+        "or the extracted folder",
+    )
+    parser.add_argument(
+        "--image-key", choices=["auto", *IMAGE_KEYS], default="auto",
+        help="what the poster files are named by: " + "; ".join(f"{k}: {v}" for k, v in IMAGE_KEYS.items())
+        + "; auto: whichever matches the most rated movies",
     )
     return parser.parse_args(argv)
 

@@ -6,7 +6,8 @@ Precedence, lowest first (later layers override earlier ones):
    its quick-start defaults for the model type (e.g. sequential: leave-one-out in time order);
 2. this plugin's ``properties/overall.yaml`` (the evaluation protocol every compared model shares),
    ``properties/stages.yaml`` (the LLM stages, for the plugin's own models only),
-   ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml``;
+   ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml`` (where none ships: the
+   ``<dataset>.yaml`` that ``dataset_scripts`` wrote into ``<data_path>/<dataset>/``);
 3. ``config_file_list`` (the user's YAML files, in order), then their ``per_model`` sections for the model
    being run;
 4. ``config_dict`` (it may hold a ``per_model`` section too, applied above its shared keys);
@@ -118,12 +119,23 @@ class Config(RecBoleConfig):
             return model, get_model(model), dataset
         return model.__name__, model, dataset
 
+    def _dataset_yaml(self, root, dataset):
+        """``properties/dataset/<dataset>.yaml``, else the ``<dataset>.yaml`` that ``dataset_scripts`` wrote beside
+        the atomic files (``<data_path>/<dataset>/``): a dataset built under a new name loads its timestamps, text
+        and images rather than RecBole's ids-only default."""
+        shipped = root / "dataset" / f"{dataset}.yaml"
+        if shipped.is_file():
+            return shipped
+        data_path = self.external_config_dict.get("data_path") or self.internal_config_dict.get("data_path") or "dataset/"
+        return Path(data_path) / dataset / f"{dataset}.yaml"
+
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
         stages = [root / "stages.yaml"] if model_class.__module__.startswith("recbole_mllm.") else []
-        for path in (root / "overall.yaml", *stages, root / "model" / f"{model}.yaml", root / "dataset" / f"{dataset}.yaml"):
+        dataset_yaml = self._dataset_yaml(root, dataset)
+        for path in (root / "overall.yaml", *stages, root / "model" / f"{model}.yaml", dataset_yaml):
             if path.is_file():
                 layer = self._update_internal_config_dict(path) or {}
-                if path.parent.name == "dataset":
+                if path == dataset_yaml:
                     self.parameters["Dataset"] += [k for k in layer if k not in self.parameters["Dataset"]]

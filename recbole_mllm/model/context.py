@@ -105,6 +105,10 @@ class RankerContext:
 def build_item_material(config, item_tokens, table, text_fields, category_field, title_field):
     """Compact item texts, titles and category tuples aligned with internal item ids."""
     sep = config["seq_separator"] or " "
+    for key, name in (("item_title_field", title_field), ("item_category_field", category_field)):
+        if name and name not in table.field_types:  # e.g. an Amazon dataset's categories under the default genres
+            logger.warning(f"{table.path} has no field {name!r} ({key}); its fields are "
+                           f"{list(table.field_types)}: set --{key}=<field> (or ~ for none)")
     texts, titles, categories = [], [], []
     for token in item_tokens:
         row = table.rows.get(str(token))

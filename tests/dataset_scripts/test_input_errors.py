@@ -52,7 +52,7 @@ def damaged_member_zip(tmp_path):
     ("gzip", "{path}: is gzip-compressed; give the release zip as downloaded or its extracted folder"),
     ("truncated zip", "{path}: is a damaged zip file (File is not a zip file)"),
     ("damaged member", "{path} (ml-1m/ratings.dat): damaged zip member: "),
-    ("no ratings", "{path}: holds no ratings.dat (ml-1m) or u.data (ml-100k) (--input)"),
+    ("no ratings", "{path}: holds no ratings.csv (ml-20m and later), ratings.dat (ml-1m, ml-10m) or u.data (ml-100k) (--input)"),
 ])
 def test_movielens_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, case, expected):
     path = tmp_path / "ml-1m.zip"

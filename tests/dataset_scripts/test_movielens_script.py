@@ -44,6 +44,21 @@ ML100K_FILES = {
     "u.genre": [f"{g}|{i}" for i, g in enumerate(movielens.ML100K_GENRES)],
 }
 
+ML10M_FILES = {  # no users.dat, half stars
+    "ratings.dat": ["1::122::5::838985046", "1::185::4.5::838983525", "2::122::3.5::868245777"],
+    "movies.dat": ["122::Boomerang (1992)::Comedy|Romance", "185::Net, The (1995)::Action|Crime|Thriller"],
+    "tags.dat": ["15::4973::excellent!::1215184630"],
+}
+MLCSV_FILES = {  # ml-20m, ml-25m, ml-32m, ml-latest: csv with a header, titles quoted where they hold a comma
+    "ratings.csv": ["userId,movieId,rating,timestamp", "1,1,4.0,964982703", "1,3,4.5,964981247",
+                    "2,1,3.0,964982224", "2,4,2,964983815", "2,x,3,964983815", "3,3,5.0"],
+    "movies.csv": ["movieId,title,genres", "1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy",
+                   '3,"American President, The (1995)",Comedy|Drama|Romance',
+                   '4,"Babylon 5",(no genres listed)'],
+    "links.csv": ["movieId,imdbId,tmdbId", "1,0114709,862", "3,0112346,9087", "4,0105946,"],
+    "tags.csv": ["userId,movieId,tag,timestamp", "2,3,politics,1445714994"],
+}
+
 
 def write_release(root, files, packed, top):
     """The release as GroupLens ships it: latin-1 files under ``top/``, zipped or extracted."""
@@ -146,6 +161,71 @@ def test_ml100k_layout(tmp_path, packed):
     assert (out / "missing_images.txt").read_text().count("no --images folder given") == 3
 
 
+def test_ml10m_layout(tmp_path):
+    stats = build(tmp_path, write_release(tmp_path / "raw", ML10M_FILES, True, "ml-10M100K"), name="ml-10m-mm")
+    out = tmp_path / "out" / "ml-10m-mm"
+    assert read_atomic(out / "ml-10m-mm.inter")[1] == [["1", "185", "4.5", "838983525"], ["1", "122", "5", "838985046"],
+                                                       ["2", "122", "3.5", "868245777"]]  # by user, then time
+    assert read_atomic(out / "ml-10m-mm.item")[1] == [["122", "Boomerang", "1992", "Comedy Romance", ""],
+                                                      ["185", "Net, The", "1995", "Action Crime Thriller", ""]]
+    assert not (out / "ml-10m-mm.user").exists() and stats["source_users"] is None and stats["malformed_lines"] == {}
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["zip", "folder"])
+def test_csv_layout(tmp_path, capsys, packed):
+    stats = build(tmp_path, write_release(tmp_path / "raw", MLCSV_FILES, packed, "ml-latest-small"), name="ml-csv-mm")
+    out = tmp_path / "out" / "ml-csv-mm"
+    assert read_atomic(out / "ml-csv-mm.inter")[1] == [["1", "3", "4.5", "964981247"], ["1", "1", "4", "964982703"],
+                                                       ["2", "1", "3", "964982224"], ["2", "4", "2", "964983815"]]
+    assert read_atomic(out / "ml-csv-mm.item")[1] == [
+        ["1", "Toy Story", "1995", "Adventure Animation Children Comedy Fantasy", ""],
+        ["3", "American President, The", "1995", "Comedy Drama Romance", ""],  # the quoted comma stays in the title
+        ["4", "Babylon 5", "", "", ""],  # no year, "(no genres listed)" is no genre
+    ]
+    assert not (out / "ml-csv-mm.user").exists()
+    assert stats["malformed_lines"] == {"ratings.csv": 2} and stats["interactions"] == 4
+    err = capsys.readouterr().err
+    assert "ratings.csv:6: not a number" in err and "ratings.csv:7: expected 4 comma-separated fields, got 3" in err
+
+
+@pytest.mark.parametrize(("names", "key"), [
+    ({"1": "1.jpg", "3": "3.png"}, "movie"),
+    ({"1": "tt0114709.jpg", "3": "tt0112346.jpg"}, "imdb"),
+    ({"1": "0114709.jpg", "3": "112346.jpg"}, "imdb"),
+    ({"1": "862.jpg", "3": "9087.jpg"}, "tmdb"),
+])
+def test_posters_named_by_movie_imdb_or_tmdb_id_are_found(tmp_path, names, key):
+    posters = tmp_path / "posters"
+    posters.mkdir()
+    for item, name in names.items():
+        write_image(posters / name, "rgb")
+    raw = write_release(tmp_path / "raw", MLCSV_FILES, True, "ml-latest-small")
+    stats = build(tmp_path, raw, posters, name="ml-csv-mm")
+    assert stats["image_key"] == key and stats["items_with_image"] == 2
+    out = tmp_path / "out" / "ml-csv-mm"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["1.jpg", "3.jpg"]  # named by MovieID, the item id
+    assert (out / "missing_images.txt").read_text().startswith("4\tno poster named by its ")
+    assert build(tmp_path, raw, posters, name="ml-csv-mm", extra=["--image-key", key])["items_with_image"] == 2
+    other = "movie" if key != "movie" else "tmdb"
+    assert build(tmp_path, raw, posters, name="ml-csv-mm", extra=["--image-key", other])["items_with_image"] == 0
+
+
+def test_an_id_key_without_links_is_a_one_line_error(tmp_path, posters, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build(tmp_path, write_release(tmp_path / "raw", ML1M_FILES, True, "ml-1m"), posters, extra=["--image-key", "imdb"])
+    assert exit_info.value.code == 2
+    assert "ml-1m.zip: has no links.csv, which --image-key imdb needs" in capsys.readouterr().err
+
+
+def test_a_csv_header_without_a_needed_column_is_a_one_line_error(tmp_path, capsys):
+    files = {**MLCSV_FILES, "ratings.csv": ["user,movie,rating,timestamp", "1,1,4.0,964982703"]}
+    with pytest.raises(SystemExit):
+        build(tmp_path, write_release(tmp_path / "raw", files, False, "ml-latest-small"))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "(ratings.csv): line 1: the header lacks userId, movieId" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_second_run_does_nothing_and_changes_rebuild(tmp_path, posters):
     raw = write_release(tmp_path / "raw", ML1M_FILES, True, "ml-1m")
     assert build(tmp_path, raw, posters)["rebuilt"] is True
@@ -183,6 +263,30 @@ def test_recbole_loads_the_fixture(tmp_path, posters, recbole):
     assert item_text(dataset, "1", "genres") == "Animation Children's Comedy"
     assert item_text(dataset, "73", "image") == "73.jpg" and item_text(dataset, "999", "image") == ""
     assert sorted(dataset.inter_feat["timestamp"])[0] == 978300760  # seconds, not normalised
+
+
+def test_a_dataset_under_a_new_name_loads_with_the_yaml_written_beside_it(tmp_path, monkeypatch):
+    """No properties/dataset/ml-csv-mm.yaml ships: the plugin's Config reads the one the script wrote, so RecBole
+    loads timestamps, text and images, not its ids-only default."""
+    from recbole.data import create_dataset
+
+    from recbole_mllm.config import Config, properties_dir
+
+    assert not (properties_dir() / "dataset" / "ml-csv-mm.yaml").exists()
+    posters = tmp_path / "posters"
+    posters.mkdir()
+    write_image(posters / "tt0114709.jpg", "rgb")
+    build(tmp_path, write_release(tmp_path / "raw", MLCSV_FILES, True, "ml-latest-small"), posters, name="ml-csv-mm")
+    monkeypatch.chdir(tmp_path)
+    config = Config("SASRec", "ml-csv-mm", config_dict={"data_path": str(tmp_path / "out"), "train_neg_sample_args": None})
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                                  "item": ["item_id", "title", "year", "genres", "image"]}
+    assert (config["TIME_FIELD"], config["item_category_field"]) == ("timestamp", "genres")
+    dataset = create_dataset(config)
+    assert dataset.inter_num == 4 and sorted(dataset.inter_feat["timestamp"])[0] == 964981247
+    assert item_text(dataset, "3", "title") == "American President, The" and item_text(dataset, "1", "image") == "1.jpg"
+    overridden = Config("SASRec", "ml-csv-mm", config_dict={"data_path": str(tmp_path / "out"), "TIME_FIELD": "t"})
+    assert overridden["TIME_FIELD"] == "t"  # the user's keys still win
 
 
 @pytest.mark.skipif(shared_ml1m() is None, reason="shared ML-1M data (../shared/data/ml-1m) not present")
