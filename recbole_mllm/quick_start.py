@@ -62,7 +62,7 @@ def split_and_build_model(config, dataset):
     train_data, valid_data, test_data = data_preparation(config, dataset,
                                                          window_rows=trains_on_windows(config["model"], config))
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"] + distributed.rank_and_world()[0], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
     use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     use_train_positions(model, config)  # all: the loss at every position of the window rows data_preparation kept

@@ -39,6 +39,17 @@ def warmup_code_sha256(model):
     return sha256_bytes("\n".join(sources).encode())
 
 
+def check_gathered_metrics(metrics):
+    """Under torchrun only ``rec.topk`` rows are gathered across ranks (``PerUserCollector``): a metric that needs
+    other rows (GAUC, AUC, ShannonEntropy, ...) would be each rank's own share, and differ between ranks."""
+    from recbole.evaluator.register import metric_information
+
+    others = [m for m in metrics if set(metric_information[m.lower()]) - {"rec.topk"}]
+    if others:
+        raise ValueError(f"metrics {others} need more than the top-k rows that torchrun runs gather across ranks; "
+                         f"run them in one process, or keep to top-k metrics (Hit, NDCG, MRR, Recall, Precision, MAP)")
+
+
 class DataParallel:
     """Mixin of :func:`data_parallel`: RecBole's DDP wrapping, on a CPU too, and one checkpoint name for every rank.
 
@@ -48,6 +59,7 @@ class DataParallel:
 
     def __init__(self, config, model):
         Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)  # RecBole's check-then-create races between ranks
+        check_gathered_metrics(config["metrics"])
         config["single_spec"] = True  # skip RecBole's wrapping (device_ids on a CPU module) ...
         try:
             super().__init__(config, model)
@@ -60,6 +72,16 @@ class DataParallel:
         """The metrics as they are: ``PerUserCollector`` already evaluated every rank's users on every rank
         (RecBole's reduction would average the ranks' means, weighted by a count of batches)."""
         return result
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        """Rank 0's validation on every rank: early stopping and the best epoch are then one decision, never a
+        rank leaving ``fit`` while another still trains (a hang in the next collective)."""
+        return distributed.broadcast(super()._valid_epoch(valid_data, show_progress=show_progress))
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """Written by global rank 0 only (RecBole lets the first process of every node write the same file)."""
+        if distributed.is_main():
+            super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
 
 
 def data_parallel(trainer_class):
@@ -215,7 +237,7 @@ class MLLMSRecTrainer(Trainer):
             self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
 
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
-        if self.warmup_cache.is_file():
+        if distributed.broadcast(self.warmup_cache.is_file()):  # rank 0's answer: all ranks reuse, or all train
             saved = compat.load_weights(self.warmup_cache, map_location=self.device)
             self.model.encoder.load_state_dict(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "

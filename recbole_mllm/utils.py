@@ -10,6 +10,7 @@ Nothing heavy is imported at module level (RecBole on first use), so the dataset
 
 import importlib
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,11 +63,12 @@ def atomic_output(path, mode="wb", **open_kwargs):
 
     The block writes a temp file beside ``path``; when it ends without error the file is flushed, fsynced and
     renamed over ``path`` (and the folder fsynced, so the rename is durable too); on an error it is removed.
-    The temp name carries the pid, so processes writing the same file never share one; a killed process
-    leaves ``<name>.tmp<pid>``, which the stage cache clears.
+    The temp name carries the pid and a random part, so processes writing the same file never share one, also
+    on other hosts of a shared filesystem; a killed process leaves ``<name>.tmp<pid>-<hex>``, which the stage cache
+    clears.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f

@@ -75,3 +75,11 @@ def test_a_stage_under_two_ranks_builds_each_shard_once_into_the_cache_one_proce
     cache = item_fusion_cache(config, describe_backend(config))
     assert cache.is_complete() and len(cache.load()) == 30 and len(cache.shards) == 4
     assert done.stdout.count(str(cache.path)) == 2  # both ranks print the folder one process reads (lines may interleave)
+
+
+def test_metrics_needing_more_than_the_gathered_top_k_rows_are_refused_under_torchrun():
+    from recbole_mllm.trainer import check_gathered_metrics
+
+    check_gathered_metrics(["Hit", "NDCG", "MRR", "Recall", "Precision", "MAP"])
+    with pytest.raises(ValueError, match=r"metrics \['GAUC', 'ShannonEntropy'\] need more than the top-k rows"):
+        check_gathered_metrics(["NDCG", "GAUC", "ShannonEntropy"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Mapping, Optional, Sequence
 
+from recbole_mllm import distributed
 from recbole_mllm.stages.backend_identity import describe_backend
 from recbole_mllm.stages.cache import StageCache, StageCacheError
 from recbole_mllm.stages.common import load_backend
@@ -64,7 +65,7 @@ def prepare_stages(config: Mapping, stages: Sequence[str], histories: Optional[M
     backend = None
     for stage in stages:
         cache = _cache(stage, config, described, histories)
-        if cache.is_complete():
+        if distributed.broadcast(cache.is_complete()):  # rank 0's answer: every rank builds, or none does
             logger.info(f"{stage}: cache {cache.path} is complete")
             continue
         if not config["run_missing_stages"]:
