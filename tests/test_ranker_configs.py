@@ -1,16 +1,35 @@
 """The shipped ranker configurations (``properties/ranker/*.yaml``) layer over an encoder's tuned settings."""
 
+import pytest
 import yaml
 
 from recbole_mllm.config import Config, properties_dir
 
+TUNED = properties_dir() / "tuned" / "ml-1m-mm" / "FusedSASRec.yaml"
 
-def test_train_as_tested_overrides_only_ranker_keys_over_the_tuned_encoder(tmp_path):
-    tuned = properties_dir() / "tuned" / "ml-1m-mm" / "FusedSASRec.yaml"
-    ranker = properties_dir() / "ranker" / "train_as_tested.yaml"
-    assert not set(yaml.safe_load(ranker.read_text())) & set(yaml.safe_load(tuned.read_text()))  # no encoder key
-    config = Config("MLLMSRec", "ml-1m-mm", config_file_list=[str(tuned), str(ranker)],
-                    config_dict={"data_path": str(tmp_path)})
+
+def _config(tmp_path, *files):
+    return Config("MLLMSRec", "ml-1m-mm", config_file_list=[str(TUNED), *map(str, files)],
+                  config_dict={"data_path": str(tmp_path)})
+
+
+@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested"])
+def test_a_ranker_yaml_overrides_no_key_of_the_tuned_encoder(name):
+    ranker = yaml.safe_load((properties_dir() / "ranker" / f"{name}.yaml").read_text())
+    assert ranker and not set(ranker) & set(yaml.safe_load(TUNED.read_text()))
+
+
+def test_the_defaults_train_the_llm_as_it_is_tested(tmp_path):
+    config = _config(tmp_path)
     assert config["hidden_size"] == 128 and config["train_positions"] == "all"  # the encoder's tuned settings
     assert config["ranker_train_candidates"] == "top_k" and config["encoder_frozen_after_warmup"] is True
-    assert config["encoder_warmup_stopping_step"] == 10 and config["ranker_train_negatives"] == 9
+    assert (config["encoder_warmup_epochs"], config["encoder_warmup_stopping_step"]) == (300, 10)
+    assert config["ranker_train_negatives"] == 9
+    assert _config(tmp_path, properties_dir() / "ranker" / "train_as_tested.yaml")["eval_step"] == 2  # session 9's run
+
+
+def test_paper_joint_restores_the_papers_joint_fine_tuning(tmp_path):
+    config = _config(tmp_path, properties_dir() / "ranker" / "paper_joint.yaml")
+    assert config["ranker_train_candidates"] == "sampled" and config["encoder_frozen_after_warmup"] is False
+    assert (config["ranker_train_negatives"], config["ranker_hard_negatives"]) == (1, 1)
+    assert (config["encoder_warmup_epochs"], config["encoder_warmup_stopping_step"]) == (20, 3)
