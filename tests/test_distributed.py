@@ -83,3 +83,17 @@ def test_metrics_needing_more_than_the_gathered_top_k_rows_are_refused_under_tor
     check_gathered_metrics(["Hit", "NDCG", "MRR", "Recall", "Precision", "MAP"])
     with pytest.raises(ValueError, match=r"metrics \['GAUC', 'ShannonEntropy'\] need more than the top-k rows"):
         check_gathered_metrics(["NDCG", "GAUC", "ShannonEntropy"])
+
+
+def test_the_distributed_sampler_of_a_training_loader_takes_the_runs_seed():
+    from types import SimpleNamespace
+
+    from torch.utils.data import RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    from recbole_mllm.data.dataloader import seeded
+
+    loader = SimpleNamespace(sampler=DistributedSampler(list(range(10)), num_replicas=2, rank=0))
+    assert seeded(loader, {"seed": 2021}).sampler.seed == 2021  # RecBole's would stay 0 for every seed
+    plain = SimpleNamespace(sampler=RandomSampler(range(3)))
+    assert seeded(plain, {"seed": 2021}).sampler is plain.sampler

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from recbole.data.dataloader import NegSampleEvalDataLoader, TrainDataLoader
 from recbole.data.interaction import cat_interactions
+from torch.utils.data.distributed import DistributedSampler
 
 
 class FixedCandidateEvalDataLoader(NegSampleEvalDataLoader):
@@ -107,5 +108,13 @@ def row_subset(dataset, rows):
 def subset_loader(config, train_data, rows, batch_size):
     """A loader of rows ``rows`` (indices) of ``train_data``'s dataset, ``batch_size`` rows per batch, shuffled as
     ``train_data`` is (RecBole's ``shuffle``)."""
-    return SubsetTrainDataLoader(config, row_subset(train_data._dataset, rows), train_data._sampler, batch_size,
-                                 shuffle=config["shuffle"])
+    return seeded(SubsetTrainDataLoader(config, row_subset(train_data._dataset, rows), train_data._sampler, batch_size,
+                                        shuffle=config["shuffle"]), config)
+
+
+def seeded(loader, config):
+    """``loader``, its ``DistributedSampler`` (under torchrun) seeded with the run's seed: RecBole leaves that at 0,
+    so every run of ``--seeds`` would train on the same batch order."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.seed = config["seed"]
+    return loader

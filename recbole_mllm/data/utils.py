@@ -21,7 +21,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 
-from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader
+from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, seeded
 from recbole_mllm.data.windows import select_window_rows
 
 _DATASET_CLASS_BY_TYPE = {
@@ -88,7 +88,8 @@ def data_preparation(config, dataset, window_rows=False):
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
     if window_rows:  # one row per window, the loss at every position (data/windows.py)
         train_dataset = select_window_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
-    train_data = get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"])
+    train_data = seeded(get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"]),
+                        config)
     valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], user_items)
     test_protocols = config["test_protocols"] or [config["eval_args"]["mode"]["test"]]
     test_data = {mode: _eval_dataloader(config, test_dataset, test_sampler, mode, user_items) for mode in test_protocols}
