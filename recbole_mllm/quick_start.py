@@ -26,6 +26,7 @@ from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item
 from recbole_mllm.model.train_positions import check_train_positions, trains_on_windows, use_train_positions
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
+from recbole_mllm.trainer import check_encoder_freezing
 from recbole_mllm.utils import get_model, get_trainer
 
 
@@ -57,6 +58,7 @@ def split_and_build_model(config, dataset):
     seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
     model_class = get_model(config["model"])
     check_train_positions(config["model"], config)
+    check_encoder_freezing(config)
     stages = required_stages(model_class)
     histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
     train_data, valid_data, test_data = data_preparation(config, dataset,

@@ -39,6 +39,14 @@ def warmup_code_sha256(model):
     return sha256_bytes("\n".join(sources).encode())
 
 
+def check_encoder_freezing(config):
+    """``encoder_frozen_after_warmup`` needs a warm-up: checked before the stages run (``split_and_build_model``; they
+    can take an hour), and again by ``fit``."""
+    if config["encoder_frozen_after_warmup"] and (config["encoder_warmup_epochs"] or 0) <= 0:
+        raise ValueError(f"encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0, got "
+                         f"{config['encoder_warmup_epochs']}); or set encoder_frozen_after_warmup: False")
+
+
 def check_gathered_metrics(metrics):
     """Under torchrun only ``rec.topk`` rows are gathered across ranks (``PerUserCollector``): a metric that needs
     other rows (GAUC, AUC, ShannonEntropy, ...) would be each rank's own share, and differ between ranks."""
@@ -176,8 +184,7 @@ class MLLMSRecTrainer(Trainer):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
         if self.config["encoder_frozen_after_warmup"]:
-            if self.warmup_epochs <= 0:
-                raise ValueError("encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0)")
+            check_encoder_freezing(self.config)
             self.model.freeze_encoder()
             if distributed.active():  # DDP averages the gradients of what requires them when it is built
                 self.distributed_model = distributed.ddp(self.model, self.device)
@@ -189,14 +196,18 @@ class MLLMSRecTrainer(Trainer):
 
         With the encoder frozen no other row trains anything: RecBole's ~1M rows of ML-1M hold ~12k of them, so a joint
         epoch over all rows would spend almost every step on an encoder forward that is thrown away. The rows are
-        chosen by the model's own rule (``TrainingCandidates.llm_rows``), so they are exactly those a full epoch trains.
+        chosen by the model's own rule (``llm_training_rows``: under ``top_k`` only targets inside the frozen encoder's
+        top-K), so they are exactly those a full epoch trains.
         """
         inter, keep, chunk = train_data._dataset.inter_feat, [], 65536
         for start in range(0, len(inter), chunk):
-            rows, _ = self.model.candidates.llm_rows(inter[start:start + chunk], self.model.positions)
-            keep += [start + row for row in rows]
+            keep += [start + row for row in self.model.llm_training_rows(inter[start:start + chunk])]
         self.logger.info(f"encoder frozen: the joint epochs read the {len(keep)} rows the LLM trains on "
                          f"(of {len(inter)}), {self.config['ranker_train_batch_size']} per step")
+        if not keep:  # an untrained reranker would be tested as if it were MLLMSRec's
+            raise ValueError(f"no training row can train the LLM: no training target is inside the warmed-up encoder's top "
+                             f"rerank_top_k={self.config['rerank_top_k']} (ranker_train_candidates: top_k); raise rerank_top_k "
+                             f"or llm_train_targets_per_user (the warm-up is cached and reused)")
         return subset_loader(self.config, train_data, keep, self.config["ranker_train_batch_size"])
 
     def _warmup_validates(self, valid_data):

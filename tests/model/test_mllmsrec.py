@@ -558,14 +558,16 @@ def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
     assert any(not torch.equal(lora[k], v) for k, v in states["lora"].items())  # the LLM's adapters did train
 
 
-def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config):
-    """With the encoder frozen, the other rows train nothing: the joint epochs read the LLM's rows alone, by the
-    model's own rule, ``ranker_train_batch_size`` per step."""
+@pytest.mark.parametrize("rule", ["top_k", "sampled"])
+def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule):
+    """With the encoder frozen, the other rows train nothing: the joint epochs read the rows whose loss reaches the
+    LLM in a pass over every row (under top_k: targets inside the encoder's top-K), ``ranker_train_batch_size`` per
+    step."""
     from recbole_mllm.trainer import MLLMSRecTrainer
 
     config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_cache=False,
                                                encoder_warmup_epochs=1, encoder_warmup_stopping_step=0,
-                                               ranker_train_batch_size=3))
+                                               ranker_train_batch_size=3, ranker_train_candidates=rule, rerank_top_k=8))
     model, train_data, valid_data, _ = split_and_build_model(config, dataset)
     trainer, read = MLLMSRecTrainer(config, model), []
     train_epoch = trainer._train_epoch
@@ -578,9 +580,33 @@ def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(
     trainer.fit(train_data, valid_data, saved=False)
     warm_up, joint = read
     assert warm_up is train_data and joint.step == 3
-    expected = _split_rows(model, train_data)  # {uid: [t]} of a pass over every training row
-    assert sum(map(len, expected.values())) == len(joint._dataset) < len(train_data._dataset)
-    assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in expected.items()}
+    scored = {}  # {uid: [t]} of the rows whose loss reaches the LLM in a pass over every training row
+
+    def llm_scores(uids, ts, user_states, candidates, owner, labels=None):
+        for u, t in zip(uids, ts):
+            scored.setdefault(u, []).append(t)
+        return user_states.sum() * 0
+
+    model.llm_scores = llm_scores
+    model.train()
+    for batch in train_data:
+        model.calculate_loss(batch)
+    selected = sum(map(len, _split_rows(model, train_data).values()))  # llm_train_targets_per_user's rows
+    assert 0 < sum(map(len, scored.values())) == len(joint._dataset) < len(train_data._dataset)
+    assert (len(joint._dataset) < selected) if rule == "top_k" else (len(joint._dataset) == selected)
+    assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in scored.items()}
+
+
+def test_a_run_where_no_row_can_train_the_llm_is_an_error_after_the_warm_up(mllm_config):
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, encoder_warmup_epochs=1,
+                                               encoder_warmup_stopping_step=0))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    model.llm_training_rows = lambda interaction: []  # no target inside any top-K list
+    with pytest.raises(ValueError, match="no training row can train the LLM: no training target is inside the "
+                                         "warmed-up encoder's top rerank_top_k=5"):
+        MLLMSRecTrainer(config, model).fit(train_data, valid_data, saved=False)
 
 
 def test_runs_started_at_once_share_one_warm_up(mllm_config, tmp_path):
@@ -615,13 +641,13 @@ def test_runs_started_at_once_share_one_warm_up(mllm_config, tmp_path):
         torch.testing.assert_close(value, first_model.encoder.state_dict()[name])
 
 
-def test_freezing_an_encoder_that_was_never_warmed_up_is_refused(mllm_config):
-    from recbole_mllm.trainer import MLLMSRecTrainer
+def test_freezing_an_encoder_that_was_never_warmed_up_is_refused_before_the_stages_run(mllm_config, monkeypatch):
+    import recbole_mllm.quick_start as quick_start
 
     config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_epochs=0))
-    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    monkeypatch.setattr(quick_start, "prepare_stages", lambda *a: pytest.fail("the stages ran before the check"))
     with pytest.raises(ValueError, match="encoder_frozen_after_warmup needs a warm-up"):
-        MLLMSRecTrainer(config, model).fit(train_data, valid_data, saved=False)
+        split_and_build_model(config, dataset)
 
 
 def test_list_cross_entropy_is_each_lists_softmax_loss_of_its_positive():

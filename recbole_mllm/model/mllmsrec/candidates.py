@@ -101,6 +101,14 @@ class TrainingCandidates:
             labels += [1] + [0] * (len(items) - 1)
         return candidates, owner, labels
 
+    def top_k_lists(self, catalogue, targets):
+        """``[(row, its top-K list)]`` of the rows whose target is inside their top ``rerank_top_k`` of ``catalogue``
+        (items at -inf never listed): the only rows that train the LLM under ``top_k``."""
+        top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
+        lists = ([item for item, score in zip(items, scores) if score != float("-inf")]
+                 for items, scores in zip(top.indices.tolist(), top.values.tolist()))
+        return [(row, listed) for row, (listed, target) in enumerate(zip(lists, targets)) if target in listed]
+
     def from_top_k(self, catalogue, targets):
         """Train as tested: ``(kept, candidates, owner, labels)`` from each row's top ``rerank_top_k`` of ``catalogue``.
 
@@ -110,12 +118,9 @@ class TrainingCandidates:
         kept. A kept row gives its target (label 1), then ``ranker_train_negatives`` other items of its top-K drawn
         uniformly (label 0); ``owner[c]`` indexes ``kept``.
         """
-        top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
         kept, candidates, owner, labels = [], [], [], []
-        for row, (items, scores, target) in enumerate(zip(top.indices.tolist(), top.values.tolist(), targets)):
-            listed = [item for item, score in zip(items, scores) if score != float("-inf")]
-            if target not in listed:
-                continue
+        for row, listed in self.top_k_lists(catalogue, targets):
+            target = targets[row]
             others = [item for item in listed if item != target]
             picked = [others[j] for j in torch.randperm(len(others))[:self.n_negatives].tolist()]
             owner += [len(kept)] * (1 + len(picked))

@@ -302,6 +302,22 @@ class MLLMSRec(SequentialRecommender):
                                       torch.tensor(candidates, device=device), torch.tensor(owner, device=device),
                                       torch.tensor(labels, device=device))
 
+    @torch.no_grad()
+    def llm_training_rows(self, interaction):
+        """Indices of the rows of ``interaction`` whose loss trains the LLM: ``llm_rows``, and under ``top_k`` only
+        those whose target is inside the encoder's top-K list (exact while the encoder is frozen; no random draw)."""
+        rows, ts = self.candidates.llm_rows(interaction, self.positions)
+        if not rows or self.candidates.rule != "top_k":
+            return rows
+        kept, step = [], 1024  # rows per catalogue [step n_items]
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            batch = interaction[torch.tensor(part)].to(self.device)
+            user_states = self.forward(batch[self.ITEM_SEQ], batch[self.ITEM_SEQ_LEN])
+            catalogue = self.scorer.catalogue_scores(user_states, batch[self.USER_ID].tolist(), ts[start:start + step])
+            kept += [part[k] for k, _ in self.candidates.top_k_lists(catalogue, batch[self.POS_ITEM_ID].tolist())]
+        return kept
+
     def predict(self, interaction):
         """Scores of RecBole's sampled blocks, by the same two stages as full ranking (``scorer.py``).
 
