@@ -196,19 +196,22 @@ class MLLMSRecTrainer(Trainer):
 
         With the encoder frozen no other row trains anything: RecBole's ~1M rows of ML-1M hold ~12k of them, so a joint
         epoch over all rows would spend almost every step on an encoder forward that is thrown away. The rows are
-        chosen by the model's own rule (``llm_training_rows``: under ``top_k`` only targets inside the frozen encoder's
-        top-K), so they are exactly those a full epoch trains.
+        chosen by the model's own rule (``TrainingCandidates.llm_rows``), so they are exactly those a full epoch reads.
+        Under ``top_k`` only those whose target is inside the frozen encoder's top-K train (``llm_training_rows``,
+        counted here); the others stay in the batches, so each step trains on the rows it holds, as measured.
         """
-        inter, keep, chunk = train_data._dataset.inter_feat, [], 65536
+        inter, rows, keep, chunk = train_data._dataset.inter_feat, [], 0, 65536
         for start in range(0, len(inter), chunk):
-            keep += [start + row for row in self.model.llm_training_rows(inter[start:start + chunk])]
-        self.logger.info(f"encoder frozen: the joint epochs read the {len(keep)} rows the LLM trains on "
-                         f"(of {len(inter)}), {self.config['ranker_train_batch_size']} per step")
+            part = inter[start:start + chunk]
+            rows += [start + row for row in self.model.candidates.llm_rows(part, self.model.positions)[0]]
+            keep += len(self.model.llm_training_rows(part))
+        self.logger.info(f"encoder frozen: the joint epochs read the {len(rows)} rows the LLM may train on (of "
+                         f"{len(inter)}), {self.config['ranker_train_batch_size']} per step; {keep} of them train it")
         if not keep:  # an untrained reranker would be tested as if it were MLLMSRec's
             raise ValueError(f"no training row can train the LLM: no training target is inside the warmed-up encoder's top "
                              f"rerank_top_k={self.config['rerank_top_k']} (ranker_train_candidates: top_k); raise rerank_top_k "
                              f"or llm_train_targets_per_user (the warm-up is cached and reused)")
-        return subset_loader(self.config, train_data, keep, self.config["ranker_train_batch_size"])
+        return subset_loader(self.config, train_data, rows, self.config["ranker_train_batch_size"])
 
     def _warmup_validates(self, valid_data):
         """Whether a warm-up early-stops on validation (and keeps its best encoder) or runs every epoch."""

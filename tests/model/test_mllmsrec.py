@@ -559,10 +559,10 @@ def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
 
 
 @pytest.mark.parametrize("rule", ["top_k", "sampled"])
-def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule):
-    """With the encoder frozen, the other rows train nothing: the joint epochs read the rows whose loss reaches the
-    LLM in a pass over every row (under top_k: targets inside the encoder's top-K), ``ranker_train_batch_size`` per
-    step."""
+def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule, caplog):
+    """With the encoder frozen, the other rows train nothing: the joint epochs read the LLM's rows alone, by the
+    model's own rule, ``ranker_train_batch_size`` per step; the log counts those whose loss reaches the LLM (under
+    top_k: targets inside the encoder's top-K)."""
     from recbole_mllm.trainer import MLLMSRecTrainer
 
     config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_cache=False,
@@ -577,7 +577,8 @@ def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(
         return train_epoch(data, epoch_idx, loss_func, show_progress)
 
     trainer._train_epoch = spy
-    trainer.fit(train_data, valid_data, saved=False)
+    with caplog.at_level("INFO"):
+        trainer.fit(train_data, valid_data, saved=False)
     warm_up, joint = read
     assert warm_up is train_data and joint.step == 3
     scored = {}  # {uid: [t]} of the rows whose loss reaches the LLM in a pass over every training row
@@ -591,10 +592,13 @@ def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(
     model.train()
     for batch in train_data:
         model.calculate_loss(batch)
-    selected = sum(map(len, _split_rows(model, train_data).values()))  # llm_train_targets_per_user's rows
-    assert 0 < sum(map(len, scored.values())) == len(joint._dataset) < len(train_data._dataset)
-    assert (len(joint._dataset) < selected) if rule == "top_k" else (len(joint._dataset) == selected)
-    assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in scored.items()}
+    expected = _split_rows(model, train_data)  # {uid: [t]} of llm_train_targets_per_user's rows in a full pass
+    assert sum(map(len, expected.values())) == len(joint._dataset) < len(train_data._dataset)
+    assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in expected.items()}
+    trained = sum(map(len, scored.values()))
+    assert 0 < trained < len(joint._dataset) if rule == "top_k" else trained == len(joint._dataset)
+    assert f"the joint epochs read the {len(joint._dataset)} rows the LLM may train on" in caplog.text
+    assert f"; {trained} of them train it" in caplog.text
 
 
 def test_a_run_where_no_row_can_train_the_llm_is_an_error_after_the_warm_up(mllm_config):
