@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from recbole_mllm.utils import atomic_output
 
+RECBOLE_BUNDLED = ("ml-100k",)  # RecBole sets data_path to its own copy of these (Config._set_default_parameters)
 INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("rating", "float"), ("timestamp", "float")]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
@@ -470,6 +471,9 @@ def run_script(args, inputs, script, convert, ignored=()):
     """
     if args.images is not None and not args.images.is_dir():
         raise InputError(args.images, "is not a folder (--images)")
+    if args.name in RECBOLE_BUNDLED:
+        raise InputError(args.name, "is a dataset RecBole bundles and reads from its own copy whatever --data_path says "
+                                    f"(--name); choose another, e.g. {args.name}-mm")
     settings = {
         k: v.resolve() if isinstance(v, Path) else v
         for k, v in vars(args).items()

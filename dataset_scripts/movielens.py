@@ -181,11 +181,11 @@ def read_movies_1m(release, errors):
         parts = _fields(line, "::", 3, "movies.dat", line_number, errors, at_least=True)
         if parts is None:
             continue
-        if not parts[0].strip().isdigit():
+        if not id_number(parts[0]):
             errors.add("movies.dat", line_number, f"movie id {parts[0]!r} is not an integer")
             continue
         title, year = split_title("::".join(parts[1:-1]))
-        genres = [common.label_token(g) for g in parts[-1].split("|") if g.strip()]
+        genres = [common.label_token(g) for g in parts[-1].split("|") if g.strip() and g.strip() != NO_GENRES]
         _add_once(movies, str(int(parts[0])), (title, year, genres), "movies.dat", line_number, errors)
     return movies
 
@@ -203,7 +203,7 @@ def read_movies_100k(release, errors):
         if parts is None:
             continue
         flags = parts[-n:]
-        if not parts[0].strip().isdigit() or any(flag.strip() not in ("0", "1") for flag in flags):
+        if not id_number(parts[0]) or any(flag.strip() not in ("0", "1") for flag in flags):
             errors.add("u.item", line_number, "movie id is not an integer or a genre flag is not 0/1")
             continue
         title, year = split_title("|".join(parts[1 : -n - 3]))
@@ -222,7 +222,7 @@ def read_users(release, file, separator, order, errors):
         if parts is None:
             continue
         record = dict(zip(order, (common.clean_text(p) for p in parts)))
-        if not record["user_id"].isdigit():
+        if not id_number(record["user_id"]):
             errors.add(file, line_number, f"user id {record['user_id']!r} is not an integer")
             continue
         profile = tuple(record[k] for k in ("age", "gender", "occupation", "zip_code"))
@@ -243,21 +243,35 @@ def name_ml1m_codes(users):
 def csv_rows(release, file, columns, errors):
     """``(line_number, {column: value})`` of a MovieLens csv file (ml-20m and later), columns found by header name.
 
-    The header must name every one of ``columns``; a row with another number of fields is malformed.
+    The header must name every one of ``columns``; a row with another number of fields, or an unclosed quote, is
+    malformed. Each line is parsed alone (MovieLens never quotes a line break), so a stray quote damages one line only.
+    An empty file has no rows.
     """
-    lines = list(release.lines(file))
-    header_number, header = lines[0] if lines else (1, "")
-    names = next(csv.reader([header.lstrip("\ufeff")]), [])
+    lines = release.lines(file)
+    header_number, header = next(lines, (0, None))
+    if header is None:
+        return
+    names = [name.strip() for name in _csv_fields(header.lstrip("\ufeff").removeprefix("\u00ef\u00bb\u00bf")) or []]
     absent = [c for c in columns if c not in names]
     if absent:
         raise common.InputError(f"{release.path} ({file})", f"line {header_number}: the header lacks {', '.join(absent)}; "
                                 f"expected {','.join(columns)}")
-    numbers = [number for number, _ in lines[1:]]
-    for line_number, fields in zip(numbers, csv.reader(line for _, line in lines[1:])):
-        if len(fields) != len(names):
+    for line_number, line in lines:
+        fields = _csv_fields(line)
+        if fields is None:
+            errors.add(file, line_number, "unclosed quote")
+        elif len(fields) != len(names):
             errors.add(file, line_number, f"expected {len(names)} comma-separated fields, got {len(fields)}")
-            continue
-        yield line_number, dict(zip(names, fields))
+        else:
+            yield line_number, dict(zip(names, fields))
+
+
+def _csv_fields(line):
+    """The fields of one csv line, or None when a quote is left open."""
+    try:
+        return next(csv.reader([line], strict=True))
+    except csv.Error:
+        return None
 
 
 def read_ratings_csv(release, errors):
@@ -276,7 +290,7 @@ def read_movies_csv(release, errors):
     """``{item_id: (title, year, genres)}`` from movies.csv (``movieId,title,genres``; titles csv-quoted)."""
     movies = {}
     for line_number, row in csv_rows(release, "movies.csv", ("movieId", "title", "genres"), errors):
-        if not row["movieId"].strip().isdigit():
+        if not id_number(row["movieId"]):
             errors.add("movies.csv", line_number, f"movie id {row['movieId']!r} is not an integer")
             continue
         title, year = split_title(row["title"])
@@ -292,41 +306,43 @@ def read_links(release, errors):
         return {}
     links = {}
     for line_number, row in csv_rows(release, "links.csv", ("movieId", "imdbId", "tmdbId"), errors):
-        if not row["movieId"].strip().isdigit():
+        if not id_number(row["movieId"]):
             errors.add("links.csv", line_number, f"movie id {row['movieId']!r} is not an integer")
             continue
-        ids = {"imdb": poster_number(row["imdbId"]), "tmdb": poster_number(row["tmdbId"])}
+        ids = {"imdb": id_number(row["imdbId"], "tt"), "tmdb": id_number(row["tmdbId"])}
         _add_once(links, str(int(row["movieId"])), {k: v for k, v in ids.items() if v}, "links.csv", line_number, errors)
     return links
 
 
-def poster_number(value):
-    """An IMDb or TMDb id as the number it names: ``'tt0114709'``, ``'0114709'`` -> ``'114709'``; ``''`` if none."""
-    text = value.strip().lower().removeprefix("tt")
-    return str(int(text)) if text.isdigit() else ""
+def id_number(value, prefix=""):
+    """The number an id names, leading zeros and ``prefix`` (IMDb's ``tt``) ignored: ``'tt0114709'`` -> ``'114709'``
+    (prefix ``tt``), ``'0001'`` -> ``'1'``; ``''`` when it is no such number."""
+    text = value.strip().lower()
+    text = text.removeprefix(prefix) if prefix else text
+    return str(int(text)) if text.isascii() and text.isdecimal() else ""
 
 
 def match_posters(rated_items, links, posters, key):
-    """``({item_id: poster path}, key)``: each rated movie's poster, by the file name's id.
+    """``({item_id: poster path}, key, {key: movies matched})``: each rated movie's poster, by the file name's id.
 
-    ``posters`` maps file stems to paths. ``movie``: ``<MovieID>.jpg``; ``imdb``/``tmdb``: ``<id>.jpg`` of the
-    movie's id in links.csv (``tt`` and leading zeros ignored); ``auto``: the key that matches the most rated
-    movies, MovieID on a tie, so a poster folder of any of the three sources is read without a flag.
+    ``posters`` maps file stems to paths. ``movie``: ``<MovieID>.jpg``; ``imdb``: ``<IMDb id>.jpg`` (``tt`` optional);
+    ``tmdb``: ``<TMDb id>.jpg``, the ids from links.csv; leading zeros are ignored. ``auto``: the key that matches the
+    most rated movies, MovieID on a tie, so a poster folder of any of the three sources is read without a flag.
     """
-    by_number = {}
-    for stem, path in posters.items():
-        by_number.setdefault(poster_number(stem), path)
+    by_id = {k: {} for k in ("movie", "imdb")}
+    for stem, path in posters.items():  # sorted stems: of 1.jpg and 01.png the first is kept
+        by_id["movie"].setdefault(id_number(stem), path)
+        by_id["imdb"].setdefault(id_number(stem, "tt"), path)
+    by_id["tmdb"] = by_id["movie"]
 
     def matched(k):
-        if k == "movie":
-            return {item: posters[item] for item in rated_items if item in posters}
-        ids = {item: links.get(item, {}).get(k) for item in rated_items}
-        return {item: by_number[i] for item, i in ids.items() if i and i in by_number}
+        ids = {item: item if k == "movie" else links.get(item, {}).get(k) for item in rated_items}
+        return {item: by_id[k][i] for item, i in ids.items() if i and i in by_id[k]}
 
     keys = [key] if key != "auto" else ["movie", "imdb", "tmdb"] if links else ["movie"]
     found = {k: matched(k) for k in keys}
     best = max(keys, key=lambda k: len(found[k]))  # the first of equals: MovieID
-    return found[best], best
+    return found[best], best, {k: len(v) for k, v in found.items()}
 
 
 def read_release(release, errors):
@@ -367,9 +383,14 @@ def convert(args, build):
 
     if args.image_key in ("imdb", "tmdb") and not links:
         raise common.InputError(args.input, f"has no links.csv, which --image-key {args.image_key} needs")
-    sources, image_key = match_posters(rated_items, links, common.find_images(args.images), args.image_key)
+    posters = common.find_images(args.images)
+    sources, image_key, counts = match_posters(rated_items, links, posters, args.image_key)
     if args.images:
-        print(f"posters: {len(sources):,} of {len(rated_items):,} rated movies, matched by {IMAGE_KEYS[image_key]}")
+        others = ", ".join(f"{IMAGE_KEYS[k]}: {n:,}" for k, n in counts.items() if k != image_key)
+        unused = len(set(posters.values()) - set(sources.values()))
+        print(f"posters: {len(sources):,} of {len(rated_items):,} rated movies, matched by {IMAGE_KEYS[image_key]}"
+              + (f" (by {others}; --image-key chooses)" if others else "")
+              + (f"; {unused:,} poster files name no rated movie" if unused else ""))
     images, missing = common.normalise_images(sources, build.dir / "images")
     for item in rated_items:
         if item not in images and item not in missing:

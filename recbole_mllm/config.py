@@ -139,3 +139,5 @@ class Config(RecBoleConfig):
                 layer = self._update_internal_config_dict(path) or {}
                 if path == dataset_yaml:
                     self.parameters["Dataset"] += [k for k in layer if k not in self.parameters["Dataset"]]
+                    if not path.is_relative_to(root) and self.external_config_dict.get("check_config_keys", True):
+                        check_config([(key, value, str(path)) for key, value in layer.items()])  # a dataset folder's

@@ -193,6 +193,7 @@ def test_csv_layout(tmp_path, capsys, packed):
     ({"1": "tt0114709.jpg", "3": "tt0112346.jpg"}, "imdb"),
     ({"1": "0114709.jpg", "3": "112346.jpg"}, "imdb"),
     ({"1": "862.jpg", "3": "9087.jpg"}, "tmdb"),
+    ({"1": "0001.jpg", "3": "0003.jpg"}, "movie"),  # zero-padded MovieIDs, never TMDb/IMDb ids 1 and 3
 ])
 def test_posters_named_by_movie_imdb_or_tmdb_id_are_found(tmp_path, names, key):
     posters = tmp_path / "posters"
@@ -208,6 +209,37 @@ def test_posters_named_by_movie_imdb_or_tmdb_id_are_found(tmp_path, names, key):
     assert build(tmp_path, raw, posters, name="ml-csv-mm", extra=["--image-key", key])["items_with_image"] == 2
     other = "movie" if key != "movie" else "tmdb"
     assert build(tmp_path, raw, posters, name="ml-csv-mm", extra=["--image-key", other])["items_with_image"] == 0
+
+
+def test_the_poster_summary_counts_every_naming_and_the_unused_files(tmp_path, capsys):
+    posters = tmp_path / "posters"
+    posters.mkdir()
+    for name in ("1.jpg", "3.jpg", "tt0105946.jpg", "77.jpg"):  # two MovieIDs, one IMDb id, one unknown
+        write_image(posters / name, "rgb")
+    stats = build(tmp_path, write_release(tmp_path / "raw", MLCSV_FILES, True, "ml-latest-small"), posters, name="m")
+    assert stats["image_key"] == "movie" and stats["items_with_image"] == 2
+    out = capsys.readouterr().out
+    assert "posters: 2 of 3 rated movies, matched by MovieID (by IMDb id (links.csv): 1, TMDb id (links.csv): 0; " \
+           "--image-key chooses); 2 poster files name no rated movie" in out
+
+
+def test_csv_damage_stays_on_its_line(tmp_path, capsys):
+    files = {**MLCSV_FILES, "links.csv": [],  # an empty optional file: no links
+             "ratings.csv": ["\u00ef\u00bb\u00bfuserId, movieId, rating, timestamp", '1,"3,4.5,964981247', "1,1,4.0,964982703",
+                             "2,1,3.0,964982224"],
+             "movies.csv": MLCSV_FILES["movies.csv"] + ['5,"Unclosed (2001),Drama']}
+    stats = build(tmp_path, write_release(tmp_path / "raw", files, True, "ml-latest-small"), name="m")
+    assert stats["interactions"] == 2 and stats["malformed_lines"] == {"ratings.csv": 1, "movies.csv": 1}
+    assert "ratings.csv:2: unclosed quote" in capsys.readouterr().err
+    items = read_atomic(tmp_path / "out" / "m" / "m.item")[1]
+    assert items[0][:2] == ["1", "Toy Story"]
+
+
+def test_ml10m_movies_without_genres_get_none(tmp_path):
+    files = {**ML10M_FILES, "movies.dat": ML10M_FILES["movies.dat"] + ["8606::Pull My Daisy (1958)::(no genres listed)"],
+             "ratings.dat": ML10M_FILES["ratings.dat"] + ["3::8606::4::1215184630"]}
+    build(tmp_path, write_release(tmp_path / "raw", files, True, "ml-10M100K"), name="m")
+    assert ["8606", "Pull My Daisy", "1958", "", ""] in read_atomic(tmp_path / "out" / "m" / "m.item")[1]
 
 
 def test_an_id_key_without_links_is_a_one_line_error(tmp_path, posters, capsys):
@@ -271,6 +303,7 @@ def test_a_dataset_under_a_new_name_loads_with_the_yaml_written_beside_it(tmp_pa
     from recbole.data import create_dataset
 
     from recbole_mllm.config import Config, properties_dir
+    from recbole_mllm.config_check import ConfigKeyError
 
     assert not (properties_dir() / "dataset" / "ml-csv-mm.yaml").exists()
     posters = tmp_path / "posters"
@@ -281,12 +314,22 @@ def test_a_dataset_under_a_new_name_loads_with_the_yaml_written_beside_it(tmp_pa
     config = Config("SASRec", "ml-csv-mm", config_dict={"data_path": str(tmp_path / "out"), "train_neg_sample_args": None})
     assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
                                   "item": ["item_id", "title", "year", "genres", "image"]}
-    assert (config["TIME_FIELD"], config["item_category_field"]) == ("timestamp", "genres")
+    assert config["item_category_field"] == "genres"
     dataset = create_dataset(config)
     assert dataset.inter_num == 4 and sorted(dataset.inter_feat["timestamp"])[0] == 964981247
     assert item_text(dataset, "3", "title") == "American President, The" and item_text(dataset, "1", "image") == "1.jpg"
     overridden = Config("SASRec", "ml-csv-mm", config_dict={"data_path": str(tmp_path / "out"), "TIME_FIELD": "t"})
     assert overridden["TIME_FIELD"] == "t"  # the user's keys still win
+    with open(tmp_path / "out" / "ml-csv-mm" / "ml-csv-mm.yaml", "a") as f:
+        f.write("learning_rat: 0.5\n")
+    with pytest.raises(ConfigKeyError, match=r"unknown config key 'learning_rat' \(from .*ml-csv-mm.yaml\)"):
+        Config("SASRec", "ml-csv-mm", config_dict={"data_path": str(tmp_path / "out")})
+
+
+def test_a_dataset_named_as_one_recbole_bundles_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build(tmp_path, write_release(tmp_path / "raw", ML100K_FILES, True, "ml-100k"), name="ml-100k")
+    assert "ml-100k: is a dataset RecBole bundles" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shared_ml1m() is None, reason="shared ML-1M data (../shared/data/ml-1m) not present")

@@ -44,7 +44,8 @@ def test_mllmsrec_runs_on_a_csv_release_built_under_a_new_name(tmp_path, monkeyp
         "rerank_top_k": 5, "ranker_train_negatives": 2, "lora_target_modules": ["q_proj", "v_proj"],
         "hidden_size": 8, "inner_size": 16, "train_batch_size": 64, "show_progress": False})
     config = result["config"]
-    assert config["TIME_FIELD"] == "timestamp" and config["load_col"]["item"] == ["item_id", "title", "year", "genres", "image"]
+    assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
+                                  "item": ["item_id", "title", "year", "genres", "image"]}  # not RecBole's ids-only default
     assert set(result["test_result"]) == set(result["first_stage_result"]) == {"uni100", "full"}
     for metrics in result["test_result"].values():
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
