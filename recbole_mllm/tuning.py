@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from recbole_mllm import distributed
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
 from recbole_mllm.config_check import ConfigKeyError
@@ -175,6 +176,8 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if distributed.launched():  # every rank would write the same records, and its trial processes join its rendezvous
+        parser.error("run the search as one process, not under torchrun: --jobs runs trials side by side")
     space_path = Path(args.space) if args.space else search_space_file(args.model)
     if not space_path.is_file():
         parser.error(f"no search space {space_path}: pass --space=<file>")

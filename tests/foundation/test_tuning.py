@@ -80,6 +80,16 @@ def test_a_tuned_key_on_the_command_line_is_refused(tmp_path):
         Search(tmp_path / "t", "SASRec", "tiny", _space(tmp_path), 2, ["--learning_rate=0.1"])
 
 
+def test_a_search_under_torchrun_is_refused(monkeypatch, capsys):
+    from recbole_mllm import tuning
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        tuning.main(["--model=SASRec", "--dataset=tiny"])
+    assert "run the search as one process, not under torchrun" in capsys.readouterr().err
+
+
 def test_help_lists_the_options():
     proc = subprocess.run([sys.executable, "-m", "recbole_mllm.tuning", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
