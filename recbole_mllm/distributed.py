@@ -38,8 +38,8 @@ def start(use_gpu: bool) -> dict:
     use_gpu = use_gpu and torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():  # default timeouts: a rank that died or diverged ends the job in minutes, not a day
-        dist.init_process_group("nccl" if use_gpu else "gloo")
+    if not dist.is_initialized():  # the stages' long timeout: fast ranks wait for slow ones at the cache barriers
+        dist.init_process_group("nccl" if use_gpu else "gloo", timeout=timedelta(hours=24))
     rank = dist.get_rank()
     keys = {"single_spec": False, "local_rank": local_rank, "world_size": dist.get_world_size(),
             "nproc": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())), "offset": rank - local_rank,
@@ -61,23 +61,9 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-LONG_WAIT = timedelta(hours=24)  # a stage's shards can take hours on one rank while the others wait
-_long_wait_group = None  # (default group it was made beside, gloo group with LONG_WAIT)
-
-
-def barrier(long_wait: bool = False) -> None:
-    """Every rank waits here for the others. ``long_wait``: for waits on other ranks' stage work, through a gloo group
-    of its own with a 24 h timeout; every other collective keeps the default timeout, so a hang ends in minutes."""
-    if not active():
-        return
-    if not long_wait:
+def barrier() -> None:
+    if active():
         dist.barrier()
-        return
-    global _long_wait_group
-    default = dist.distributed_c10d._get_default_group()
-    if _long_wait_group is None or _long_wait_group[0] is not default:  # made once per process group, by every rank
-        _long_wait_group = (default, dist.new_group(backend="gloo", timeout=LONG_WAIT))
-    dist.barrier(group=_long_wait_group[1])
 
 
 @contextmanager

@@ -268,11 +268,11 @@ class StageCache:
                             f"{self.path}; waiting for them")
                 self._build_shards(held_elsewhere, compute, bar, wait=True)
 
-        distributed.barrier(long_wait=True)  # the other ranks' shards
+        distributed.barrier()
         if rank == 0:
             with self._lock("finalise"):  # a concurrent run may be finalising (and removing temp files) too
                 self._finalise()
-        distributed.barrier(long_wait=True)
+        distributed.barrier()
         return self
 
     def _lock(self, part: Union[int, str]) -> FileLock:
