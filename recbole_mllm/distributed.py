@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 
+LONG_WAIT = timedelta(hours=24)
+"""The process groups' timeout: at the stage caches' barriers fast ranks wait for slow ones' shards."""
+
+
 def launched() -> bool:
     """Whether this process is one of several started by ``torchrun`` (or any launcher setting its variables)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
@@ -38,8 +42,8 @@ def start(use_gpu: bool) -> dict:
     use_gpu = use_gpu and torch.cuda.is_available()
     if use_gpu:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():  # the stages' long timeout: fast ranks wait for slow ones at the cache barriers
-        dist.init_process_group("nccl" if use_gpu else "gloo", timeout=timedelta(hours=24))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_gpu else "gloo", timeout=LONG_WAIT)
     rank = dist.get_rank()
     keys = {"single_spec": False, "local_rank": local_rank, "world_size": dist.get_world_size(),
             "nproc": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())), "offset": rank - local_rank,

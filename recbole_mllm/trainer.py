@@ -197,14 +197,15 @@ class MLLMSRecTrainer(Trainer):
         With the encoder frozen no other row trains anything: RecBole's ~1M rows of ML-1M hold ~12k of them, so a joint
         epoch over all rows would spend almost every step on an encoder forward that is thrown away. The rows are
         chosen by the model's own rule (``TrainingCandidates.llm_rows``), so they are exactly those a full epoch reads.
-        Under ``top_k`` only those whose target is inside the frozen encoder's top-K train (``llm_training_rows``,
+        Under ``top_k`` only those whose target is inside the frozen encoder's top-K train (``llm_trained_rows``,
         counted here); the others stay in the batches, so each step trains on the rows it holds, as measured.
         """
         inter, rows, keep, chunk = train_data._dataset.inter_feat, [], 0, 65536
         for start in range(0, len(inter), chunk):
             part = inter[start:start + chunk]
-            rows += [start + row for row in self.model.candidates.llm_rows(part, self.model.positions)[0]]
-            keep += len(self.model.llm_training_rows(part))
+            part_rows, ts = self.model.candidates.llm_rows(part, self.model.positions)
+            rows += [start + row for row in part_rows]
+            keep += len(self.model.llm_trained_rows(part, part_rows, ts))
         self.logger.info(f"encoder frozen: the joint epochs read the {len(rows)} rows the LLM may train on (of "
                          f"{len(inter)}), {self.config['ranker_train_batch_size']} per step; {keep} of them train it")
         if not keep:  # an untrained reranker would be tested as if it were MLLMSRec's
@@ -243,11 +244,8 @@ class MLLMSRecTrainer(Trainer):
             return
         self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
         self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
-        if distributed.active():  # the ranks warm up together (a lock would keep one waiting on the others' steps)
-            distributed.barrier()  # every rank sees the cache file as it was before any of them writes it
-            self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
-            return
-        with FileLock(f"{self.warmup_cache}.lock"):
+        # under torchrun the ranks warm up together (a lock would keep one waiting on the others' steps)
+        with nullcontext() if distributed.active() else FileLock(f"{self.warmup_cache}.lock"):
             self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
 
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):

@@ -85,7 +85,8 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     table = _item_table(config)
     summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, backend))
     image_field, image_dir = _image_location(config)
-    embeddings = read_item_content(config, item_tokens, embeddings, summaries, table, text_fields(config, table),
+    fields = text_fields(config, table)
+    embeddings = read_item_content(config, item_tokens, embeddings, summaries, table, fields,
                                    image_field, image_dir)  # what the encoder reads (the fused embeddings by default)
 
     histories = user_histories(create_dataset(config))  # un-split histories (the model only receives the train split)
@@ -98,5 +99,5 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     cache_keys = {"item_fusion": item_fusion_cache(config, backend).path.name,
                   "user_profile": user_profile_cache(config, backend, histories).path.name}
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
-                       text_fields(config, table), image_field, image_dir,
+                       fields, image_field, image_dir,
                        summaries, embeddings, histories, profiles, user_summaries, cache_keys)

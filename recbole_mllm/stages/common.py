@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
@@ -90,7 +89,7 @@ def process_group_if_launched() -> Iterator[None]:
     started = False
     if distributed.launched() and not torch.distributed.is_initialized():
         # gloo is enough for the two barriers; the long timeout lets fast ranks wait for slow ones
-        torch.distributed.init_process_group(backend="gloo", timeout=timedelta(hours=24))
+        torch.distributed.init_process_group(backend="gloo", timeout=distributed.LONG_WAIT)
         started = True
     try:
         yield

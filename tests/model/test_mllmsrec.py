@@ -607,7 +607,7 @@ def test_a_run_where_no_row_can_train_the_llm_is_an_error_after_the_warm_up(mllm
     config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, encoder_warmup_epochs=1,
                                                encoder_warmup_stopping_step=0))
     model, train_data, valid_data, _ = split_and_build_model(config, dataset)
-    model.llm_training_rows = lambda interaction: []  # no target inside any top-K list
+    model.llm_trained_rows = lambda interaction, rows, ts: []  # no target inside any top-K list
     with pytest.raises(ValueError, match="no training row can train the LLM: no training target is inside the "
                                          "warmed-up encoder's top rerank_top_k=5"):
         MLLMSRecTrainer(config, model).fit(train_data, valid_data, saved=False)

@@ -303,10 +303,10 @@ class MLLMSRec(SequentialRecommender):
                                       torch.tensor(labels, device=device))
 
     @torch.no_grad()
-    def llm_training_rows(self, interaction):
-        """Indices of the rows of ``interaction`` whose loss trains the LLM: ``llm_rows``, and under ``top_k`` only
-        those whose target is inside the encoder's top-K list (exact while the encoder is frozen; no random draw)."""
-        rows, ts = self.candidates.llm_rows(interaction, self.positions)
+    def llm_trained_rows(self, interaction, rows, ts):
+        """Of ``rows`` of ``interaction`` (``candidates.llm_rows``, at positions ``ts``), those whose loss trains the
+        LLM: all, or under ``top_k`` those whose target is inside the encoder's top-K list (exact while the encoder
+        is frozen; no random draw)."""
         if not rows or self.candidates.rule != "top_k":
             return rows
         kept, step = [], 1024  # rows per catalogue [step n_items]
