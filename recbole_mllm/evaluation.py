@@ -11,6 +11,7 @@ import torch
 from recbole.evaluator import Collector
 
 from recbole_mllm import distributed
+from recbole_mllm.data.histories import internal_histories
 from recbole_mllm.data.split import held_out_rows
 
 
@@ -85,19 +86,11 @@ def user_item_statistics(dataset, config):
     ``data.split`` counts them for the configured split); a user's history at test is every interaction
     before the last one. Time order as RecBole sorts it (stable on the float32 timestamp, then by user).
     """
-    feat = dataset.inter_feat
-    uids = np.asarray(feat[dataset.uid_field])
-    iids = np.asarray(feat[dataset.iid_field])
-    order = np.arange(len(uids))
-    if dataset.time_field and dataset.time_field in feat:
-        order = np.argsort(np.asarray(feat[dataset.time_field]).astype(np.float32), kind="stable")
-    order = order[np.argsort(uids[order], kind="stable")]
-    uids, iids = uids[order], iids[order]
-    per_user = np.bincount(uids, minlength=dataset.user_num)
-    starts = np.concatenate([[0], np.cumsum(per_user)[:-1]])
-    position = np.arange(len(uids)) - starts[uids]
-    in_train = position < per_user[uids] - held_out_rows(per_user[uids], config)
-    item_train_count = np.bincount(iids[in_train], minlength=dataset.item_num)
+    histories = internal_histories(dataset)
+    per_user = np.array([len(h) for h in histories], dtype=np.int64)
+    train_items = [h[:len(h) - int(held_out_rows(len(h), config))] for h in histories]
+    item_train_count = np.bincount(np.concatenate([np.zeros(0, dtype=np.int64), *train_items]).astype(np.int64),
+                                   minlength=dataset.item_num)
     return item_train_count, np.maximum(per_user - 1, 0)
 
 

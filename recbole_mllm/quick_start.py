@@ -31,25 +31,32 @@ from recbole_mllm.utils import get_model, get_trainer
 
 
 def protocol_fingerprint(eval_data):
-    """Hash of every (user, candidate item) pair an evaluation loader yields, in order.
+    """Hash of every (user, candidate item) pair an evaluation loader yields, in order, and of the items it masks.
 
-    Two models whose fingerprints match were tested on exactly the same users, targets and candidates. The batches
-    are built here in the loader's own order from all of its rows, so a rank of a ``torchrun`` job (whose sampler
-    serves it a share) hashes what one process does.
+    Two models whose fingerprints match were tested on exactly the same users, targets and candidates, with the same
+    items masked (``mask_history``): masked and unmasked full ranking never share a hash. The batches are built here
+    in the loader's own order from all of its rows, so a rank of a ``torchrun`` job (whose sampler serves it a share)
+    hashes what one process does.
     """
     uid_field, iid_field = eval_data._dataset.uid_field, eval_data._dataset.iid_field
-    users, items, targets = [], [], []
+    users, items, targets, masked = [], [], [], []
     rows, step = eval_data.sample_size, max(1, eval_data.step)
-    for interaction, _, _, positive_i in (eval_data.collate_fn(list(range(start, min(start + step, rows))))
-                                         for start in range(0, rows, step)):
+    for interaction, history_index, _, positive_i in (eval_data.collate_fn(list(range(start, min(start + step, rows))))
+                                                      for start in range(0, rows, step)):
+        # full ranking's second part is RecBole's history_index (masked rows, items); a sampled loader's is its row index
         users.append(interaction[uid_field].numpy())
         if iid_field in interaction:
             items.append(interaction[iid_field].numpy())
         targets.append(positive_i.numpy())
+        if isinstance(history_index, tuple):  # (row in the batch, item): as (user, item) pairs
+            masked.append(np.stack([interaction[uid_field].numpy()[history_index[0].numpy()], history_index[1].numpy()]))
     digest = hashlib.sha256()
     for parts in (users, items, targets):  # whole arrays, so batching does not change the hash
         if parts:
             digest.update(np.concatenate(parts).astype(np.int64).tobytes())
+    if masked:
+        digest.update(b"masked history")
+        digest.update(np.concatenate(masked, axis=1).astype(np.int64).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -81,7 +88,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``,
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
     model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
-    ``first_stage_per_user`` from the same checkpoint.
+    ``first_stage_per_user`` from the same checkpoint, and for full ranking ``first_stage_seen_share`` (the share of
+    its unmasked top 10 and top 20 that the user had already interacted with).
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
@@ -126,6 +134,9 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
             record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
             record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
                 collector.evaluations[1], item_train_count, history_length)
+        seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
+        if seen_share is not None:
+            record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
     collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 

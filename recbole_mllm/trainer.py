@@ -21,7 +21,7 @@ from recbole_mllm.utils import atomic_write
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
-               "encoder_warmup_epochs", "encoder_warmup_stopping_step", "valid_metric", "eval_args", "hidden_size",
+               "encoder_warmup_epochs", "encoder_warmup_stopping_step", "stopping_min_steps", "mask_history", "valid_metric", "eval_args", "hidden_size",
                "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
                "train_positions", "encoder_warmup_batch_size", "encoder_item_content", "item_content_text_model")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
@@ -92,6 +92,44 @@ class DataParallel:
             super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
 
 
+class MinimumSteps:
+    """Mixin: early stopping may end training only once ``stopping_min_steps`` optimizer steps are taken.
+
+    Patience counted in validations (``stopping_step``) is counted in epochs, and on a small dataset an epoch is a few
+    steps: a model then stops while it still predicts popularity (tuned SASRec and GRU4Rec on a few hundred users ended
+    after 12-30 epochs of 8-18 steps at the popularity level, where RecBole's default SASRec, with more steps per epoch,
+    learnt). Until the minimum is reached no validation stops a run; the best epoch is still kept as usual. Applies to
+    every model (``utils.get_trainer`` adds it to RecBole's trainers) and to MLLMSRec's encoder warm-up.
+    """
+
+    def __init__(self, config, model):
+        self._stopping_step = None
+        super().__init__(config, model)
+        self.min_steps = max(0, int(config["stopping_min_steps"] or 0))
+        self.steps_taken = 0
+
+    @property
+    def stopping_step(self):
+        """RecBole's patience, or no stopping at all while fewer than ``min_steps`` steps are taken."""
+        return self._stopping_step if self.steps_taken >= getattr(self, "min_steps", 0) else float("inf")
+
+    @stopping_step.setter
+    def stopping_step(self, value):
+        self._stopping_step = value
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        self.steps_taken += len(train_data)
+        return loss
+
+
+def with_minimum_steps(trainer_class):
+    """``trainer_class`` with :class:`MinimumSteps` (itself where it already has it)."""
+    if issubclass(trainer_class, MinimumSteps):
+        return trainer_class
+    return type(trainer_class.__name__, (MinimumSteps, trainer_class), {"__doc__": trainer_class.__doc__})
+
+
 def data_parallel(trainer_class):
     """``trainer_class`` itself, or under ``torchrun`` (a process group of several ranks) it with :class:`DataParallel`."""
     if not distributed.active():
@@ -99,7 +137,7 @@ def data_parallel(trainer_class):
     return type(trainer_class.__name__, (DataParallel, trainer_class), {"__doc__": trainer_class.__doc__})
 
 
-class MLLMSRecTrainer(Trainer):
+class MLLMSRecTrainer(MinimumSteps, Trainer):
     """RecBole's trainer loop with what an LLM ranker needs.
 
     * an encoder warm-up (at most ``encoder_warmup_epochs``, early-stopped on the validation metric after
@@ -125,6 +163,7 @@ class MLLMSRecTrainer(Trainer):
         self.skipped_steps = 0
         self.report_first_stage = bool(config["report_first_stage"])
         self.last_first_stage_result = None
+        self.last_first_stage_seen_share = None  # full ranking: already-seen items in the unmasked first stage's top-k
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
 
     def _build_optimizer(self, **kwargs):
@@ -183,6 +222,7 @@ class MLLMSRecTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
+            self.steps_taken = 0  # the joint epochs count their own steps
         if self.config["encoder_frozen_after_warmup"]:
             check_encoder_freezing(self.config)
             self.model.freeze_encoder()
@@ -285,6 +325,7 @@ class MLLMSRecTrainer(Trainer):
         validate = self._warmup_validates(valid_data)
         warmup_data, loss_func = self._warmup_rows(train_data)
         best_score, best_state, stale, epoch = None, None, 0, -1
+        use_bf16, self.use_bf16 = self.use_bf16, False  # float32, as FusedSASRec trains under RecBole's trainer
         with self.model.scoring(encoder_only=True):
             for epoch in range(self.warmup_epochs):
                 loss = self._train_epoch(warmup_data, epoch, loss_func, show_progress)
@@ -300,8 +341,9 @@ class MLLMSRecTrainer(Trainer):
                         stale += 1
                 if verbose:
                     self.logger.info(message)
-                if validate and stale >= self.warmup_stopping_step:
+                if validate and stale >= self.warmup_stopping_step and self.steps_taken >= self.min_steps:
                     break
+        self.use_bf16 = use_bf16
         if best_state is not None:
             self.model.encoder.load_state_dict(best_state)
             if verbose:
@@ -310,17 +352,20 @@ class MLLMSRecTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        self.last_first_stage_result = None
+        self.last_first_stage_result = self.last_first_stage_seen_share = None
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
             self.model.load_other_parameter(checkpoint.get("other_parameter"))
         recall = self.model.first_stage_recall
         recall.reset()
-        with self._autocast():
+        masks_history = getattr(eval_data, "masks_history", None)  # the loader's protocol: the first stage's mask too
+        with self._autocast(), self.model.scoring(encoder_only=not self.model.uses_llm, mask_history=masks_history):
             result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         if recall.users:
-            self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users)")
+            self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users); already-seen items in "
+                             f"the unmasked stage-1 top 10: {recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
+            self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
         if self.report_first_stage and self.model.uses_llm:
             self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
             self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
@@ -329,7 +374,7 @@ class MLLMSRecTrainer(Trainer):
     @torch.no_grad()
     def _first_stage_alone(self, eval_data, show_progress):
         """The same evaluation scored by the encoder alone: what the LLM reranker adds is the difference."""
-        with self.model.scoring(encoder_only=True), self._autocast():
+        with self.model.scoring(encoder_only=True, mask_history=getattr(eval_data, "masks_history", None)), self._autocast():
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     def resume_checkpoint(self, resume_file):

@@ -1,4 +1,7 @@
-"""Sampled-ranking evaluation on fixed, unseen candidates that are the same for every model compared.
+"""Evaluation loaders every compared model shares: sampled candidates fixed per user, and full ranking that
+masks each user's history as the field's protocol does.
+
+Sampled-ranking evaluation on fixed, unseen candidates that are the same for every model compared:
 
 RecBole draws evaluation negatives from numpy's global random state while it iterates, so they depend
 on how much randomness the model consumed while training; and for sequential data its sampler may
@@ -12,7 +15,7 @@ import zlib
 
 import numpy as np
 import torch
-from recbole.data.dataloader import NegSampleEvalDataLoader, TrainDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader, TrainDataLoader
 from recbole.data.interaction import cat_interactions
 from torch.utils.data.distributed import DistributedSampler
 
@@ -37,6 +40,12 @@ class FixedCandidateEvalDataLoader(NegSampleEvalDataLoader):
         self._seed = int(seed)
         self._user_items = user_items
         super().__init__(config, dataset, sampler, shuffle=False)
+
+    @property
+    def masks_history(self):
+        """The candidates are unseen items; a first stage that picks which of them to rerank ranks the catalogue
+        under the protocol's ``mask_history``, as full ranking does."""
+        return bool(self.config["mask_history"])
 
     def _set_neg_sample_args(self, config, dataset, dl_format, neg_sample_args):
         super()._set_neg_sample_args(config, dataset, dl_format, self._protocol_neg_sample_args)
@@ -84,6 +93,38 @@ class FixedCandidateEvalDataLoader(NegSampleEvalDataLoader):
             torch.tensor(positive_u, dtype=torch.long),
             torch.cat(positive_i),
         )
+
+
+class HistoryMaskedFullSortEvalDataLoader(FullSortEvalDataLoader):
+    """RecBole's full-ranking loader that also masks, for sequential models, the items each user interacted with
+    before its target: every published full-ranking number (SASRec+, eSASRec, HSTU, LlamaRec) ranks the catalogue
+    so, while RecBole masks history only for general models.
+
+    Args:
+        histories_before (list of np.ndarray or None): per internal user id, the items before the user's target in
+            this loader's phase (``data_preparation``); None masks nothing (RecBole's sequential full ranking).
+
+    The mask reaches RecBole's trainer as its ``history_index`` (``scores[history_index] = -inf`` after
+    ``full_sort_predict``), so it applies to every model alike; a model whose first stage picks candidates
+    (MLLMSRec) reads ``masks_history`` to pick them under the same mask.
+    """
+
+    def __init__(self, config, dataset, sampler, histories_before=None):
+        self.histories_before = histories_before
+        super().__init__(config, dataset, sampler, shuffle=False)
+
+    @property
+    def masks_history(self):
+        return self.histories_before is not None
+
+    def collate_fn(self, index):
+        interaction, history_index, positive_u, positive_i = super().collate_fn(index)
+        if not self.is_sequential or self.histories_before is None:
+            return interaction, history_index, positive_u, positive_i
+        seen = [self.histories_before[u] for u in interaction[self.uid_field].tolist()]
+        rows = np.repeat(np.arange(len(seen)), [len(items) for items in seen])
+        items = np.concatenate([np.zeros(0, dtype=np.int64), *seen]).astype(np.int64)
+        return interaction, (torch.from_numpy(rows), torch.from_numpy(items)), positive_u, positive_i
 
 
 class SubsetTrainDataLoader(TrainDataLoader):

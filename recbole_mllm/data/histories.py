@@ -48,3 +48,17 @@ def user_histories(dataset) -> dict:
         histories[str(user_tokens[uids[lo]])] = UserHistory([str(i) for i in items[lo:hi]],
                                                             [float(t) for t in times[lo:hi]])
     return histories
+
+
+def internal_histories(dataset):
+    """Per internal user id, its internal item ids in RecBole's time order (:func:`user_histories`' order): the
+    whole history, evaluation targets included. Pass the dataset before ``build()``."""
+    feat = dataset.inter_feat
+    uids = np.asarray(feat[dataset.uid_field])
+    iids = np.asarray(feat[dataset.iid_field])
+    order = np.arange(len(uids))
+    if dataset.time_field and dataset.time_field in feat:
+        order = np.argsort(np.asarray(feat[dataset.time_field]).astype(np.float32), kind="stable")
+    order = order[np.argsort(uids[order], kind="stable")]
+    bounds = np.searchsorted(uids[order], np.arange(dataset.user_num + 1))
+    return [iids[order[bounds[u]:bounds[u + 1]]] for u in range(dataset.user_num)]

@@ -6,7 +6,9 @@ Differs from ``recbole.data`` in three deliberate ways:
   never silently reused (RecBole reuses it even when the files behind it changed);
 * a missing dataset is a clear error naming the file it looked for;
 * the test split gets one dataloader per protocol in ``test_protocols`` (e.g. ``uni100`` and
-  ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones.
+  ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones;
+* full ranking masks each user's history before the target (``mask_history``, the field's protocol) for
+  sequential models too, which RecBole does only for general ones.
 
 Which of a user's positions the split holds out is ``split.py``'s rule, shared with the stages and the model.
 """
@@ -15,13 +17,12 @@ import importlib
 import os
 from logging import getLogger
 
-import numpy as np
-
-from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 
-from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, seeded
+from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, HistoryMaskedFullSortEvalDataLoader, seeded
+from recbole_mllm.data.histories import internal_histories
+from recbole_mllm.data.split import user_split
 from recbole_mllm.data.windows import select_window_rows
 
 _DATASET_CLASS_BY_TYPE = {
@@ -51,29 +52,55 @@ def create_dataset(config):
     return dataset
 
 
+FULL_PROTOCOLS = ("full", "full_unmasked")
+"""Full-ranking protocols: ``full`` masks each user's history when ``mask_history`` is on (the field's protocol),
+``full_unmasked`` never does (RecBole's sequential full ranking, for continuity with unmasked numbers)."""
+
+
 def parse_protocol(mode):
-    """Evaluation mode (``full`` or ``uni<N>``) -> negative-sampling args, or None for full ranking."""
-    if mode == "full":
+    """Evaluation mode (``full``, ``full_unmasked`` or ``uni<N>``) -> negative-sampling args, or None for full ranking."""
+    if mode in FULL_PROTOCOLS:
         return None
     if not (mode.startswith("uni") and mode[3:].isdigit()):
-        raise ValueError(f"Unknown evaluation protocol '{mode}': use 'full' or 'uni<N>' (e.g. uni100).")
+        raise ValueError(f"Unknown evaluation protocol '{mode}': use 'full', 'full_unmasked' or 'uni<N>' (e.g. uni100).")
     return {"distribution": "uniform", "sample_num": int(mode[3:])}
 
 
-def user_item_sets(dataset):
-    """Every item each user interacted with (whole history), as arrays indexed by internal user id."""
-    uids = np.asarray(dataset.inter_feat[dataset.uid_field])
-    iids = np.asarray(dataset.inter_feat[dataset.iid_field])
-    order = np.argsort(uids, kind="stable")
-    bounds = np.searchsorted(uids[order], np.arange(dataset.user_num + 1))
-    return [iids[order[bounds[u]:bounds[u + 1]]] for u in range(dataset.user_num)]
+def histories_before_targets(histories, config, phase):
+    """Per internal user id, the items before the user's target in ``phase`` (``valid`` or ``test``) under the
+    configured leave-one-out split (``data.split``): what full ranking masks under ``mask_history``."""
+    before = []
+    for history in histories:
+        part = getattr(user_split(len(history), config), phase)
+        before.append(history[:part.start] if len(part) else history[:0])
+    return before
 
 
-def _eval_dataloader(config, dataset, sampler, mode, user_items):
+def unreachable_targets(histories, config, phase):
+    """``(targets the user interacted with before, targets)`` of ``phase``: a masked full ranking can never hit the
+    first (a dataset that repeats (user, item) pairs)."""
+    repeated = total = 0
+    for history in histories:
+        part = getattr(user_split(len(history), config), phase)
+        if len(part):
+            total += 1
+            repeated += int(history[part.start] in history[:part.start])
+    return repeated, total
+
+
+def _eval_dataloader(config, dataset, sampler, mode, histories, phase):
     neg_sample_args = parse_protocol(mode)
-    if neg_sample_args is None:
-        return FullSortEvalDataLoader(config, dataset, sampler, shuffle=False)
-    return FixedCandidateEvalDataLoader(config, dataset, sampler, neg_sample_args, config["seed"], user_items)
+    if neg_sample_args is not None:
+        return FixedCandidateEvalDataLoader(config, dataset, sampler, neg_sample_args, config["seed"], histories)
+    masked = mode == "full" and bool(config["mask_history"])
+    if masked:
+        repeated, total = unreachable_targets(histories, config, phase)
+        if repeated:
+            getLogger().warning(f"mask_history: {repeated} of {total} {phase} targets were interacted with before by "
+                                f"their user, so masked full ranking can never hit them (the dataset repeats (user, "
+                                f"item) pairs; --mask_history=False ranks seen items too)")
+    return HistoryMaskedFullSortEvalDataLoader(config, dataset, sampler,
+                                               histories_before_targets(histories, config, phase) if masked else None)
 
 
 def data_preparation(config, dataset, window_rows=False):
@@ -82,7 +109,7 @@ def data_preparation(config, dataset, window_rows=False):
     ``window_rows``: train on one row per window of ``MAX_ITEM_LIST_LENGTH`` targets (``data/windows.py``)
     rather than RecBole's row per prefix; ``quick_start`` asks for it under ``train_positions: all``.
     """
-    user_items = user_item_sets(dataset)
+    histories = internal_histories(dataset)  # whole histories, in time order
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
@@ -90,11 +117,14 @@ def data_preparation(config, dataset, window_rows=False):
         train_dataset = select_window_rows(train_dataset, config["MAX_ITEM_LIST_LENGTH"])
     train_data = seeded(get_dataloader(config, "train")(config, train_dataset, train_sampler, shuffle=config["shuffle"]),
                         config)
-    valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], user_items)
+    valid_data = _eval_dataloader(config, valid_dataset, valid_sampler, config["eval_args"]["mode"]["valid"], histories,
+                                  "valid")
     test_protocols = config["test_protocols"] or [config["eval_args"]["mode"]["test"]]
-    test_data = {mode: _eval_dataloader(config, test_dataset, test_sampler, mode, user_items) for mode in test_protocols}
+    test_data = {mode: _eval_dataloader(config, test_dataset, test_sampler, mode, histories, "test")
+                 for mode in test_protocols}
     getLogger().info(
         set_color("[Evaluation]: ", "pink") + f"valid={config['eval_args']['mode']['valid']} "
-        f"test={list(test_data)} split={config['eval_args']['split']} order={config['eval_args']['order']}"
+        f"test={list(test_data)} split={config['eval_args']['split']} order={config['eval_args']['order']} "
+        f"mask_history={bool(config['mask_history'])}"
     )
     return train_data, valid_data, test_data

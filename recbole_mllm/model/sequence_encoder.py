@@ -62,7 +62,11 @@ class FusedSequenceEncoder(nn.Module):
             module.bias.data.zero_()
 
     def item_states(self, items=None):
-        """Item representations ``[..., hidden]`` (all items when ``items`` is None)."""
+        """Item representations ``[..., hidden]`` (all items when ``items`` is None), in float32 (see ``forward``)."""
+        with torch.autocast(self.position_embedding.weight.device.type, enabled=False):
+            return self._item_states(items)
+
+    def _item_states(self, items):
         states = 0
         if self.item_embedding is not None:
             states = self.item_embedding.weight if items is None else self.item_embedding(items)
@@ -71,7 +75,12 @@ class FusedSequenceEncoder(nn.Module):
         return states
 
     def sequence_states(self, item_seq):
-        """States ``[B L hidden]`` at every position of left-aligned item sequences ``[B L]`` (causal)."""
+        """States ``[B L hidden]`` at every position of left-aligned item sequences ``[B L]`` (causal), in float32
+        (see ``forward``)."""
+        with torch.autocast(item_seq.device.type, enabled=False):
+            return self._sequence_states(item_seq)
+
+    def _sequence_states(self, item_seq):
         positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0)
         hidden = self.dropout(self.layer_norm(self.item_states(item_seq) + self.position_embedding(positions)))
         padding = (item_seq > 0).unsqueeze(1).unsqueeze(2)  # [B 1 1 L]
@@ -80,14 +89,19 @@ class FusedSequenceEncoder(nn.Module):
         return self.transformer(hidden, mask, output_all_encoded_layers=False)[-1]  # [B L H]
 
     def forward(self, item_seq, item_seq_len):
-        """User states ``[B hidden]``: the state at each sequence's last item (``item_seq_len`` ``[B]``)."""
+        """User states ``[B hidden]``: the state at each sequence's last item (``item_seq_len`` ``[B]``).
+
+        Always float32, also inside an LLM's bfloat16 autocast: the encoder is the first stage, and its scores must be
+        those FusedSASRec computes (in float32, under RecBole's trainer), whichever model runs it.
+        """
         output = self.sequence_states(item_seq)
         last = (item_seq_len - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, output.size(-1))
         return output.gather(1, last).squeeze(1)  # [B H]
 
     def full_scores(self, user_states):
-        """Scores of every item ``[B n_items]``."""
-        return user_states @ self.item_states().T
+        """Scores of every item ``[B n_items]``, in float32."""
+        with torch.autocast(user_states.device.type, enabled=False):
+            return user_states.float() @ self.item_states().T
 
     def cross_entropy(self, item_seq, item_seq_len, targets):
         """SASRec's CE loss: cross-entropy over every item of each sequence's next item ``targets`` ``[B]``."""

@@ -92,7 +92,8 @@ def test_sampled_and_full_ranking_are_the_same_two_stage_scores(mllm_config):
     owner = torch.cat([torch.full(((row_idx == u).sum(),), k) for k, u in enumerate(users)])
     candidates = block[model.ITEM_ID]
     torch.testing.assert_close(sampled, full[owner, candidates], atol=1e-4, rtol=1e-4)
-    top = model.scorer.catalogue_scores(model.forward(block[model.ITEM_SEQ][firsts], block[model.ITEM_SEQ_LEN][firsts]))
+    top = model.scorer.catalogue_scores(model.forward(block[model.ITEM_SEQ][firsts], block[model.ITEM_SEQ_LEN][firsts]),
+                                        block[model.USER_ID][firsts].tolist(), model.positions(block[firsts]))
     top = top.topk(model.rerank_top_k, dim=1).indices
     in_top = (top[owner] == candidates.unsqueeze(1)).any(1)
     assert in_top.any() and (~in_top).any()
@@ -136,21 +137,6 @@ def test_checkpoint_holds_only_trained_tensors_and_reloads_identically(mllm_conf
     fresh.load_state_dict(checkpoint["state_dict"])
     fresh.load_other_parameter(checkpoint["other_parameter"])
     torch.testing.assert_close(fresh.predict(interaction), expected, atol=1e-5, rtol=1e-5)
-
-
-@torch.no_grad()
-def test_no_user_prompt_or_summary_mentions_the_target(mllm_config):
-    _, model, test_data = _model_and_data(mllm_config)
-    tokenizer = model.backend.tokenizer
-    context = model.context
-    for interaction, _, _, positive_i in test_data["full"]:
-        uids = interaction[model.USER_ID].tolist()
-        for uid, t, target in zip(uids, model.positions(interaction), positive_i.tolist()):
-            assert t == len(context.histories[uid]) - 1  # leave-one-out test target: the last interaction
-            ids, _ = model.prompts.user_part(uid, t, torch.zeros(model.hidden_size))
-            text = tokenizer.decode(ids)
-            assert context.item_title[target] not in text
-            assert context.item_title[target] not in model.prompts.summaries.get((uid, t), "")
 
 
 def test_training_negatives_are_never_training_items_of_the_user(mllm_config):
@@ -511,12 +497,24 @@ def test_an_unknown_training_list_rule_is_refused():
         TrainingCandidates([], {}, 5, {"ranker_train_candidates": "hard"}, "user_id", "item_id")
 
 
-def test_top_k_training_scores_only_targets_and_items_of_the_evaluation_top_k(mllm_config):
-    config, model, _ = _model_and_data(dict(mllm_config, ranker_train_candidates="top_k", ranker_train_negatives=4,
-                                            rerank_exclude_seen=True))
+def _independent_top_k(model, user_states, uids, ts):
+    """Each row's top ``rerank_top_k`` computed here from the encoder's parts, not by the scorer: padding and the
+    history before ``t`` masked."""
+    scores = user_states.float() @ model.encoder.item_states().float().T
+    scores[:, 0] = -torch.inf
+    for row, (uid, t) in enumerate(zip(uids, ts)):
+        scores[row, torch.as_tensor(model.context.histories[uid][:t], dtype=torch.long)] = -torch.inf
+    return scores.topk(model.rerank_top_k, dim=1).indices
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_top_k_training_lists_put_the_label_on_the_target_among_its_top_k(mllm_config, mask):
+    """Train as tested: each list's positive is the row's own next item ``history[t]``, both it and its negatives are
+    in the row's top-K of the masked catalogue (computed here independently), one positive per list."""
+    config_dict = dict(mllm_config, ranker_train_candidates="top_k", ranker_train_negatives=4, mask_history=mask)
+    config, dataset = _config_and_dataset(config_dict)
+    model, train_data = split_and_build_model(config, dataset)[:2]
     model.train()
-    config_, dataset = _config_and_dataset(dict(mllm_config, ranker_train_candidates="top_k"))
-    train_data = split_and_build_model(config_, dataset)[1]
     calls = []
 
     def llm_scores(uids, ts, user_states, candidates, owner, labels=None):
@@ -528,11 +526,14 @@ def test_top_k_training_scores_only_targets_and_items_of_the_evaluation_top_k(ml
         model.calculate_loss(batch)
     assert calls
     for uids, ts, user_states, candidates, owner, labels in calls:
-        catalogue = model.scorer.catalogue_scores(user_states, uids, ts)
-        top = catalogue.topk(model.rerank_top_k, dim=1).indices
-        for c, o in zip(candidates.tolist(), owner.tolist()):
-            assert c in top[o].tolist() and torch.isfinite(catalogue[o, c])
-        assert int(labels.sum()) == len(uids)  # one positive per kept row
+        top = _independent_top_k(model, user_states, uids, ts) if mask else None
+        for row, (uid, t) in enumerate(zip(uids, ts)):
+            mine = owner == row
+            positives = candidates[mine & (labels == 1)].tolist()
+            assert positives == [int(model.context.histories[uid][t])]  # the label sits on the target
+            if mask:
+                assert set(candidates[mine].tolist()) <= set(top[row].tolist())
+                assert not set(candidates[mine].tolist()) & set(model.context.histories[uid][:t].tolist())
 
 
 def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
@@ -741,3 +742,68 @@ def test_the_encoder_reads_the_item_content_it_is_given(mllm_config, tmp_path):
     torch.testing.assert_close(model.encoder.fused[1:].norm(dim=1), torch.ones(model.n_items - 1))
     result = run("MLLMSRec", "tiny", config_dict=dict(settings, encoder_warmup_cache=False))
     assert set(result["test_result"]) == {"uni100", "full"}
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_an_llm_that_keeps_the_encoders_order_scores_as_the_first_stage(mllm_config, mask):
+    """The two stages with "LLM" scores that keep the first stage's order give the first stage's metrics, under
+    every protocol and both history-mask settings: the reported first stage is the one the LLM reranks."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(dict(mllm_config, mask_history=mask,
+                                                    test_protocols=["uni100", "full", "full_unmasked"]))
+    model.llm_scores = lambda uids, ts, user_states, candidates, owner, labels=None: \
+        model.scorer.catalogue_scores(user_states, uids, ts)[owner, candidates]
+    trainer = MLLMSRecTrainer(config, model)
+    for protocol, loader in test_data.items():
+        result = trainer.evaluate(loader, load_best_model=False)
+        assert dict(result) == dict(trainer.last_first_stage_result), protocol
+
+
+@torch.no_grad()
+def test_scores_read_neither_the_target_nor_its_time(mllm_config):
+    """Full ranking's and uni100's scores are the same with the target column permuted across users and the target's
+    timestamp replaced: the model never reads what it is asked to predict."""
+    _, model, test_data = _model_and_data(mllm_config)
+    interaction = next(iter(test_data["full"]))[0]
+    scores = model.full_sort_predict(interaction)
+    altered = interaction[torch.arange(len(interaction))]
+    generator = torch.Generator().manual_seed(0)
+    altered[model.POS_ITEM_ID] = interaction[model.POS_ITEM_ID][torch.randperm(len(interaction), generator=generator)]
+    altered[model.TIME_FIELD] = torch.rand(len(interaction), generator=generator) * 1e9
+    torch.testing.assert_close(model.full_sort_predict(altered), scores)
+    block = next(iter(test_data["uni100"]))[0]
+    sampled = model.predict(block)
+    retimed = block[torch.arange(len(block))]
+    retimed[model.TIME_FIELD] = torch.rand(len(block), generator=generator) * 1e9
+    torch.testing.assert_close(model.predict(retimed), sampled)
+
+
+@torch.no_grad()
+def test_a_user_part_does_not_change_with_the_history_from_t_on(mllm_config):
+    """A user's prompt part (token ids and soft tokens, recent items' states included) at position ``t`` is the same
+    when every interaction from ``t`` on (the target and what follows) is replaced."""
+    _, model, test_data = _model_and_data(dict(mllm_config, ranker_use_recent_states=True))
+    interaction = next(iter(test_data["full"]))[0]
+    uids, ts = interaction[model.USER_ID].tolist(), model.positions(interaction)
+    user_states = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+
+    def user_parts():
+        user_tokens = model.user_projection(user_states).unsqueeze(1)
+        recent = model._recent_tokens(uids, ts, user_states.device)
+        return [model.prompts.user_part(u, t, user_tokens[k], recent[k]) for k, (u, t) in enumerate(zip(uids, ts))]
+
+    before = user_parts()
+    n_items = model.n_items
+    for uid, t in zip(uids, ts):
+        history, times = model.context.histories[uid], model.context.timestamps[uid]
+        history[t:] = (history[t:] + 7) % (n_items - 1) + 1  # other items
+        times[t:] = times[t:] + 86_400 * 400  # other times
+    after = user_parts()
+    assert len(before) == len(after) > 0
+    for (ids_before, soft_before), (ids_after, soft_after) in zip(before, after):
+        assert ids_before == ids_after
+        assert soft_before.keys() == soft_after.keys()
+        for name in soft_before:
+            assert soft_before[name][0] == soft_after[name][0]
+            torch.testing.assert_close(soft_before[name][1], soft_after[name][1])

@@ -113,7 +113,7 @@ class TrainingCandidates:
         """Train as tested: ``(kept, candidates, owner, labels)`` from each row's top ``rerank_top_k`` of ``catalogue``.
 
         ``catalogue`` ``[R n_items]``: the encoder's scores of each row as evaluation computes them (the scorer's
-        ``catalogue_scores``: padding, and with ``rerank_exclude_seen`` the history before ``t``, at -inf). A row whose
+        ``catalogue_scores``: padding, and under ``mask_history`` the history before ``t``, at -inf). A row whose
         target is outside its top-K is dropped (at test the LLM never sees such a target); ``kept`` lists the rows
         kept. A kept row gives its target (label 1), then ``ranker_train_negatives`` other items of its top-K drawn
         uniformly (label 0); ``owner[c]`` indexes ``kept``.

@@ -127,7 +127,7 @@ class MLLMSRec(SequentialRecommender):
                 self.register_buffer("has_image", has_image, persistent=False)
         # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
         self.residual_gate = nn.Parameter(torch.zeros(())) if config["ranker_residual"] else None
-        self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["rerank_exclude_seen"],
+        self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["mask_history"],
                                      config["ranker_eval_batch_size"], config["late_fusion_weight"],
                                      residual=config["ranker_residual"])
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
@@ -174,21 +174,24 @@ class MLLMSRec(SequentialRecommender):
 
     # ------------------------------------------------------------------ how predictions are scored
     @contextmanager
-    def scoring(self, encoder_only=False, fusion_weight=None):
-        """Inside the block, score with the encoder alone (``encoder_only``: the first stage) or with another
-        late-fusion weight; the previous way is restored after it.
+    def scoring(self, encoder_only=False, fusion_weight=None, mask_history=None):
+        """Inside the block, score with the encoder alone (``encoder_only``: the first stage), with another
+        late-fusion weight, or with the history mask of an evaluation loader (``mask_history``: its
+        ``masks_history``; None keeps the protocol's); the previous way is restored after it.
 
-        The trainer's warm-up and first-stage report ask for ``encoder_only``; ``scripts/score_fusion_eval.py``
-        for fusion weights.
+        The trainer's warm-up and first-stage report ask for ``encoder_only``, every evaluation for its loader's
+        ``mask_history``; ``scripts/score_fusion_eval.py`` for fusion weights.
         """
-        saved = self.scorer.encoder_only, self.scorer.fusion_weight
+        saved = self.scorer.encoder_only, self.scorer.fusion_weight, self.scorer.mask_history
         self.scorer.encoder_only = bool(encoder_only)
         if fusion_weight is not None:
             self.scorer.fusion_weight = float(fusion_weight)
+        if mask_history is not None:
+            self.scorer.mask_history = bool(mask_history)
         try:
             yield self
         finally:
-            self.scorer.encoder_only, self.scorer.fusion_weight = saved
+            self.scorer.encoder_only, self.scorer.fusion_weight, self.scorer.mask_history = saved
 
     @property
     def uses_llm(self):
@@ -234,7 +237,7 @@ class MLLMSRec(SequentialRecommender):
 
     def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
-        ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner) if self.prompts.has_retrieval_rank
+        ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner, uids, ts) if self.prompts.has_retrieval_rank
                  else [None] * len(candidates))
         item_states = self.encoder.item_states(candidates)  # [C H]
         user_tokens = self.user_projection(user_states).unsqueeze(1)  # [U 1 H']
@@ -331,16 +334,16 @@ class MLLMSRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ][first], interaction[self.ITEM_SEQ_LEN][first]
         user_states = self.forward(item_seq, item_seq_len)
         candidates = interaction[self.ITEM_ID]
-        if not self.uses_llm:
-            return (user_states[owner] * self.encoder.item_states(candidates)).sum(-1)
         uids, ts = unique_uids.tolist(), self.positions(interaction[first])
+        if not self.uses_llm:
+            return self.scorer.sampled_first_stage(uids, ts, user_states, candidates, owner)
         return self.scorer.sampled(uids, ts, user_states, candidates, owner, self.llm_scores)
 
     def full_sort_predict(self, interaction):
         """Retrieve-then-rerank: the encoder picks its top-K items, the LLM reranks them, the rest follow in the
         encoder's order (the LLM never scores the whole catalogue)."""
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        if not self.uses_llm:
-            return self.scorer.catalogue_scores(user_states)
         uids, ts = interaction[self.USER_ID].tolist(), self.positions(interaction)
+        if not self.uses_llm:
+            return self.scorer.catalogue_scores(user_states, uids, ts)
         return self.scorer.full(uids, ts, user_states, interaction[self.POS_ITEM_ID], self.llm_scores)

@@ -9,7 +9,7 @@ and the item alone: never on candidate order or on the block's other items.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,18 +20,25 @@ order is the encoder's, below every LLM score (log-odds, kept above ``-RERANK_FL
 
 @dataclass
 class FirstStageRecall:
-    """How often full ranking's targets were in the encoder's top ``k`` (the items the LLM can reorder)."""
+    """How often full ranking's targets were in the encoder's top ``k`` (the items the LLM can reorder), and how many
+    of the unmasked top 10 and top 20 the user had already interacted with (what a history mask takes out)."""
 
     k: int
     hits: int = 0
     users: int = 0
+    seen_in_top: dict = field(default_factory=lambda: {10: 0, 20: 0})
 
     def reset(self):
         self.hits = self.users = 0
+        self.seen_in_top = dict.fromkeys(self.seen_in_top, 0)
 
     @property
     def value(self):
         return self.hits / self.users if self.users else float("nan")
+
+    def seen_share(self, cutoff):
+        """Share of the unmasked first stage's top ``cutoff`` items that are in the user's history before ``t``."""
+        return self.seen_in_top[cutoff] / (cutoff * self.users) if self.users else float("nan")
 
 
 class TwoStageScorer:
@@ -41,20 +48,21 @@ class TwoStageScorer:
 
     Args:
         encoder: the sequence encoder (``full_scores``, ``item_states``); the first stage.
-        histories: per internal user id, its items in time order (for ``exclude_seen``).
+        histories: per internal user id, its items in time order (for ``mask_history``).
         rerank_top_k: the LLM scores an item only within the encoder's top-K for the user.
-        exclude_seen: retrieve only items outside the user's history before ``t``.
+        mask_history: rank only items outside the user's history before ``t`` (the protocol's ``mask_history``; the
+            model's ``scoring(mask_history=...)`` sets it per evaluation loader).
         candidates_per_forward: most candidates per LLM call.
         fusion_weight: late fusion, the fallback compared against: LLM score + w * encoder score (0: LLM alone).
         residual: the reranked score is the encoder's score plus the LLM's (``ranker_residual``: the model scales the
             LLM's log-odds by a gate that starts at 0, so the first step reranks nothing).
     """
 
-    def __init__(self, encoder, histories, rerank_top_k, exclude_seen, candidates_per_forward, fusion_weight=0.0,
+    def __init__(self, encoder, histories, rerank_top_k, mask_history, candidates_per_forward, fusion_weight=0.0,
                  residual=False):
         self.residual = bool(residual)
         self.encoder, self.histories = encoder, histories
-        self.rerank_top_k, self.exclude_seen = rerank_top_k, exclude_seen
+        self.rerank_top_k, self.mask_history = rerank_top_k, bool(mask_history)
         self.candidates_per_forward = candidates_per_forward
         self.fusion_weight = float(fusion_weight or 0.0)
         self.encoder_only = False  # the first stage alone (the trainer's warm-up and first-stage report)
@@ -64,20 +72,29 @@ class TwoStageScorer:
     # ------------------------------------------------------------------ the first stage
     @torch.no_grad()
     def catalogue_scores(self, user_states, uids=None, ts=None):
-        """The encoder's float32 scores of every item ``[U n_items]``: padding at -inf, and with
-        ``exclude_seen`` (when ``uids``/``ts`` are given) each user's history before ``t`` too.
+        """The first stage: the encoder's float32 scores of every item ``[U n_items]``, padding at -inf, and under
+        ``mask_history`` (when ``uids``/``ts`` are given) each user's history before ``t`` too.
 
-        Float32 outside autocast, so ranks and the first stage's order are the same in training and evaluation.
+        The one scoring function of the first stage: its full ranking, its ``uni100`` scores, the candidates the LLM
+        reranks, the ranks in the prompt and the LLM's training lists all read it. Float32 outside autocast, so ranks
+        and the first stage's order are the same in training and evaluation.
         """
         with torch.autocast(user_states.device.type, enabled=False):
             scores = self.encoder.full_scores(user_states.float())  # [U n_items]
         scores[:, 0] = -torch.inf  # padding
-        if self.exclude_seen and uids is not None:  # a model choice: RecBole masks no history here
-            rows = [b for b, t in enumerate(ts) for _ in range(t)]
-            cols = [int(i) for u, t in zip(uids, ts) for i in self.histories[u][:t]]
-            scores[torch.tensor(rows, dtype=torch.long, device=scores.device),
-                   torch.tensor(cols, dtype=torch.long, device=scores.device)] = -torch.inf
+        if self.mask_history and uids is not None:
+            scores[self.seen_index(uids, ts, scores.device)] = -torch.inf
         return scores
+
+    def seen_index(self, uids, ts, device):
+        """``(rows, items)`` of each row's history before its ``t``: the items ``mask_history`` masks."""
+        rows = [b for b, t in enumerate(ts) for _ in range(t)]
+        cols = [int(i) for u, t in zip(uids, ts) for i in self.histories[u][:t]]
+        return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+    def sampled_first_stage(self, uids, ts, user_states, candidates, owner):
+        """The first stage's scores of sampled candidates ``[C]`` (``candidates[c]`` for user row ``owner[c]``)."""
+        return self.catalogue_scores(user_states, uids, ts)[owner, candidates]
 
     @staticmethod
     def ranks(catalogue, candidates, owner, chunk=256):
@@ -86,13 +103,14 @@ class TwoStageScorer:
         return torch.cat([(catalogue[o] > s.unsqueeze(1)).sum(1) for o, s in zip(owner.split(chunk), own.split(chunk))]) + 1
 
     @torch.no_grad()
-    def retrieval_ranks(self, user_states, candidates, owner):
-        """The encoder's catalogue rank of each candidate for its user, as written into the prompt.
+    def retrieval_ranks(self, user_states, candidates, owner, uids, ts):
+        """The first stage's catalogue rank of each candidate for its user (history masked as the catalogue is), as
+        written into the prompt.
 
         A function of the user and the item alone (never of the other candidates in a block), so it can
         be written into the prompt without breaking order invariance or revealing the target.
         """
-        return self.ranks(self.catalogue_scores(user_states), candidates, owner).tolist()
+        return self.ranks(self.catalogue_scores(user_states, uids, ts), candidates, owner).tolist()
 
     # ------------------------------------------------------------------ the second stage
     @contextmanager
@@ -165,6 +183,7 @@ class TwoStageScorer:
         """Scores of every item ``[U n_items]``: the encoder's top-K reranked by the LLM, the rest in the encoder's
         order (the LLM never scores the whole catalogue); counts the first stage's recall of ``targets``."""
         catalogue = self.catalogue_scores(user_states, uids, ts)  # [B n_items] float32
+        self._count_seen(catalogue if not self.mask_history else self.catalogue_scores(user_states), uids, ts)
         ascending = catalogue.sort(dim=1).values
         ranks = catalogue.shape[1] + 1 - torch.searchsorted(ascending, catalogue, right=True)  # as ranks() counts them
         items = torch.arange(catalogue.shape[1], device=catalogue.device).repeat(len(uids))
@@ -176,3 +195,11 @@ class TwoStageScorer:
         self.recall.hits += int((top == targets.view(-1, 1)).any(1).sum())
         self.recall.users += len(uids)
         return scores
+
+    def _count_seen(self, unmasked, uids, ts):
+        """Counts how many of the unmasked first stage's top 10 and top 20 are in each user's history before ``t``."""
+        seen = torch.zeros_like(unmasked, dtype=torch.bool)
+        seen[self.seen_index(uids, ts, unmasked.device)] = True
+        for cutoff in self.recall.seen_in_top:
+            top = unmasked.topk(min(cutoff, unmasked.shape[1]), dim=1).indices
+            self.recall.seen_in_top[cutoff] += int(seen.gather(1, top).sum())
