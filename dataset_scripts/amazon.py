@@ -151,14 +151,19 @@ def k_core(inter, k):
         inter = inter[keep]
 
 
-def filter_interactions(inter, min_rating, k, duplicates="drop"):
+def filter_interactions(inter, min_rating, k, duplicates="drop", tie_seed=common.TIE_SEED):
     """Rating threshold, then one interaction per (user, item) (the earliest; ``duplicates="keep"``:
-    every review), then k-core. ``counts["duplicates"]`` is the number of repeated reviews either way."""
+    every review), then k-core. ``counts["duplicates"]`` is the number of repeated reviews either way.
+
+    Each user's interactions come out in time order, those of the same timestamp (the 2014 and 2018 dumps
+    have whole days) in the order of :func:`common.tie_key`, not of item ids."""
     counts = {"reviews": len(inter)}
     if min_rating is not None:
         inter = inter[inter["rating"] >= min_rating]
     counts["below_min_rating"] = counts["reviews"] - len(inter)
-    inter = inter.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    ties = [common.tie_key(tie_seed, user, item) for user, item in zip(inter["user_id"], inter["item_id"])]
+    inter = inter.assign(tie=pd.Series(ties, index=inter.index, dtype="int64"))
+    inter = inter.sort_values(["user_id", "timestamp", "tie"], kind="stable").drop(columns="tie")
     repeated = inter.duplicated(["user_id", "item_id"], keep="first")
     counts["duplicates"] = int(repeated.sum())
     if duplicates == "drop":
@@ -312,13 +317,15 @@ def collect_images(items, images_dir, local, download, downloader, workers):
     """``(images, missing, counts)``: ``{item: file name}``, ``{item: reason}`` and where images came from.
 
     Order per item: a file in the local folder, else a clean image already in ``images_dir`` (an
-    earlier, possibly interrupted, run downloaded it), else a download.
+    earlier, possibly interrupted, run downloaded it), else a download. An item id that is no plain file name
+    (``../x``, ``/x``) ends the run before any file is opened (:func:`common.image_paths`).
     """
+    paths = common.image_paths(images_dir, items)
     images_dir.mkdir(parents=True, exist_ok=True)
     images, missing, queue = {}, {}, {}
     counts = {"from_folder": 0, "already_present": 0, "downloaded": 0}
     for item_id, record in tqdm(sorted(items.items()), desc="images", unit="img", disable=None):
-        dst = images_dir / common.image_file_name(item_id)
+        dst = paths[item_id]
         reason = None
         if item_id in local:
             reason = common.normalise_image(local[item_id], dst)
@@ -338,13 +345,13 @@ def collect_images(items, images_dir, local, download, downloader, workers):
             )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         jobs = {
-            item: pool.submit(downloader.download, urls, images_dir / common.image_file_name(item))
+            item: pool.submit(downloader.download, urls, paths[item])
             for item, urls in queue.items()
         }
         for item_id, job in tqdm(jobs.items(), desc="download", unit="img", disable=None):
             reason = job.result()
             if reason is None:
-                images[item_id] = common.image_file_name(item_id)
+                images[item_id] = paths[item_id].name
                 counts["downloaded"] += 1
             else:
                 missing[item_id] = reason
@@ -355,7 +362,8 @@ def collect_images(items, images_dir, local, download, downloader, workers):
 # ---------------------------------------------------------------------------------------- build
 def convert(args, build):
     errors = common.LineErrors()
-    inter, counts = filter_interactions(read_reviews(args.reviews, errors), args.min_rating, args.k_core, args.duplicates)
+    reviews = read_reviews(args.reviews, errors)
+    inter, counts = filter_interactions(reviews, args.min_rating, args.k_core, args.duplicates, args.tie_seed)
     if inter.empty:
         errors.report()
         raise common.InputError(args.reviews, "no interaction is left after --min-rating / --k-core")
@@ -387,6 +395,7 @@ def convert(args, build):
         counts,
         **meta_counts,
         duplicates_choice=args.duplicates,
+        tie_seed=args.tie_seed,
         items_without_meta=len(kept_items - set(meta)),
         items_with_title=sum(1 for record in items.values() if record["title"]),
         images=image_counts,

@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from PIL import Image
 from tqdm import tqdm
@@ -42,6 +42,7 @@ INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("rating", "float"),
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
 FINGERPRINT_FILE = ".fingerprint"
+TIE_SEED = 2020  # --tie-seed's default
 DUPLICATE_CHOICES = {
     "drop": "keep one (MovieLens: of identical rating lines; Amazon: of a user's reviews of one item, the earliest)",
     "keep": "keep every one as an interaction of its own",
@@ -85,6 +86,25 @@ def check_input_file(path, option):
         raise InputError(path, f"is not a file ({option})")
     if not os.access(path, os.R_OK):
         raise InputError(path, f"is not readable: permission denied ({option})")
+
+
+def contained_path(folder, name, what):
+    """``folder/name`` with ``folder`` resolved, for a ``name`` that comes from raw data; else :class:`InputError`.
+
+    ``name`` must be one plain file name: not empty, ``.`` or ``..``, no ``/`` or ``\\`` (on any platform),
+    no drive (``C:``), no NUL. So ``../../etc/passwd``, ``/etc/passwd`` or ``a/b`` can never make a script open or
+    write a file outside ``folder``. ``what`` names the record and field in the error (``item 'B01', field item_id``).
+    A symbolic link that the user put into ``folder`` is the user's choice and is not looked through.
+    """
+    text = str(name)
+    bad = (not text or text in (".", "..") or "\0" in text or "/" in text or "\\" in text
+           or PureWindowsPath(text).drive or Path(text).is_absolute())
+    base = Path(folder).resolve()
+    path = base / text
+    if bad or path.parent != base:
+        raise InputError(what, f"{text!r} is not a plain file name (a path separator, '..', an absolute path or a "
+                               f"drive); refused as a file in {base}")
+    return path
 
 
 def run_main(main, argv=None):
@@ -175,6 +195,25 @@ def write_atomic_file(path, fields, rows):
         writer.writerows(rows)
 
 
+def tie_key(seed, user, item):
+    """Where an interaction goes among the same user's interactions of the same timestamp: a seeded hash.
+
+    The scripts write each user's interactions ordered by ``(user, timestamp, tie_key(seed, user, item))``, and
+    RecBole and the plugin keep the file's order among equal timestamps (stable sorts), so this decides which of
+    a user's same-second items is the leave-one-out test target. Item ids would leak: MovieLens ids follow the
+    release years that the titles show. blake2b of the text ``seed, user, item``: the same on every run and
+    platform (Python's ``hash()`` of a string is salted per process). A 63-bit integer.
+    """
+    digest = hashlib.blake2b(f"{seed}\t{user}\t{item}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def repeated_pairs(users, items):
+    """How many interactions repeat an earlier (user, item) pair (0 when every pair is unique)."""
+    pairs = list(zip(users, items))
+    return len(pairs) - len(set(pairs))
+
+
 def number(value):
     """A rating or timestamp as RecBole float text without a spurious ``.0``."""
     number = float(value)  # "4.0" (ml-20m and later) as "4", like "4"
@@ -246,13 +285,13 @@ def normalise_images(sources, images_dir):
     Returns ``({item_id: file name}, {item_id: reason})``. Output files of items not in ``sources``
     are removed, so a rebuild with other inputs leaves no stale image behind.
     """
+    paths = image_paths(images_dir, sources)
     images_dir.mkdir(parents=True, exist_ok=True)
     done, failed = {}, {}
     for item_id, src in tqdm(sorted(sources.items()), desc="images", unit="img", disable=None):
-        file_name = image_file_name(item_id)
-        reason = normalise_image(src, images_dir / file_name)
+        reason = normalise_image(src, paths[item_id])
         if reason is None:
-            done[item_id] = file_name
+            done[item_id] = paths[item_id].name
         else:
             failed[item_id] = f"{reason}: {src.name}"
     remove_stale_images(images_dir, keep=set(done.values()))
@@ -262,6 +301,25 @@ def normalise_images(sources, images_dir):
 def image_file_name(item_id):
     """File name of an item's image: the item id with anything outside ``[A-Za-z0-9._-]`` as ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", item_id) + ".jpg"
+
+
+def image_paths(images_dir, item_ids):
+    """``{item_id: images_dir/<file name>}``: where each item's image goes, checked before anything is opened.
+
+    An item id is a name from raw data: one that is not a plain file name (``../../etc/passwd``, ``/abs``, ``a/b``; see
+    :func:`contained_path`) ends the run with an :class:`InputError` naming the item and the field, and so do two ids
+    that :func:`image_file_name` turns into the same file (``a+b`` and ``a_b``), which would share one image.
+    """
+    paths, owner = {}, {}
+    for item_id in sorted(item_ids):
+        contained_path(images_dir, item_id, f"item {item_id!r}, field item_id (its image file's name)")
+        path = contained_path(images_dir, image_file_name(item_id), f"item {item_id!r}, field item_id")
+        if path.name in owner:
+            raise InputError(f"items {owner[path.name]!r} and {item_id!r}, field item_id",
+                             f"both name the image file {path.name} (characters outside [A-Za-z0-9._-] become _)")
+        owner[path.name] = item_id
+        paths[item_id] = path
+    return paths
 
 
 def remove_stale_images(images_dir, keep):
@@ -282,6 +340,9 @@ DATASET_YAML = """\
 # Written by dataset_scripts/{script} beside the atomic files. The plugin reads it for --dataset={name}
 # --data_path=<this folder's parent> when it ships no properties/dataset/{name}.yaml (--config_files override it).
 # {interactions:,} interactions, {users:,} users, {items:,} items.
+# repeated (user, item) pairs kept: {repeated} of {interactions} interactions
+#   (interactions whose item the user had before; at 0, masking a user's earlier items in full ranking hides no target)
+# a user's same-timestamp interactions: ordered by a seeded hash of (user, item), not by item id (--tie-seed {tie_seed})
 
 # Atomic File Format
 field_separator: "\\t"           # (str) Separator of different columns in atomic files.
@@ -317,12 +378,14 @@ def write_dataset_yaml(build, script, description, files, category_field, stats)
     """``<name>.yaml`` beside the atomic files: the RecBole keys that load them, so a dataset built under a
     name the plugin ships no YAML for still loads its timestamps, text and images (not RecBole's ids-only default).
 
-    ``files``: ``{suffix: fields}`` of the atomic files written (fields as ``(name, type)``).
+    ``files``: ``{suffix: fields}`` of the atomic files written (fields as ``(name, type)``). The repeated (user,
+    item) pairs and the tie seed go in as comments (``stats``' ``repeated_pairs``, ``tie_seed``): the YAML's keys
+    are checked against the declared ones, and neither is a setting.
     """
     load_col = "".join(f"    {suffix}: [{', '.join(n for n, _ in fields)}]\n" for suffix, fields in files.items())
     text = DATASET_YAML.format(name=build.name, description=description, script=script, load_col=load_col,
                                category=category_field, interactions=stats["interactions"], users=stats["users"],
-                               items=stats["items"])
+                               items=stats["items"], repeated=stats["repeated_pairs"], tie_seed=stats["tie_seed"])
     with atomic_output(build.dir / f"{build.name}.yaml", "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -350,6 +413,7 @@ def dataset_stats(name, inter_users, inter_items, item_images, missing, errors):
         "rated_items_with_image": sum(1 for item in set(inter_items) if item_images.get(item)),
         "missing_images": len(missing),
         "malformed_lines": errors.counts,
+        "repeated_pairs": repeated_pairs(inter_users, inter_items),
     }
 
 
@@ -365,6 +429,10 @@ def print_stats(stats):
     if "duplicates_choice" in stats:
         choice = stats["duplicates_choice"]
         print(f"duplicates: {stats['duplicates']:,} {'dropped' if choice == 'drop' else 'kept'} (--duplicates {choice})")
+    if "repeated_pairs" in stats:
+        repeated = stats["repeated_pairs"]
+        print(f"repeated (user, item) pairs kept: {repeated:,} of {stats['interactions']:,} interactions"
+              + (" (masking a user's earlier items can hide such a target)" if repeated else ""))
     for key, title in (("dropped", "dropped"), ("orphaned", "kept without a match")):
         counts = stats.get(key) or {}
         print(f"{title}: " + (", ".join(f"{n:,} {what}" for what, n in counts.items()) if any(counts.values()) else "none"))
@@ -450,6 +518,12 @@ def argument_parser(doc, example_name, images_help):
         default="drop",
         help=f"repeated interactions: {'; '.join(f'{k}: {v}' for k, v in DUPLICATE_CHOICES.items())} "
         "(counted in the summary either way)",
+    )
+    parser.add_argument(
+        "--tie-seed", "--tie_seed", dest="tie_seed", type=int, default=TIE_SEED,
+        help="a user's interactions with the same timestamp are ordered by a hash of (this seed, user, item), not by "
+        "item id: the last one is the leave-one-out test target, and item ids can tell something about the item "
+        "(MovieLens ids follow release years, which titles show); 42%% of ML-1M users' last two ratings share a second",
     )
     return parser
 

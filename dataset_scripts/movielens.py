@@ -19,7 +19,8 @@ Usage (idempotent, like nanoGPT's ``prepare.py``: a second run with the same inp
         --images ../shared/data/ml-1m/posters --output dataset --name ml-1m-mm
 
 Written to ``<output>/<name>/`` (see common.py for the shared format):
-- ``.inter``: every rating, ``user_id item_id rating timestamp``; identical rating lines once
+- ``.inter``: every rating, ``user_id item_id rating timestamp``, each user's in time order (ratings of the same
+  second in the order of a hash of ``--tie-seed``, user and movie, never by MovieID); identical rating lines once
   (``--duplicates keep``: as they are), counted in the printed summary either way.
 - ``.item``: the rated movies only (RecBole counts every ``.item`` row as an item): ``title`` (words
   of the title without the trailing ``(year)``), ``year``, ``genres`` (one token per genre, e.g.
@@ -377,7 +378,8 @@ def convert(args, build):
         raise common.InputError(args.input, "holds no valid rating line (--input)")
     ratings, duplicates = drop_duplicates(ratings, args.duplicates)
 
-    ratings.sort(key=lambda r: (int(r[0]), float(r[3]), int(r[1])))  # ids are integers (read_ratings)
+    # ids are integers (read_ratings); same-second ratings in seeded-hash order, not by MovieID (common.tie_key)
+    ratings.sort(key=lambda r: (int(r[0]), float(r[3]), common.tie_key(args.tie_seed, r[0], r[1])))
     rated_items = sorted({r[1] for r in ratings}, key=int)
     rated_users = sorted({r[0] for r in ratings}, key=int)
 
@@ -421,6 +423,7 @@ def convert(args, build):
         users_missing_from_users_file=sum(1 for u in rated_users if u not in users) if users is not None else None,
         duplicates=duplicates,
         duplicates_choice=args.duplicates,
+        tie_seed=args.tie_seed,
         image_key=image_key if args.images else None,
     )
     stats["dropped"] = common.row_counts(
