@@ -4,7 +4,8 @@ Differs from ``recbole.data`` in three deliberate ways:
 
 * a dataset is always built from its atomic files; a pickled ``saved/<dataset>-<Class>.pth`` is
   never silently reused (RecBole reuses it even when the files behind it changed);
-* a missing dataset is a clear error naming the file it looked for;
+* a missing dataset is a clear error naming the file it looked for, and a malformed line of its atomic files
+  one naming the file and the line (``atomic_check.py``);
 * the test split gets one dataloader per protocol in ``test_protocols`` (e.g. ``uni100`` and
   ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones.
 
@@ -21,6 +22,7 @@ from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 
+from recbole_mllm.data.atomic_check import check_atomic_files
 from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, seeded
 from recbole_mllm.data.windows import select_window_rows
 
@@ -42,6 +44,7 @@ def create_dataset(config):
             f"Dataset '{config['dataset']}' not found: no file {inter_file}. Build it with a script in "
             f"dataset_scripts/ (see dataset_scripts/README.md) and pass --data_path=<its output folder>."
         )
+    check_atomic_files(config)  # a malformed line is named (file:line) before RecBole reads the files
     dataset_module = importlib.import_module("recbole.data.dataset")
     class_name = config["model"] + "Dataset"
     if not hasattr(dataset_module, class_name):
