@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recbole_mllm import distributed
+from recbole_mllm.cli import input_error
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
 from recbole_mllm.config_check import ConfigKeyError
@@ -206,10 +207,7 @@ def main(argv=None):
         Config(args.model, args.dataset, config_files, cmd_args=overrides)  # a bad key fails before trials.json is written
         return _search(args, space_path, config_files, overrides)
     except (ConfigKeyError, SearchError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return input_error(error, args.debug)
 
 
 def _trial_command(args, overrides):

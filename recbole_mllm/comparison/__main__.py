@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from recbole_mllm.cli import input_error
 from recbole_mllm.comparison.analysis import ComparisonError, default_slices
 from recbole_mllm.comparison.metrics import split_metric_keys
 from recbole_mllm.comparison.records import find_records, load_record
@@ -32,10 +33,7 @@ def main(argv=None):
                                slices=default_slices(args.cold_item_max, args.short_history_max),
                                descriptive=args.descriptive))
     except (FileNotFoundError, ComparisonError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        return input_error(error, args.debug)
     return 0
 
 
