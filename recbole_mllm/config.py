@@ -37,7 +37,12 @@ from recbole_mllm.utils import get_model
 
 
 def properties_dir():
-    """Folder of the plugin's YAML files: installed package data, or ``properties/`` in a checkout."""
+    """Folder of the plugin's YAML files: ``properties/`` of the checkout this package is imported from (so a
+    second worktree on ``PYTHONPATH`` reads its own files, not those an editable install maps), else the
+    installed package data."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.py").is_file() and (checkout / "properties" / "overall.yaml").is_file():
+        return checkout / "properties"
     spec = importlib.util.find_spec("recbole_mllm.properties")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
