@@ -28,10 +28,11 @@ value of its declared type (``config_check``), or ``Config`` raises ``ConfigKeyE
 import importlib.util
 from pathlib import Path
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat, distributed
-from recbole_mllm.cli import parse_cli_value
+from recbole_mllm.cli import one_line, parse_cli_value
 from recbole_mllm.config_check import check_config
 from recbole_mllm.utils import get_model
 
@@ -78,7 +79,12 @@ class Config(RecBoleConfig):
         """RecBole's file layer, remembering which file set each key (an unknown key's error names it)."""
         merged, self._key_files = {}, {}
         for file in file_list or []:
-            layer = super()._load_config_files([file])
+            try:
+                layer = super()._load_config_files([file])
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"the config file {file} does not exist (--config_files)") from error
+            except yaml.YAMLError as error:  # e.g. a !!python tag: RecBole's loader refuses it, without the file
+                raise ValueError(f"{file}: {one_line(error)}") from error
             merged.update(layer)
             self._key_files.update(dict.fromkeys(layer, str(file)))
         return merged

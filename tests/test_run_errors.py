@@ -32,7 +32,8 @@ def in_tmp(tmp_path, monkeypatch):
 def test_missing_dataset_and_config_file(in_tmp, tmp_path, capsys):
     _fails_in_one_line(capsys, ["--model=SASRec", "--dataset=nothere", f"--data_path={tmp_path}"],
                        "nothere.inter")
-    _fails_in_one_line(capsys, ["--model=SASRec", *in_tmp, "--config_files=missing.yaml"], "missing.yaml")
+    _fails_in_one_line(capsys, ["--model=SASRec", *in_tmp, "--config_files=missing.yaml"],
+                       "the config file missing.yaml does not exist (--config_files)")
 
 
 def test_unknown_or_no_model(in_tmp, capsys):
@@ -42,7 +43,8 @@ def test_unknown_or_no_model(in_tmp, capsys):
 
 def test_a_yaml_tag_that_would_run_code(in_tmp, tmp_path, capsys):
     (tmp_path / "evil.yaml").write_text("epochs: !!python/object/apply:os.system ['touch pwned']\n")
-    _fails_in_one_line(capsys, ["--model=SASRec", *in_tmp, f"--config_files={tmp_path / 'evil.yaml'}"], "python/object")
+    _fails_in_one_line(capsys, ["--model=SASRec", *in_tmp, f"--config_files={tmp_path / 'evil.yaml'}"],
+                       f"{tmp_path / 'evil.yaml'}: ", "python/object")
     assert not (tmp_path / "pwned").exists()
 
 
