@@ -72,6 +72,18 @@ def user_item_sets(dataset):
     return [iids[order[bounds[u]:bounds[u + 1]]] for u in range(dataset.user_num)]
 
 
+def check_sampled_protocols(config, dataset, user_items):
+    """A sampled protocol (``uniN``) draws unseen items for every user: a user who interacted with every item has
+    none, so such a dataset is refused here, before training, naming the protocol and the first such user."""
+    modes = [config["eval_args"]["mode"]["valid"], *(config["test_protocols"] or [config["eval_args"]["mode"]["test"]])]
+    sampled = [mode for mode in dict.fromkeys(modes) if parse_protocol(mode) is not None]
+    for uid, items in enumerate(user_items):
+        if sampled and uid and len(np.unique(items)) >= dataset.item_num - 1:
+            raise ValueError(f"{sampled[0]} (test_protocols, eval_args): user "
+                             f"{dataset.id2token(dataset.uid_field, uid)} interacted with all {dataset.item_num - 1} "
+                             "items, so no unseen candidate is left to sample; test under full, or drop that user")
+
+
 def _eval_dataloader(config, dataset, sampler, mode, user_items):
     neg_sample_args = parse_protocol(mode)
     if neg_sample_args is None:
@@ -86,6 +98,7 @@ def data_preparation(config, dataset, window_rows=False):
     rather than RecBole's row per prefix; ``quick_start`` asks for it under ``train_positions: all``.
     """
     user_items = user_item_sets(dataset)
+    check_sampled_protocols(config, dataset, user_items)
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)
