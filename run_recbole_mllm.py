@@ -6,8 +6,9 @@ Any other --key=value sets a config key for every model (the highest layer, as i
 --epochs=50, --gpu_id=1, --learning_rate=0.002. Per-model keys go in a YAML's per_model section. The keys,
 their defaults and meanings are in properties/overall.yaml (the shared protocol), properties/stages.yaml,
 properties/model/<Model>.yaml and RecBole's own properties; the comparison (mean and std over seeds,
-paired p-values against the best baseline, cold-item and short-history slices) goes to
-<output_dir>/<dataset>-<time>/.
+paired p-values against every baseline, cold-item and short-history slices) goes to
+<output_dir>/<dataset>-<time>/. An input error (a missing dataset or file, a bad key, value or data line) is one
+line and exit status 2; --debug shows its traceback.
 """
 
 import argparse
