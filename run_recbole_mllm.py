@@ -6,8 +6,9 @@ Any other --key=value sets a config key for every model (the highest layer, as i
 --epochs=50, --gpu_id=1, --learning_rate=0.002. Per-model keys go in a YAML's per_model section. The keys,
 their defaults and meanings are in properties/overall.yaml (the shared protocol), properties/stages.yaml,
 properties/model/<Model>.yaml and RecBole's own properties; the comparison (mean and std over seeds,
-paired p-values against the best baseline, cold-item and short-history slices) goes to
-<output_dir>/<dataset>-<time>/.
+paired p-values against every baseline, cold-item and short-history slices) goes to
+<output_dir>/<dataset>-<time>/. An input error (a missing dataset or file, a bad key, value or data line) is one
+line and exit status 2; --debug shows its traceback.
 """
 
 import argparse
@@ -15,10 +16,10 @@ import sys
 
 import yaml
 
-from recbole_mllm.cli import HelpFormatter, help_text
+from recbole_mllm.cli import HelpFormatter, help_text, input_error
 from recbole_mllm.config import properties_dir
-from recbole_mllm.config_check import ConfigKeyError
 from recbole_mllm.quick_start import run_comparison
+from recbole_mllm.stages.cache import StageCacheError
 
 
 def parse_seeds(text):
@@ -29,7 +30,9 @@ def parse_seeds(text):
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers; got {text!r}") from None
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Exit status 2, with one line on stderr, for an input error: a missing dataset, file or cache, a bad key,
+    value, model name or data line (``--debug`` shows the traceback)."""
     shared = yaml.safe_load((properties_dir() / "overall.yaml").read_text(encoding="utf-8"))
     epilog = help_text("The shared protocol (properties/overall.yaml); model keys: properties/model/<Model>.yaml.", shared)
     parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=HelpFormatter,
@@ -39,12 +42,19 @@ if __name__ == "__main__":
     parser.add_argument("--config_files", default=None, help="YAML config files, separated by spaces or commas")
     parser.add_argument("--seeds", type=parse_seeds, default=None,
                         help="run every model once per seed, e.g. 2020,2021,2022 (default: the config's seed)")
-    args, overrides = parser.parse_known_args()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
+    args, overrides = parser.parse_known_args(argv)
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
     try:
+        if not models:
+            raise ValueError(f"--model names no model ({args.model!r}); give one, or a comma-separated list")
         run_comparison(models, args.dataset, config_file_list=config_files, cmd_args=overrides, seeds=args.seeds)
-    except ConfigKeyError as error:  # a misspelt key or a wrong value: one line, before any training
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError, StageCacheError, yaml.YAMLError) as error:  # checked before any training
+        return input_error(error, args.debug)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

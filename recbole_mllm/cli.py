@@ -87,3 +87,17 @@ def exit_on_help(argv: Sequence[str], doc: str, defaults: Optional[Mapping] = No
     if wants_help(argv):
         sys.stdout.write(help_text(doc, defaults))
         raise SystemExit(0)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, for ``error: ...`` on stderr (a YAML parser's message spans several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def input_error(error: BaseException, debug: bool) -> int:
+    """A command's answer to an input error: ``error: <message> (--debug shows the traceback)`` on one line of
+    stderr and exit status 2; with ``debug`` the error is raised again, traceback and all."""
+    if debug:
+        raise error
+    print(f"error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+    return 2

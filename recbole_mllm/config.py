@@ -28,16 +28,22 @@ value of its declared type (``config_check``), or ``Config`` raises ``ConfigKeyE
 import importlib.util
 from pathlib import Path
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat, distributed
-from recbole_mllm.cli import parse_cli_value
+from recbole_mllm.cli import one_line, parse_cli_value
 from recbole_mllm.config_check import check_config
 from recbole_mllm.utils import get_model
 
 
 def properties_dir():
-    """Folder of the plugin's YAML files: installed package data, or ``properties/`` in a checkout."""
+    """Folder of the plugin's YAML files: ``properties/`` of the checkout this package is imported from (so a
+    second worktree on ``PYTHONPATH`` reads its own files, not those an editable install maps), else the
+    installed package data."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.py").is_file() and (checkout / "properties" / "overall.yaml").is_file():
+        return checkout / "properties"
     spec = importlib.util.find_spec("recbole_mllm.properties")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
@@ -73,7 +79,12 @@ class Config(RecBoleConfig):
         """RecBole's file layer, remembering which file set each key (an unknown key's error names it)."""
         merged, self._key_files = {}, {}
         for file in file_list or []:
-            layer = super()._load_config_files([file])
+            try:
+                layer = super()._load_config_files([file])
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"the config file {file} does not exist (--config_files)") from error
+            except yaml.YAMLError as error:  # e.g. a !!python tag: RecBole's loader refuses it, without the file
+                raise ValueError(f"{file}: {one_line(error)}") from error
             merged.update(layer)
             self._key_files.update(dict.fromkeys(layer, str(file)))
         return merged

@@ -6,12 +6,14 @@ declare: RecBole's ``properties/`` (every model's, since one ``--key`` of a mult
 every model) and the plugin's, plus the keys the stages read with their own defaults. A key's types are
 those the ``# (type) meaning.`` comments of its declarations name (a float key takes an int; an int key no
 bool; None only where a declaration's default is ``~`` or its type says None); a key no comment types, or
-one typed in words that name no type, is not type-checked. ``check_config_keys: False`` turns the check off
+one typed in words that name no type, is not type-checked. A number's type may carry a range
+(``(int ≥ 1)``, ``(float > 0 or None)``) and a string's its choices (``(str: last | all)``), checked as well. ``check_config_keys: False`` turns the check off
 (a custom model with keys of its own).
 """
 
 import difflib
 import functools
+import operator
 import re
 from pathlib import Path
 
@@ -30,6 +32,9 @@ _TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), 
 _SYNONYMS = {"string": "str"}
 _NONE_WORDS = ("none", "optional")
 _DECLARATION = re.compile(r"^([A-Za-z_]\w*)\s*:.*?#\s*\(([^)]*)\)")
+_BOUND = re.compile(r"^(int|float)\s*(≥|>=|>|≤|<=|<)\s*(-?\d+(?:\.\d+)?)$")
+_OPERATORS = {"≥": operator.ge, ">=": operator.ge, ">": operator.gt, "≤": operator.le, "<=": operator.le,
+              "<": operator.lt}
 
 
 class ConfigKeyError(ValueError):
@@ -37,10 +42,12 @@ class ConfigKeyError(ValueError):
 
 
 class Declaration:
-    """A known key: the types its declarations allow (empty: not checked) and whether None is allowed."""
+    """A known key: the types its declarations allow (empty: not checked), whether None is allowed, and the
+    range of its numbers and the choices of its strings (any declaration's)."""
 
     def __init__(self):
         self.types, self.none_ok, self.untyped = [], False, False
+        self.bounds, self.choices = [], []  # [(symbol, number)], [allowed string]
 
     def declare(self, type_text, default):
         """Add one file's declaration: its ``(type)`` comment (None: no comment) and its default value.
@@ -53,26 +60,49 @@ class Declaration:
         if parsed is None:
             self.untyped = True
         else:
-            self.types += [name for name in parsed[0] if name not in self.types]
-            self.none_ok = self.none_ok or parsed[1]
+            names, none_ok, bounds, choices = parsed
+            self.types += [name for name in names if name not in self.types]
+            self.none_ok = self.none_ok or none_ok
+            self.bounds += [b for b in bounds if b not in self.bounds]
+            self.choices += [c for c in choices if c not in self.choices]
 
     def accepts(self, value):
-        if self.untyped or not self.types or (value is None and self.none_ok):
+        if value is None and self.none_ok:
+            return True
+        if self.untyped or not self.types:
             return True
         if isinstance(value, bool) and "bool" not in self.types:  # True is an int to Python, not to a config
             return False
-        return any(isinstance(value, _TYPES[name]) for name in self.types)
+        if not any(isinstance(value, _TYPES[name]) for name in self.types):
+            return False
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return all(_OPERATORS[symbol](value, number) for symbol, number in self.bounds)
+        return not (isinstance(value, str) and self.choices) or value in self.choices
 
     def expected(self):
-        return " or ".join(self.types)
+        words = []
+        for name in self.types:
+            if name in ("int", "float") and self.bounds:
+                name += " " + " and ".join(f"{symbol} {number:g}" for symbol, number in self.bounds)
+            elif name == "str" and self.choices:
+                name += " (one of " + ", ".join(self.choices) + ")"
+            words.append(name)
+        return " or ".join(words + (["None"] if self.none_ok else []))
 
 
 def _parse_type(text):
-    """``(type names, none_ok)`` of a comment's type (``int``, ``list of int``, ``str or None``, ``str,
-    optional``); None when a word of it is not a type (the key is then not checked)."""
-    names, none_ok = [], False
+    """``(type names, none_ok, bounds, choices)`` of a comment's type (``int``, ``list of int``, ``str or None``,
+    ``str, optional``, ``int ≥ 1``, ``str: last | all``); None when a word of it is not a type (the key is then
+    not checked)."""
+    text, colon, choice_text = text.partition(":")
+    choices = [c.strip() for c in choice_text.split("|") if c.strip()] if colon else []
+    names, none_ok, bounds = [], False, []
     for word in re.split(r"\s+or\s+|,|\|", text.strip().lower()):
         word = word.strip().split(" of ")[0].strip()
+        bound = _BOUND.match(word)
+        if bound:
+            word = bound.group(1)
+            bounds.append((bound.group(2), float(bound.group(3))))
         word = _SYNONYMS.get(word, word)
         if word in _NONE_WORDS:
             none_ok = True
@@ -80,7 +110,7 @@ def _parse_type(text):
             names.append(word)
         else:
             return None
-    return (names, none_ok) if names else None
+    return (names, none_ok, bounds, choices) if names else None
 
 
 def _declare_file(declarations, path):

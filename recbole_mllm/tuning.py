@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recbole_mllm import distributed
+from recbole_mllm.cli import input_error
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
 from recbole_mllm.config_check import ConfigKeyError
@@ -76,15 +77,21 @@ def sample_trials(space, n_trials, seed=SAMPLING_SEED):
     return trials[:n_trials]
 
 
+class SearchError(ValueError):
+    """A search that cannot start as asked (one line, for the command to print); nothing has been written."""
+
+
 class Search:
     """One model's search on one dataset, kept in ``folder``: ``trials.json``, ``trial-<i>/`` records, the selection."""
 
     def __init__(self, folder, model, dataset, space_path, n_trials, overrides):
         self.folder, self.model, self.dataset = Path(folder), model, dataset
+        if n_trials < 1:
+            raise SearchError(f"--trials must be at least 1; got {n_trials}")
         space = load_search_space(space_path)
         clash = sorted(set(space_keys(space)) & {arg[2:].partition("=")[0] for arg in overrides})
         if clash:
-            raise ValueError(f"--{clash[0]} is tuned by {space_path}: drop it from the command line or the space")
+            raise SearchError(f"--{clash[0]} is tuned by {space_path}: drop it from the command line or the space")
         settings = [arg for arg in overrides if arg[2:].partition("=")[0] not in PLACEMENT_KEYS]
         plan = {"model": model, "dataset": dataset, "space": space, "sampling_seed": SAMPLING_SEED,
                 "overrides": settings,
@@ -93,7 +100,7 @@ class Search:
         if plan_file.is_file():
             existing = json.loads(plan_file.read_text())
             if existing != plan:
-                raise ValueError(f"{plan_file} holds another search (space, trials or overrides differ): "
+                raise SearchError(f"{plan_file} holds another search (space, trials or overrides differ): "
                                  f"use another --tuning_dir or remove it")
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -168,26 +175,39 @@ def build_parser():
     parser.add_argument("--jobs", type=int, default=1,
                         help="trials run at once, each as its own process (--trial=i); a GPU holds several")
     parser.add_argument("--gpu_ids", default=None, help="with --jobs: GPUs the trial processes take in turn, e.g. 0,1")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
+def argument_error(args, space_path):
+    """The first option of ``args`` that cannot start a search, in words; None when they all can."""
     if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+        return f"--jobs must be at least 1; got {args.jobs}"
+    if args.trials < 1:
+        return f"--trials must be at least 1; got {args.trials}"
+    if args.trial is not None and not 0 <= args.trial < args.trials:
+        return f"--trial must be between 0 and {args.trials - 1} (--trials={args.trials}); got {args.trial}"
     if distributed.launched():  # every rank would write the same records, and its trial processes join its rendezvous
-        parser.error("run the search as one process, not under torchrun: --jobs runs trials side by side")
-    space_path = Path(args.space) if args.space else search_space_file(args.model)
+        return "run the search as one process, not under torchrun: --jobs runs trials side by side"
     if not space_path.is_file():
-        parser.error(f"no search space {space_path}: pass --space=<file>")
+        return f"no search space {space_path}: pass --space=<file>"
+    return None
+
+
+def main(argv=None):
+    """Exit status 2, with one line on stderr, for a bad option or key, before anything is written."""
+    args, overrides = build_parser().parse_known_args(argv)
+    space_path = Path(args.space) if args.space else search_space_file(args.model)
+    error = argument_error(args, space_path)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     config_files = args.config_files.replace(",", " ").split() if args.config_files else None
     try:
         Config(args.model, args.dataset, config_files, cmd_args=overrides)  # a bad key fails before trials.json is written
         return _search(args, space_path, config_files, overrides)
-    except ConfigKeyError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigKeyError, SearchError) as error:
+        return input_error(error, args.debug)
 
 
 def _trial_command(args, overrides):

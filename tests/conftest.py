@@ -51,6 +51,16 @@ def recbole_mllm_home(tmp_path_factory):
         yield home, False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def working_folder(tmp_path_factory):
+    """The tests run in a temporary working folder: RecBole writes ``log/``, ``log_tensorboard/`` and ``saved/``
+    into the current folder, which must never be the checkout. Yields that folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("cwd")
+        patch.chdir(folder)
+        yield folder
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """Config dict that points RecBole at a fresh tiny dataset and keeps every output under tmp_path."""

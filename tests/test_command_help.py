@@ -30,6 +30,6 @@ def test_scripts_answer_help(script, expected, monkeypatch, capsys):
 
 def test_a_config_key_is_never_read_as_an_abbreviated_option(monkeypatch):
     """--seed=3 is RecBole's seed, not --seeds=3: given with --seeds it is refused, not silently dropped."""
-    monkeypatch.setattr(sys, "argv", ["run_recbole_mllm.py", "--seed=3", "--seeds=1", "--dataset=none"])
+    monkeypatch.setattr(sys, "argv", ["run_recbole_mllm.py", "--seed=3", "--seeds=1", "--dataset=none", "--debug"])
     with pytest.raises(ValueError, match="either --seed or --seeds"):
         runpy.run_path(str(REPO / "run_recbole_mllm.py"), run_name="__main__")

@@ -23,7 +23,7 @@ def two_ranks(tmp_path_factory):
     llm = build_tiny_causal(root / "llm")
     out = root / "results.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(root)}  # torchelastic_* folders
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(REPO_ROOT / "tests" / "distributed_worker.py"), str(root / "data"), str(llm), str(out)]
     done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=1200)
@@ -66,7 +66,7 @@ def test_a_stage_under_two_ranks_builds_each_shard_once_into_the_cache_one_proce
             f"--stage_cache_dir={root / 'stage_ranks'}", "--item_image_field=None", "--item_text_fields=['title','genres']",
             "--stage_batch_size=8", "--item_fusion_max_new_tokens=6", "--stage_shard_size=8"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(root)}  # torchelastic_* folders
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                            "recbole_mllm.stages.item_fusion", *args], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)

@@ -16,17 +16,28 @@ Files that ``write_comparison`` writes under its ``output_dir``:
 * ``comparison_slices.csv`` and the second table: one row per (model, protocol, slice) with the
   slice's definition, its ``users``, each per-user metric's mean and std over seeds of the slice
   mean, and ``reference``, ``delta``, ``p_value`` on the slice's users.
+* ``comparison_pvalues.csv`` and the table ``Against every baseline``: one row per (model, protocol,
+  reference) for every baseline of the protocol (and, for a first stage, its own model): ``delta`` and
+  ``p_value`` as below.
 * ``runs.csv``: one row per run and protocol, before averaging; ``comparison.png``: bars of the means.
 
-References: every row is compared with the best baseline of its protocol (the model, not from
-recbole_mllm, with the highest mean valid metric, ``ndcg@10`` by default; the best model when no
-baseline ran), except a ``<model> (first stage)`` row (MLLMSRec's first stage scoring the same
-checkpoint alone), whose reference is ``<model>``: its delta is minus what the LLM reranker adds.
+Rows: runs are grouped by ``label`` (``run_label``, else the model's name); runs under one label whose
+``hyper_parameters`` differ get the differing ``key=value`` pairs appended to it, so unlike runs are never
+averaged together; two runs of one row at one seed are refused (``ComparisonError``).
+
+References: every row of the main tables is compared with the best baseline of its protocol (the model,
+not from recbole_mllm, with the best mean validation score ``best_valid_score``, never a test score; the
+best model when no baseline ran), except a ``<model> (first stage)`` row (MLLMSRec's first stage scoring
+the same checkpoint alone), whose reference is ``<model>``: its delta is minus what the LLM reranker adds.
 ``delta`` = row mean minus reference mean of the valid metric. ``p_value``: two-sided Wilcoxon
 signed-rank test on that metric per user, users paired by ``user_id``, each user's value first averaged
 over the seeds both models ran; blank without per-user data or a common seed. The reference row has
 no reference. Results without ``seed`` or ``per_user`` (older callers) count as seed 0 and get
 no p-values or slices.
+
+Runs of one seed tested on different candidates (``fingerprints``) are refused with a ``ComparisonError``
+naming them and their hashes; ``descriptive=True`` (``--descriptive``) writes the tables without any
+reference, delta or p-value, and ``comparison.md`` says why.
 """
 
 from recbole_mllm.comparison.analysis import default_slices

@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from recbole_mllm.comparison.analysis import default_slices
+from recbole_mllm.cli import input_error
+from recbole_mllm.comparison.analysis import ComparisonError, default_slices
 from recbole_mllm.comparison.metrics import split_metric_keys
 from recbole_mllm.comparison.records import find_records, load_record
 from recbole_mllm.comparison.report import write_comparison
@@ -19,16 +20,20 @@ def main(argv=None):
                         help="cold-item slice: users whose target has at most this many training interactions")
     parser.add_argument("--short_history_max", type=int, default=20,
                         help="short-history slice: users with at most this many interactions before the target")
+    parser.add_argument("--descriptive", action="store_true",
+                        help="runs tested on different candidates: write the tables without references, deltas or "
+                             "p-values (without it, such runs are refused)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         folders = find_records(args.run_dirs)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    results = [load_record(folder) for folder in folders]
-    _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
-    print(write_comparison(results, args.output, topk=cutoffs or (10,),
-                           slices=default_slices(args.cold_item_max, args.short_history_max)))
+        results = [load_record(folder) for folder in folders]
+        _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
+        print(write_comparison(results, args.output, topk=cutoffs or (10,),
+                               slices=default_slices(args.cold_item_max, args.short_history_max),
+                               descriptive=args.descriptive))
+    except (FileNotFoundError, ComparisonError) as error:
+        return input_error(error, args.debug)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Run results -> table rows: means and stds over seeds, each row's reference, paired p-values, slices."""
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -50,11 +51,42 @@ def run_label(result):
     return result.get("label") or result["model"]
 
 
+class ComparisonError(ValueError):
+    """Runs that cannot be compared as asked; the message is one line, for the command to print."""
+
+
+def run_labels(results):
+    """Each result's row name: ``run_label``, followed by ``[key=value,...]`` of the hyper-parameters in which
+    runs sharing that label differ, so runs of one model with different settings are never pooled.
+
+    Raises ``ComparisonError`` for two runs with one row name and one seed: they would be averaged as two seeds.
+    """
+    labels = [run_label(r) for r in results]
+    members = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    for label, indices in members.items():
+        settings = [results[i].get("hyper_parameters") or {} for i in indices]
+        differing = sorted(k for k in {k for s in settings for k in s}
+                           if len({json.dumps(s.get(k), sort_keys=True, default=str) for s in settings}) > 1)
+        for i, setting in zip(indices, settings):
+            if differing:
+                labels[i] = f"{label}[{','.join(f'{k}={setting.get(k)}' for k in differing)}]"
+    seen = {}
+    for label, result in zip(labels, results):
+        seed = int(result.get("seed", 0))
+        if (label, seed) in seen:
+            raise ComparisonError(f"two runs of {label} at seed {seed} with the same hyper-parameters "
+                                  f"({json.dumps(result.get('hyper_parameters') or {}, sort_keys=True, default=str)}): "
+                                  "give each its own run_label, or leave one out")
+        seen[(label, seed)] = True
+    return labels
+
+
 def build_entries(results):
     """An Entry per run, and one more per run that carries a first stage (named ``<model> (first stage)``)."""
     entries = []
-    for result in results:
-        label = run_label(result)
+    for result, label in zip(results, run_labels(results)):
         parts = [(label, "test_result", "per_user", None)]
         if "first_stage_result" in result:
             parts.append((label + FIRST_STAGE, "first_stage_result", "first_stage_per_user", label))
@@ -66,15 +98,26 @@ def build_entries(results):
     return entries
 
 
-def check_fingerprints(entries):
-    """Warn when the models of one seed were not tested on identical candidates: their deltas mean little."""
+def check_fingerprints(entries, descriptive=False):
+    """Refuse models of one seed tested on different candidates (their users would be paired across different
+    user sets), unless ``descriptive``: then warn and return True (the tables get no references, deltas or p-values).
+
+    Returns whether candidates differ; raises ``ComparisonError`` naming the runs and their hashes.
+    """
     seen = {}
     for entry in entries:
         for protocol, fingerprint in entry.result.get("fingerprints", {}).items():
             seen.setdefault((protocol, entry.seed), {})[entry.model] = fingerprint
-    for (protocol, seed), by_model in seen.items():
-        if len(set(by_model.values())) > 1:
-            logger.warning(f"[{protocol}] seed {seed}: models were not tested on identical candidates: {by_model}")
+    differing = [f"[{protocol}] seed {seed}: " + ", ".join(f"{model} {hash_}" for model, hash_ in by_model.items())
+                 for (protocol, seed), by_model in seen.items() if len(set(by_model.values())) > 1]
+    if not differing:
+        return False
+    text = f"runs were not tested on identical candidates ({'; '.join(differing)})"
+    if not descriptive:
+        raise ComparisonError(f"{text}: deltas and paired p-values would compare different users and items; "
+                              "--descriptive writes the table without them")
+    logger.warning(f"{text}: a descriptive table, without references, deltas or p-values")
+    return True
 
 
 def group_runs(entries):
@@ -94,19 +137,27 @@ def is_plugin_model(name):
         return False
 
 
-def _mean(runs, protocol, metric):
-    """Mean of the evaluator's ``metric`` over seeds; -inf where absent, so such a model is never chosen."""
-    values = [float(e.test_result[protocol][metric]) for e in runs if metric in e.test_result[protocol]]
-    return float(np.mean(values)) if values else -np.inf
+def _valid_mean(runs):
+    """Mean ``best_valid_score`` over seeds, negated when smaller is better; -inf where absent (never chosen)."""
+    values = [float(e.result["best_valid_score"]) for e in runs if e.result.get("best_valid_score") is not None]
+    if not values:
+        return -np.inf
+    return float(np.mean(values)) * (1 if runs[0].result.get("valid_metric_bigger", True) else -1)
 
 
-def best_models(groups, metric):
-    """Protocol -> the best baseline by mean ``metric``, or the best model when no baseline ran."""
+def baselines(groups, protocol):
+    """The rows of ``protocol`` that are baselines (models not from recbole_mllm), in the order they came."""
+    return [m for (m, p), runs in groups.items()
+            if p == protocol and runs[0].stage_of is None and not is_plugin_model(runs[0].result["model"])]
+
+
+def best_models(groups):
+    """Protocol -> the baseline with the best mean validation score (``best_valid_score``, the metric that chose
+    each run's epoch), or the best model when no baseline ran. Never chosen by a test score."""
     best = {}
     for protocol in dict.fromkeys(p for _, p in groups):
-        pool = {m: runs for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None}
-        baselines = [m for m in pool if not is_plugin_model(pool[m][0].result["model"])]
-        best[protocol] = max(baselines or pool, key=lambda m: _mean(pool[m], protocol, metric))
+        pool = [m for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None]
+        best[protocol] = max(baselines(groups, protocol) or pool, key=lambda m: _valid_mean(groups[(m, protocol)]))
     return best
 
 
@@ -196,6 +247,16 @@ def paired_p_value(runs, reference_runs, protocol, metric, where=None):
     return wilcoxon_p(values[i], reference_values[j]) if len(i) else None
 
 
+def _compare(row, reference_row, groups, metric, where):
+    """``{reference, delta, p_value}`` of ``row`` against ``reference_row`` (delta: difference of mean ``metric``)."""
+    model, reference, protocol = row["model"], reference_row["model"], row["protocol"]
+    out = {"reference": reference}
+    if metric in row and metric in reference_row:
+        out["delta"] = row[metric] - reference_row[metric]
+    out["p_value"] = paired_p_value(groups[(model, protocol)], groups[(reference, protocol)], protocol, metric, where)
+    return out
+
+
 def add_comparisons(rows, groups, best, metric, slices=None):
     """Fill ``reference``, ``delta`` (row mean minus reference mean of ``metric``) and ``p_value``.
 
@@ -207,13 +268,22 @@ def add_comparisons(rows, groups, best, metric, slices=None):
         model, protocol, label = row["model"], row["protocol"], row.get("slice")
         reference = groups[(model, protocol)][0].stage_of or best[protocol]
         reference_row = index.get((reference, protocol, label))
-        if reference == model or reference_row is None:
-            continue
-        row["reference"] = reference
-        if metric in row and metric in reference_row:
-            row["delta"] = row[metric] - reference_row[metric]
-        row["p_value"] = paired_p_value(groups[(model, protocol)], groups[(reference, protocol)], protocol, metric,
-                                        wheres.get(label))
+        if reference != model and reference_row is not None:
+            row.update(_compare(row, reference_row, groups, metric, wheres.get(label)))
+
+
+def pairwise_rows(rows, groups, best, metric):
+    """One row per (row, reference) for every reference of each (model, protocol) row: its own model for a first
+    stage, then every baseline of its protocol (the best model when no baseline ran), never itself."""
+    index = {(r["model"], r["protocol"]): r for r in rows}
+    pairs = []
+    for row in rows:
+        model, protocol = row["model"], row["protocol"]
+        own = groups[(model, protocol)][0].stage_of
+        references = dict.fromkeys(([own] if own else []) + (baselines(groups, protocol) or [best[protocol]]))
+        pairs += [{"model": model, "protocol": protocol, **_compare(row, index[(r, protocol)], groups, metric, None)}
+                  for r in references if r != model and (r, protocol) in index]
+    return pairs
 
 
 def key_metric(results):
@@ -234,16 +304,24 @@ class Analysis(NamedTuple):
     slice_rows: list  # (model, protocol, slice) rows
     best: dict  # protocol -> reference model
     metric: str  # the metric of references, deltas and p-values
+    pairs: list  # (model, protocol, reference) rows: delta and p-value against every baseline
+    descriptive: bool  # candidates differ: no references, deltas or p-values
 
 
-def analyse(results, slices=None):
-    """Everything the comparison files show, from a list of run results."""
+def analyse(results, slices=None, descriptive=False):
+    """Everything the comparison files show, from a list of run results.
+
+    Runs tested on different candidates raise ``ComparisonError`` unless ``descriptive``, which leaves the
+    comparison columns empty.
+    """
     metric, slices = key_metric(results), default_slices() if slices is None else slices
     entries = build_entries(results)
-    check_fingerprints(entries)
+    differ = check_fingerprints(entries, descriptive)
     groups = group_runs(entries)
-    best = best_models(groups, metric)
+    best = best_models(groups)
     rows, sliced = summary_rows(groups), slice_rows(groups, slices)
+    if differ:
+        return Analysis(entries, rows, sliced, {}, metric, [], True)
     add_comparisons(rows, groups, best, metric)
     add_comparisons(sliced, groups, best, metric, slices)
-    return Analysis(entries, rows, sliced, best, metric)
+    return Analysis(entries, rows, sliced, best, metric, pairwise_rows(rows, groups, best, metric), False)

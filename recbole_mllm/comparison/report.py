@@ -65,15 +65,33 @@ def _with_std(metrics):
     return [c for m in metrics for c in (m, f"{m}_std")]
 
 
+def pairs_table(analysis):
+    """Markdown: one row per (model, protocol), one column per reference, each cell ``delta (p)``."""
+    references = list(dict.fromkeys(p["reference"] for p in analysis.pairs))
+    cells = {}
+    for pair in analysis.pairs:
+        delta = "" if pair.get("delta") is None else f"{pair['delta']:+.4f}"
+        p = "" if pair.get("p_value") is None else f" (p {pair['p_value']:.3g})"
+        cells.setdefault((pair["model"], pair["protocol"]), {})[pair["reference"]] = delta + p
+    lines = ["| model | protocol | " + " | ".join(f"vs {r}" for r in references) + " |",
+             "|" + "---|" * (len(references) + 2)]
+    lines += [f"| {model} | {protocol} | " + " | ".join(by_reference.get(r, "") for r in references) + " |"
+              for (model, protocol), by_reference in cells.items()]
+    return "\n".join(lines)
+
+
 def notes(analysis):
     """What the p-values compare and with which test, one line per reference."""
     metric = analysis.metric
+    if analysis.descriptive:
+        return ["Descriptive table: the runs were not tested on identical candidates (see `candidates`), so no "
+                "row has a reference, delta or p-value."]
     lines = [f"delta = row mean minus reference mean of {metric}; p_value: two-sided Wilcoxon signed-rank test "
              f"(scipy, zero_method='wilcox') on per-user {metric}, users paired by user_id, each user's value "
              "first averaged over the seeds both models ran (blank: no per-user data or no common seed)."]
     for protocol, model in analysis.best.items():
         kind = "the best baseline" if not is_plugin_model(model) else "the best model (no baseline ran)"
-        lines.append(f"[{protocol}] reference: {model}, {kind} by mean {metric}.")
+        lines.append(f"[{protocol}] reference: {model}, {kind} by mean validation score (best_valid_score).")
     for model in dict.fromkeys(e.model for e in analysis.entries if e.stage_of):
         parent = model[: -len(FIRST_STAGE)]
         lines.append(f"{model}: the {parent} checkpoint ranked by its first stage alone; its reference is {parent}, "
@@ -111,15 +129,30 @@ def plot_comparison(rows, path, topk):
     plt.close(fig)
 
 
-def write_comparison(results, output_dir, topk=(10,), slices=None):
+def record_folders(results, runs_dir):
+    """``runs_dir/<label>-seed<seed>`` for each result, ``-2``, ``-3``... added where two would share one."""
+    folders = []
+    for result in results:
+        name = f"{run_label(result)}-seed{result.get('seed', 0)}"
+        folder, n = runs_dir / name, 1
+        while folder in folders:
+            n += 1
+            folder = runs_dir / f"{name}-{n}"
+        folders.append(folder)
+    return folders
+
+
+def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=False):
     """Save every run's record under ``runs/`` and write the comparison files; return the main table.
 
-    ``slices``: name -> (per-user field, largest value), default ``analysis.default_slices()``.
+    ``slices``: name -> (per-user field, largest value), default ``analysis.default_slices()``. Records are
+    saved first, so a ``ComparisonError`` (runs tested on different candidates without ``descriptive``, two runs
+    of one row and seed) loses none of them.
     """
     output = Path(output_dir)
-    for result in results:
-        save_record(result, output / "runs" / f"{run_label(result)}-seed{result.get('seed', 0)}")
-    analysis = analyse(results, slices)
+    for result, folder in zip(results, record_folders(results, output / "runs")):
+        save_record(result, folder)
+    analysis = analyse(results, slices, descriptive)
     rows, sliced, runs = analysis.rows, analysis.slice_rows, run_rows(analysis.entries)
     metrics, slice_metrics = _metrics(rows), _metrics(sliced)
     table = markdown_table(rows, ["model", "protocol", *metrics, "seeds", *_COMPARE, *_FACTS])
@@ -127,12 +160,16 @@ def write_comparison(results, output_dir, topk=(10,), slices=None):
     seeds = sorted({e.seed for e in analysis.entries})
     title = (f"# {', '.join(dict.fromkeys(r['model'] for r in rows))} on "
              f"{', '.join(dict.fromkeys(r['dataset'] for r in results))} (seeds {', '.join(map(str, seeds))})")
-    markdown = [title, table, "## Slices", slice_table if sliced else "(no per-user data)", *notes(analysis)]
+    markdown = [title, table, "## Slices", slice_table if sliced else "(no per-user data)"]
+    if analysis.pairs:
+        markdown += [f"## Against every baseline: delta (paired p-value) of {analysis.metric}", pairs_table(analysis)]
+    markdown += notes(analysis)
     files = {
         "comparison.md": "\n\n".join(markdown) + "\n",
         "comparison.csv": _csv_text(rows, ["model", "protocol", *_with_std(metrics), "seeds", *_COMPARE, *_FACTS]),
         "comparison_slices.csv": _csv_text(sliced, ["model", "protocol", "slice", "users", *_with_std(slice_metrics),
                                                     "seeds", *_COMPARE]),
+        "comparison_pvalues.csv": _csv_text(analysis.pairs, ["model", "protocol", *_COMPARE]),
         "runs.csv": _csv_text(runs, ["model", "seed", "protocol", *_metrics(runs), "best_valid_score", *_FACTS,
                                      "hyper_parameters"]),
     }

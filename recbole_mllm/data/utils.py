@@ -4,7 +4,8 @@ Differs from ``recbole.data`` in three deliberate ways:
 
 * a dataset is always built from its atomic files; a pickled ``saved/<dataset>-<Class>.pth`` is
   never silently reused (RecBole reuses it even when the files behind it changed);
-* a missing dataset is a clear error naming the file it looked for;
+* a missing dataset is a clear error naming the file it looked for, and a malformed line of its atomic files
+  one naming the file and the line (``atomic_check.py``);
 * the test split gets one dataloader per protocol in ``test_protocols`` (e.g. ``uni100`` and
   ``full``), with sampled candidates fixed per (seed, user) so all models see the same ones;
 * full ranking masks each user's history before the target (``mask_history``, the field's protocol) for
@@ -20,6 +21,7 @@ from logging import getLogger
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 
+from recbole_mllm.data.atomic_check import check_atomic_files
 from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, HistoryMaskedFullSortEvalDataLoader, seeded
 from recbole_mllm.data.histories import internal_histories
 from recbole_mllm.data.split import user_split
@@ -43,6 +45,7 @@ def create_dataset(config):
             f"Dataset '{config['dataset']}' not found: no file {inter_file}. Build it with a script in "
             f"dataset_scripts/ (see dataset_scripts/README.md) and pass --data_path=<its output folder>."
         )
+    check_atomic_files(config)  # a malformed line is named (file:line) before RecBole reads the files
     dataset_module = importlib.import_module("recbole.data.dataset")
     class_name = config["model"] + "Dataset"
     if not hasattr(dataset_module, class_name):
@@ -74,6 +77,18 @@ def histories_before_targets(histories, config, phase):
         part = getattr(user_split(len(history), config), phase)
         before.append(history[:part.start] if len(part) else history[:0])
     return before
+
+
+def check_sampled_protocols(config, dataset, user_items):
+    """A sampled protocol (``uniN``) draws unseen items for every user: a user who interacted with every item has
+    none, so such a dataset is refused here, before training, naming the protocol and the first such user."""
+    modes = [config["eval_args"]["mode"]["valid"], *(config["test_protocols"] or [config["eval_args"]["mode"]["test"]])]
+    sampled = [mode for mode in dict.fromkeys(modes) if parse_protocol(mode) is not None]
+    for uid, items in enumerate(user_items):
+        if sampled and uid and len(np.unique(items)) >= dataset.item_num - 1:
+            raise ValueError(f"{sampled[0]} (test_protocols, eval_args): user "
+                             f"{dataset.id2token(dataset.uid_field, uid)} interacted with all {dataset.item_num - 1} "
+                             "items, so no unseen candidate is left to sample; test under full, or drop that user")
 
 
 def unreachable_targets(histories, config, phase):
@@ -110,6 +125,7 @@ def data_preparation(config, dataset, window_rows=False):
     rather than RecBole's row per prefix; ``quick_start`` asks for it under ``train_positions: all``.
     """
     histories = internal_histories(dataset)  # whole histories, in time order
+    check_sampled_protocols(config, dataset, histories)
     built_datasets = dataset.build()
     train_dataset, valid_dataset, test_dataset = built_datasets
     train_sampler, valid_sampler, test_sampler = create_samplers(config, dataset, built_datasets)

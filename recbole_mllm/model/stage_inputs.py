@@ -17,7 +17,7 @@ from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.common import config_value, load_backend
 from recbole_mllm.stages.item_fusion_cache import DEFAULTS as ITEM_DEFAULTS
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion, text_fields
-from recbole_mllm.stages.items import read_item_file
+from recbole_mllm.stages.items import check_image_paths, read_item_file
 from recbole_mllm.stages.user_profile_cache import load_user_summaries, user_profile_cache
 from recbole_mllm.stages.user_text import user_profiles
 
@@ -66,8 +66,11 @@ def read_encoder_item_content(config, dataset):
 
 
 def _item_table(config):
-    return read_item_file(Path(config["data_path"]), config["dataset"], config["ITEM_ID_FIELD"],
-                          config["field_separator"] or "\t", config["encoding"] or "utf-8")
+    """The .item file, its image names checked to lie inside the image folder (before anything is read or loaded)."""
+    table = read_item_file(Path(config["data_path"]), config["dataset"], config["ITEM_ID_FIELD"],
+                           config["field_separator"] or "\t", config["encoding"] or "utf-8")
+    check_image_paths(table, *_image_location(config))
+    return table
 
 
 def _image_location(config):
@@ -79,10 +82,10 @@ def _image_location(config):
 def read_stage_inputs(config, dataset) -> StageInputs:
     """Everything the ranker reads from the stages, with the backend it ranks with; ``dataset`` is RecBole's
     (split) training dataset."""
+    table = _item_table(config)
     backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
     user_tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
-    table = _item_table(config)
     summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, backend))
     image_field, image_dir = _image_location(config)
     fields = text_fields(config, table)

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from recbole_mllm import distributed
-from recbole_mllm.cli import exit_on_help, safe_cmd_args
+from recbole_mllm.cli import exit_on_help, input_error, safe_cmd_args
 from recbole_mllm.config import properties_dir
 from recbole_mllm.mllm.base import MultimodalLM
 from recbole_mllm.stages.cache import StageCacheError
@@ -117,10 +117,7 @@ def stage_main(argv: Optional[Sequence[str]], make_config: Callable, run: Callab
         with process_group_if_launched():
             cache = run(config)
     except (ValueError, OSError, StageCacheError) as error:
-        if debug:
-            raise
-        print(f"error: {error} (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(input_error(error, debug)) from None
     if torch.cuda.is_available():  # this rank's GPU: the default device is cuda:0 on every rank
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         peak = torch.cuda.max_memory_allocated(rank) / 2**30

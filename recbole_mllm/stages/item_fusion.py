@@ -49,7 +49,7 @@ from recbole_mllm.mllm.base import ChatRequest, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import load_backend, stage_config, stage_main
 from recbole_mllm.stages.item_fusion_cache import (DEFAULTS, STAGE, ItemFusionPlan, generation_config, item_fusion_plan,
-                                                   render_item_text, setting)
+                                                   item_images, render_item_text, setting)
 from recbole_mllm.stages.items import image_path, open_image
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def run_item_fusion(config: Mapping, backend: Optional[MultimodalLM] = None, pro
 
     Idempotent: shards already done are kept, so calling it again costs only the checksum checks.
     """
+    item_images(config)  # an image name outside the image folder is refused before the model loads
     backend = backend if backend is not None else load_backend(config)
     plan = item_fusion_plan(config, backend)
     cache = plan.cache.build(_shard_compute(config, plan, backend), progress=progress)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -19,7 +19,7 @@ from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
 from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, stage_batch_size
-from recbole_mllm.stages.items import ItemTable, fingerprint, read_item_file
+from recbole_mllm.stages.items import ItemTable, check_image_paths, fingerprint, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
 logger = logging.getLogger(__name__)
@@ -107,15 +107,23 @@ class ItemFusionPlan:
     image_dir: Path
 
 
-def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdentity]) -> ItemFusionPlan:
-    """The plan of ``config``: its item rows, prompt and cache (``backend`` gives the identity; nothing loads)."""
+def item_images(config: Mapping) -> tuple[ItemTable, Optional[str], Path]:
+    """``(.item table, image field, image folder)`` of ``config``, every image name checked to lie inside the
+    folder (``UnsafePathError`` otherwise); nothing is opened but the .item file."""
     dataset, dataset_dir = dataset_location(config)
     table = read_item_file(dataset_dir, dataset, id_field=setting(config, "ITEM_ID_FIELD"),
                            field_separator=setting(config, "field_separator"), encoding=setting(config, "encoding"))
+    image_field, image_dir = setting(config, "item_image_field"), dataset_dir / setting(config, "item_image_dir")
+    check_image_paths(table, image_field, image_dir)
+    return table, image_field, image_dir
+
+
+def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdentity]) -> ItemFusionPlan:
+    """The plan of ``config``: its item rows, prompt and cache (``backend`` gives the identity; nothing loads)."""
+    dataset, dataset_dir = dataset_location(config)
+    table, image_field, image_dir = item_images(config)
     template = load_prompt(STAGE, setting(config, "item_fusion_prompt")).require(_PROMPT_FIELDS)
     fields = text_fields(config, table)
-    image_field = setting(config, "item_image_field")
-    image_dir = dataset_dir / setting(config, "item_image_dir")
     if image_field and image_field not in table.field_types:
         logger.info(f"{table.path} has no image field {image_field!r} (item_image_field): items are summarised from text")
     generation = generation_config(config)

@@ -94,12 +94,41 @@ def open_image(path: Optional[Path]) -> tuple[Optional[Image.Image], str, str]:
         return None, "unreadable", reason
 
 
+class UnsafePathError(ValueError):
+    """A file a dataset names that resolves outside its declared folder (``..``, an absolute path, a link out)."""
+
+
+def contained_path(folder: Path, name: str, what: str) -> Path:
+    """``folder / name`` when it resolves inside ``folder`` (links followed), else ``UnsafePathError`` naming ``what``.
+
+    A dataset is input from elsewhere: a name such as ``../../etc/passwd`` or ``/etc/hostname`` must never be
+    read, hashed into a cache key or shown to a model.
+    """
+    path = Path(folder) / name
+    root = Path(folder).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise UnsafePathError(f"{what} names {name!r}, which resolves outside its folder {folder}; refused "
+                              "(a dataset's files must lie inside the folder it declares)")
+    return path
+
+
 def image_path(table: ItemTable, token: str, image_field: Optional[str], image_dir: Path) -> Optional[Path]:
-    """Where the image of item ``token`` should be, or None when the dataset names none for it."""
+    """Where the image of item ``token`` is, or None when the dataset names none for it.
+
+    Raises ``UnsafePathError`` (naming the file, the item and the field) for a name outside ``image_dir``.
+    """
     if not image_field or image_field not in table.field_types:
         return None
     name = table.rows[token][image_field].strip()
-    return image_dir / name if name else None
+    if not name:
+        return None
+    return contained_path(image_dir, name, f"{table.path}: item {token!r}, field {image_field!r} (item_image_dir)")
+
+
+def check_image_paths(table: ItemTable, image_field: Optional[str], image_dir: Path) -> None:
+    """Raise ``UnsafePathError`` for the first item whose image name resolves outside ``image_dir``; nothing is read."""
+    for token in table.rows:
+        image_path(table, token, image_field, image_dir)
 
 
 def fingerprint(table: ItemTable, image_field: Optional[str], image_dir: Path) -> dict:
@@ -108,6 +137,7 @@ def fingerprint(table: ItemTable, image_field: Optional[str], image_dir: Path) -
     Image files are hashed by content (a poster replaced under the same name is a new input); a
     named but missing image hashes as missing, so adding it later also changes the fingerprint.
     """
+    check_image_paths(table, image_field, image_dir)  # the first unsafe name in file order, before any is hashed
     images = hashlib.sha256()
     for token in sorted(table.rows):
         path = image_path(table, token, image_field, image_dir)

@@ -12,7 +12,7 @@ from scipy.stats import wilcoxon
 
 from recbole_mllm.comparison import find_records, load_record, per_user_metrics, save_record, write_comparison
 from recbole_mllm.comparison.__main__ import main
-from recbole_mllm.comparison.analysis import analyse, is_plugin_model
+from recbole_mllm.comparison.analysis import ComparisonError, analyse, is_plugin_model
 
 
 def _topk(ranks, maxk=10):
@@ -38,10 +38,10 @@ def _per_user(ranks, users=None, train_count=None, history=None):
             "history_length": np.full(n, 50) if history is None else np.asarray(history)}
 
 
-def _run(model, seed, ranks, protocol="uni100", fingerprint="cands", **per_user):
+def _run(model, seed, ranks, protocol="uni100", fingerprint="cands", valid=0.5, **per_user):
     """A run result as quick_start.run makes it, with metrics consistent with ``ranks``."""
     ranks = np.asarray(ranks)
-    return {"model": model, "dataset": "toy", "seed": seed, "best_valid_score": 0.5, "best_valid_result": {},
+    return {"model": model, "dataset": "toy", "seed": seed, "best_valid_score": valid, "best_valid_result": {},
             "test_result": {protocol: {"ndcg@10": float(_ndcg(ranks).mean()), "hit@10": float((ranks <= 10).mean())}},
             "fingerprints": {protocol: fingerprint}, "epochs": 3, "train_seconds": 10.0,
             "peak_gpu_memory_gb": None, "hyper_parameters": {"lr": 0.001},
@@ -115,13 +115,63 @@ def test_identical_per_user_values_give_p_1_and_no_common_seed_gives_no_p():
 
 def test_reference_is_the_best_baseline_never_a_plugin_model():
     assert is_plugin_model("MLLMSRec") and not is_plugin_model("SASRec") and not is_plugin_model("NoSuchModel")
-    results = [_run("SASRec", 1, [2, 5, 9]), _run("BERT4Rec", 1, [1, 3, 6]), _run("MLLMSRec", 1, [1, 1, 1])]
+    results = [_run("SASRec", 1, [2, 5, 9], valid=0.3), _run("BERT4Rec", 1, [1, 3, 6], valid=0.4),
+               _run("MLLMSRec", 1, [1, 1, 1], valid=0.9)]
     rows = analyse(results).rows
     assert [r.get("reference") for r in rows] == ["BERT4Rec", None, "BERT4Rec"]
     assert _row(rows, "MLLMSRec")["delta"] == pytest.approx(1 - _ndcg([1, 3, 6]).mean())
     alone = analyse([_run("MLLMSRec", 1, [1, 2]), _run("MLLMSRec2", 1, [3, 4])])  # an unknown name is a baseline
     assert alone.best == {"uni100": "MLLMSRec2"}
     assert analyse([_run("MLLMSRec", 1, [1, 2])]).best == {"uni100": "MLLMSRec"}  # no baseline: the best model
+
+
+def test_reference_is_chosen_by_validation_never_by_test():
+    # SASRec tests better but validates worse than BERT4Rec, at both seeds (mean valid 0.35 against 0.45)
+    results = [_run("SASRec", s, [1, 1, 2], valid=v) for s, v in ((1, 0.3), (2, 0.4))]
+    results += [_run("BERT4Rec", s, [4, 6, 9], valid=v) for s, v in ((1, 0.5), (2, 0.4))]
+    results += [_run("MLLMSRec", s, [2, 3, 4], valid=0.9) for s in (1, 2)]
+    analysis = analyse(results)
+    assert analysis.best == {"uni100": "BERT4Rec"} and _row(analysis.rows, "MLLMSRec")["reference"] == "BERT4Rec"
+    smaller = [dict(r, valid_metric_bigger=False) for r in results]  # a loss-like valid metric: smaller wins
+    assert analyse(smaller).best == {"uni100": "SASRec"}
+
+
+def test_p_values_against_every_baseline(tmp_path):
+    rng = np.random.default_rng(3)
+    ranks = {m: rng.integers(1, 15, 30) for m in ("SASRec", "BERT4Rec", "MLLMSRec", "first")}
+    llm = _run("MLLMSRec", 1, ranks["MLLMSRec"])
+    first = _run("MLLMSRec", 1, ranks["first"])
+    llm.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"])
+    results = [_run("SASRec", 1, ranks["SASRec"], valid=0.6), _run("BERT4Rec", 1, ranks["BERT4Rec"], valid=0.4), llm]
+    write_comparison(results, tmp_path)
+    with open(tmp_path / "comparison_pvalues.csv") as f:
+        pairs = {(r["model"], r["reference"]): r for r in csv.DictReader(f)}
+    assert sorted(pairs) == sorted([("SASRec", "BERT4Rec"), ("BERT4Rec", "SASRec"), ("MLLMSRec", "SASRec"),
+                                    ("MLLMSRec", "BERT4Rec"), ("MLLMSRec (first stage)", "MLLMSRec"),
+                                    ("MLLMSRec (first stage)", "SASRec"), ("MLLMSRec (first stage)", "BERT4Rec")])
+    for model, reference in pairs:
+        mine = ranks["first" if "first" in model else model]
+        expected = wilcoxon(_ndcg(mine), _ndcg(ranks[reference]), zero_method="wilcox").pvalue
+        assert float(pairs[model, reference]["p_value"]) == pytest.approx(expected, rel=1e-9)
+        assert float(pairs[model, reference]["delta"]) == pytest.approx(_ndcg(mine).mean() - _ndcg(ranks[reference]).mean())
+    with open(tmp_path / "comparison.csv") as f:  # the main table keeps one reference per row
+        main_rows = {r["model"]: r["reference"] for r in csv.DictReader(f)}
+    assert main_rows == {"SASRec": "", "BERT4Rec": "SASRec", "MLLMSRec": "SASRec", "MLLMSRec (first stage)": "MLLMSRec"}
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| model | protocol | vs BERT4Rec | vs SASRec | vs MLLMSRec |" in markdown
+    p = pairs["MLLMSRec", "BERT4Rec"]
+    assert f"| MLLMSRec | uni100 | {float(p['delta']):+.4f} (p {float(p['p_value']):.3g}) |" in markdown
+
+
+def test_runs_of_one_model_with_different_settings_are_never_pooled(tmp_path):
+    tuned = [dict(_run("MLLMSRec", s, [1, 2, 3]), hyper_parameters={"lr": 0.01, "dropout": 0.1}) for s in (1, 2)]
+    default = [dict(_run("MLLMSRec", s, [4, 5, 6]), hyper_parameters={"lr": 0.001, "dropout": 0.1}) for s in (1, 2)]
+    rows = analyse(tuned + default).rows
+    assert [(r["model"], r["seeds"]) for r in rows] == [("MLLMSRec[lr=0.01]", 2), ("MLLMSRec[lr=0.001]", 2)]
+    write_comparison(tuned + default, tmp_path)  # no record overwrites another
+    assert len(list((tmp_path / "runs").iterdir())) == 4
+    with pytest.raises(ComparisonError, match=r"two runs of SASRec at seed 1 .*run_label"):
+        analyse([_run("SASRec", 1, [1]), _run("SASRec", 1, [2])])
 
 
 def test_first_stage_row_is_compared_with_its_llm_model():
@@ -203,6 +253,19 @@ def test_results_of_older_callers_still_make_a_table(tmp_path):
     assert (tmp_path / "runs" / "GRU4Rec-seed0" / "record.json").is_file()
 
 
-def test_different_candidates_in_one_seed_warn(caplog):
-    analyse([_run("SASRec", 1, [1], fingerprint="x"), _run("GRU4Rec", 1, [1], fingerprint="y")])
-    assert "not tested on identical candidates" in caplog.text
+def test_different_candidates_are_refused_unless_descriptive(tmp_path, capsys):
+    runs = [_run("SASRec", 1, [1, 2], fingerprint="x1"), _run("GRU4Rec", 1, [3, 1], fingerprint="y2")]
+    with pytest.raises(ComparisonError, match=r"\[uni100\] seed 1: SASRec x1, GRU4Rec y2.*--descriptive"):
+        write_comparison(runs, tmp_path / "refused")
+    assert len(list((tmp_path / "refused" / "runs").iterdir())) == 2  # the records are kept
+    assert not (tmp_path / "refused" / "comparison.csv").exists()
+    for i, run in enumerate(runs):
+        save_record(run, tmp_path / "in" / str(i))
+    assert main([str(tmp_path / "in"), f"--output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SASRec x1, GRU4Rec y2" in err
+    assert main([str(tmp_path / "in"), f"--output={tmp_path / 'out'}", "--descriptive"]) == 0
+    with open(tmp_path / "out" / "comparison.csv") as f:
+        assert [(r["reference"], r["delta"], r["p_value"]) for r in csv.DictReader(f)] == [("", "", "")] * 2
+    assert "Descriptive table" in (tmp_path / "out" / "comparison.md").read_text()
+    assert (tmp_path / "out" / "comparison_pvalues.csv").read_text() == "model,protocol,reference,delta,p_value\n"

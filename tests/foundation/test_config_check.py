@@ -47,10 +47,17 @@ def test_unknown_key_in_a_per_model_section_even_of_another_model(tiny_data, tmp
 
 @pytest.mark.parametrize("arg, message", [
     ("--rerank_top_k=abc", "config key 'rerank_top_k' expects int, got 'abc' (str) (from the command line)"),
-    ("--epochs=True", "config key 'epochs' expects int, got True (bool) (from the command line)"),
+    ("--epochs=True", "config key 'epochs' expects int ≥ 0, got True (bool) (from the command line)"),
     ("--reproducibility=3", "config key 'reproducibility' expects bool, got 3 (int) (from the command line)"),
-    ("--test_protocols=uni100", "config key 'test_protocols' expects list, got 'uni100' (str) (from the command line)"),
-    ("--learning_rate=fast", "config key 'learning_rate' expects float, got 'fast' (str) (from the command line)"),
+    ("--test_protocols=uni100",
+     "config key 'test_protocols' expects list or None, got 'uni100' (str) (from the command line)"),
+    ("--learning_rate=fast", "config key 'learning_rate' expects float > 0, got 'fast' (str) (from the command line)"),
+    ("--stage_batch_size=-3",
+     "config key 'stage_batch_size' expects int ≥ 1 or None, got -3 (int) (from the command line)"),
+    ("--learning_rate=0", "config key 'learning_rate' expects float > 0, got 0 (int) (from the command line)"),
+    ("--user_window_size=0", "config key 'user_window_size' expects int ≥ 1, got 0 (int) (from the command line)"),
+    ("--train_positions=every",
+     "config key 'train_positions' expects str (one of last, all), got 'every' (str) (from the command line)"),
 ])
 def test_wrong_types(tiny_data, arg, message):
     with pytest.raises(ConfigKeyError) as error:
@@ -62,8 +69,29 @@ def test_float_takes_an_int_and_none_is_fine_where_the_default_is_none(tiny_data
     config = Config("SASRec", "tiny", config_dict=dict(tiny_data, item_image_field=None),
                     cmd_args=["--learning_rate=1", "--run_label=None", "--gpu_id=1"])
     assert config["learning_rate"] == 1 and config["run_label"] is None and config["item_image_field"] is None
-    with pytest.raises(ConfigKeyError, match="'epochs' expects int, got None"):  # declared 300: None is no int
+    with pytest.raises(ConfigKeyError, match="'epochs' expects int ≥ 0, got None"):  # declared 300: None is no int
         Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--epochs=None"])
+
+
+def test_ranges_and_choices_are_read_from_the_type_comments():
+    from recbole_mllm.config_check import _parse_type
+
+    assert _parse_type("int ≥ 1 or None") == (["int"], True, [("≥", 1.0)], [])
+    assert _parse_type("float > 0") == (["float"], False, [(">", 0.0)], [])
+    assert _parse_type("str: unix_s | unix_ms | none") == (["str"], False, [], ["unix_s", "unix_ms", "none"])
+    assert _parse_type("int between 1 and 2") is None  # words that name no type: not checked
+    known = known_keys()
+    assert known["stage_batch_size"].accepts(None) and known["stage_batch_size"].accepts(1)
+    assert not known["stage_batch_size"].accepts(0) and known["stage_no_repeat_ngram_size"].accepts(0)
+    assert known["encoder_item_content"].accepts("minilm+image") and not known["encoder_item_content"].accepts("clip")
+    assert known["epochs"].accepts(0) and not known["epochs"].accepts(-1)
+
+
+def test_the_stages_check_ranges_before_anything_loads():
+    from recbole_mllm.stages.common import stage_config
+
+    with pytest.raises(ConfigKeyError, match=r"'stage_shard_size' expects int ≥ 1, got 0"):
+        stage_config(["--dataset=ml-100k", "--stage_shard_size=0"])
 
 
 def test_keys_recbole_and_the_stages_declare_are_known():

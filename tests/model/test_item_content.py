@@ -98,8 +98,11 @@ def test_image_content_without_images_is_an_error_naming_the_field(tiny_data, se
 
 
 def test_an_unknown_item_content_is_refused(tiny_data, setup):
-    with pytest.raises(ValueError, match="encoder_item_content: 'words' is none of"):
+    with pytest.raises(ValueError, match=r"config key 'encoder_item_content' expects str \(one of fused, minilm, "
+                                         r"image, minilm\+image\), got 'words'"):  # at start-up, from its YAML comment
         _content(tiny_data, setup, encoder_item_content="words")
+    with pytest.raises(ValueError, match="encoder_item_content: 'words' is none of"):  # the key check turned off
+        _content(tiny_data, setup, encoder_item_content="words", check_config_keys=False)
 
 
 def test_fusedsasrec_trains_and_tests_on_minilm_content(tiny_data, setup):

@@ -321,6 +321,7 @@ class MLLMSRec(SequentialRecommender):
             kept += [part[k] for k, _ in self.candidates.top_k_lists(catalogue, batch[self.POS_ITEM_ID].tolist())]
         return kept
 
+    @torch.no_grad()  # scoring never trains: without it every LLM activation of a block would be kept for backward
     def predict(self, interaction):
         """Scores of RecBole's sampled blocks, by the same two stages as full ranking (``scorer.py``).
 
@@ -339,6 +340,7 @@ class MLLMSRec(SequentialRecommender):
             return self.scorer.sampled_first_stage(uids, ts, user_states, candidates, owner)
         return self.scorer.sampled(uids, ts, user_states, candidates, owner, self.llm_scores)
 
+    @torch.no_grad()
     def full_sort_predict(self, interaction):
         """Retrieve-then-rerank: the encoder picks its top-K items, the LLM reranks them, the rest follow in the
         encoder's order (the LLM never scores the whole catalogue)."""
