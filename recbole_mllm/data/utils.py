@@ -18,6 +18,7 @@ import importlib
 import os
 from logging import getLogger
 
+import numpy as np
 from recbole.data.utils import create_samplers, get_dataloader
 from recbole.utils import ModelType, set_color
 

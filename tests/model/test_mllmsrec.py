@@ -162,17 +162,29 @@ def test_hard_negatives_are_unseen_items_from_the_encoders_top_k(mllm_config):
         assert not set(uniform) & (set(hard) | model.candidates.user_seen[uid])
 
 
-def test_prompted_rank_counts_the_items_the_encoder_scores_higher(mllm_config):
+@pytest.mark.parametrize("mask", [True, False])
+def test_prompted_rank_counts_the_items_the_encoder_scores_higher(mllm_config, mask):
+    """The rank in the prompt counts the items the first stage scores higher, among the items it ranks: with
+    ``mask_history`` the user's history before ``t`` is not ranked."""
     _, model, _ = _model_and_data(mllm_config)
     assert model.prompts.has_retrieval_rank
-    user_states = model.forward(*_sequences(model, [1, 2]))
+    uids = [1, 2]
+    seqs, lengths = _sequences(model, uids)
+    ts = lengths.tolist()
+    user_states = model.forward(seqs, lengths)
     candidates, owner = torch.tensor([3, 7, 3, 9]), torch.tensor([0, 0, 1, 1])
-    ranks = model.scorer.retrieval_ranks(user_states, candidates, owner)
-    scores = model.encoder.full_scores(user_states)[:, 1:]  # never the padding item
-    expected = [1 + int((scores[o] > scores[o, c - 1]).sum()) for c, o in zip(candidates.tolist(), owner.tolist())]
+    with model.scoring(mask_history=mask):
+        ranks = model.scorer.retrieval_ranks(user_states, candidates, owner, uids, ts)
+        alone = model.scorer.retrieval_ranks(user_states, candidates[[2]], owner[[2]], uids, ts)
+    scores = (user_states @ model.encoder.item_states().T)[:, 1:]  # never the padding item
+    ranked = torch.ones_like(scores, dtype=torch.bool)
+    if mask:
+        for row, (uid, t) in enumerate(zip(uids, ts)):
+            ranked[row, torch.as_tensor(model.context.histories[uid][:t]) - 1] = False
+    own = [scores[o, c - 1] if ranked[o, c - 1] else -torch.inf for c, o in zip(candidates.tolist(), owner.tolist())]
+    expected = [1 + int(((scores[o] > s) & ranked[o]).sum()) for s, o in zip(own, owner.tolist())]
     assert ranks == expected
-    # alone, beside other candidates or in another order: the same rank
-    assert model.scorer.retrieval_ranks(user_states, candidates[[2]], owner[[2]]) == [ranks[2]]
+    assert alone == [ranks[2]]  # alone, beside other candidates or in another order: the same rank
 
 
 def test_soft_tokens_start_at_the_scale_of_token_embeddings(mllm_config):
@@ -193,7 +205,7 @@ def test_encoder_warm_up_stops_early_and_keeps_the_best_encoder(mllm_config):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
     config, model, _ = _model_and_data(dict(mllm_config, encoder_warmup_epochs=6, encoder_warmup_stopping_step=1,
-                                            encoder_warmup_cache=False))
+                                            encoder_warmup_cache=False, stopping_min_steps=0))
     trainer = MLLMSRecTrainer(config, model)
     valid_scores, states = iter([0.1, 0.3, 0.2, 0.5]), []
 
