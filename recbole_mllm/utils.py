@@ -49,12 +49,12 @@ def get_model(model_name):
 
 def get_trainer(model_type, model_name):
     """Return ``<model_name>Trainer`` from the plugin if it defines one, else RecBole's choice, with the plugin's
-    early-stopping floor (``trainer.MinimumSteps``) for every model alike."""
+    training policies (``trainer.TRAINING_POLICIES``: learning-rate warm-up, early-stopping floor) for every model alike."""
     from recbole.utils import get_trainer as get_recbole_trainer
 
     trainer_module = importlib.import_module("recbole_mllm.trainer")
     trainer_class = getattr(trainer_module, model_name + "Trainer", None) or get_recbole_trainer(model_type, model_name)
-    return trainer_module.data_parallel(trainer_module.with_minimum_steps(trainer_class))
+    return trainer_module.data_parallel(trainer_module.with_training_policies(trainer_class))
 
 
 @contextmanager
