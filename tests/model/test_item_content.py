@@ -1,4 +1,4 @@
-"""``encoder_item_content`` (issue 16, rung 4): the encoder reads a sentence encoder's or the vision tower's view of
+"""``encoder_item_content``: the encoder reads a sentence encoder's or the vision tower's view of
 the items instead of the fused embedding, computed once and cached."""
 
 import importlib.util

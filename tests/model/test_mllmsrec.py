@@ -706,7 +706,7 @@ def test_a_residual_ranker_trains_its_gate_with_the_list_loss(mllm_config):
     assert model.residual_gate.grad is not None and float(model.residual_gate.grad) != 0.0
 
 
-def test_every_issue16_switch_together_trains_and_tests_end_to_end(mllm_config):
+def test_every_ranker_switch_together_trains_and_tests_end_to_end(mllm_config):
     result = run("MLLMSRec", "tiny", config_dict=dict(
         mllm_config, train_positions="all", encoder_warmup_batch_size=16, ranker_train_candidates="top_k",
         ranker_train_negatives=4, encoder_frozen_after_warmup=True, ranker_residual=True, ranker_prompt="v3",
@@ -718,7 +718,7 @@ def test_every_issue16_switch_together_trains_and_tests_end_to_end(mllm_config):
 
 @torch.no_grad()
 def test_recent_states_follow_each_recent_title_as_its_own_projected_encoder_state(mllm_config):
-    """``ranker_use_recent_states`` (rung 5): one soft slot right after each recent item's title, filled with that item's
+    """``ranker_use_recent_states``: one soft slot right after each recent item's title, filled with that item's
     encoder state through the candidates' projection; only items before ``t`` (never the target)."""
     _, model, _ = _model_and_data(dict(mllm_config, ranker_use_recent_states=True))
     uid = 1
@@ -745,7 +745,7 @@ def test_recent_states_train_and_test_end_to_end(mllm_config):
 
 
 def test_the_encoder_reads_the_item_content_it_is_given(mllm_config, tmp_path):
-    """``encoder_item_content: minilm`` (rung 4) replaces the fused rows the encoder and its warm-up read."""
+    """``encoder_item_content: minilm`` replaces the fused rows the encoder and its warm-up read."""
     from tests.model.test_item_content import build_tiny_bert
 
     settings = dict(mllm_config, encoder_item_content="minilm", item_content_text_model=str(build_tiny_bert(tmp_path / "bert")))
