@@ -1,4 +1,5 @@
-"""The early-stopping floor (``stopping_min_steps``): no model stops before it has taken that many optimizer steps."""
+"""The training policies every trainer gets: the early-stopping floor (``stopping_min_steps``) and the learning-rate
+warm-up (``lr_warmup_steps``)."""
 
 import math
 
@@ -24,3 +25,23 @@ def test_early_stopping_waits_for_the_minimum_number_of_steps(tiny_data, floor_e
     trainer.fit(train_data, valid_data, saved=False)
     assert len(trainer.train_loss_dict) == max(3, math.ceil(floor_epochs * steps_per_epoch / steps_per_epoch))
     assert trainer.steps_taken == len(trainer.train_loss_dict) * steps_per_epoch
+
+
+def test_the_learning_rate_rises_linearly_over_the_warm_up_steps(tiny_data):
+    """``lr_warmup_steps: 4``: the k-th optimizer step (from 1) runs at k/4 of the learning rate, then at all of it."""
+    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, learning_rate=0.01, lr_warmup_steps=4))
+    model, train_data, _, _ = split_and_build_model(config, create_dataset(config))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    rates = []
+    for _ in range(6):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+    assert rates == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+
+
+def test_without_a_warm_up_the_learning_rate_is_constant(tiny_data):
+    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, learning_rate=0.01))
+    model = split_and_build_model(config, create_dataset(config))[0]
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.optimizer.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.01
