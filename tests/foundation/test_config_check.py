@@ -46,7 +46,7 @@ def test_unknown_key_in_a_per_model_section_even_of_another_model(tiny_data, tmp
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--rerank_top_k=abc", "config key 'rerank_top_k' expects int, got 'abc' (str) (from the command line)"),
+    ("--rerank_top_k=abc", "config key 'rerank_top_k' expects int ≥ 1, got 'abc' (str) (from the command line)"),
     ("--epochs=True", "config key 'epochs' expects int ≥ 0, got True (bool) (from the command line)"),
     ("--reproducibility=3", "config key 'reproducibility' expects bool, got 3 (int) (from the command line)"),
     ("--test_protocols=uni100",
@@ -56,6 +56,8 @@ def test_unknown_key_in_a_per_model_section_even_of_another_model(tiny_data, tmp
      "config key 'stage_batch_size' expects int ≥ 1 or None, got -3 (int) (from the command line)"),
     ("--learning_rate=0", "config key 'learning_rate' expects float > 0, got 0 (int) (from the command line)"),
     ("--user_window_size=0", "config key 'user_window_size' expects int ≥ 1, got 0 (int) (from the command line)"),
+    ("--rerank_top_k=0", "config key 'rerank_top_k' expects int ≥ 1, got 0 (int) (from the command line)"),
+    ("--lr_warmup_steps=-1", "config key 'lr_warmup_steps' expects int ≥ 0, got -1 (int) (from the command line)"),
     ("--train_positions=every",
      "config key 'train_positions' expects str (one of last, all), got 'every' (str) (from the command line)"),
 ])
