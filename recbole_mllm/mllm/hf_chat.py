@@ -48,10 +48,23 @@ def resolve_device(device=None) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bfloat16 natively (AMX or AVX-512-BF16 in its flags). Elsewhere bf16 is emulated:
+    item fusion ran about 10x slower in bf16 than in float32 on a 2-core AVX2 CPU."""
+    try:
+        flags = next((line for line in open(cpuinfo, encoding="utf-8") if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """``None`` means bfloat16 on a GPU and float32 on the CPU (bf16 matmuls are slow on most CPUs)."""
+    """``None`` means bfloat16 on a GPU and float32 on the CPU (bf16 matmuls are slow on most CPUs); ``auto`` means
+    bfloat16 on a GPU and on a CPU that computes it natively (:func:`cpu_has_native_bf16`), float32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):

@@ -40,7 +40,7 @@ def test_the_learning_rate_rises_linearly_over_the_warm_up_steps(tiny_data):
 
 
 def test_without_a_warm_up_the_learning_rate_is_constant(tiny_data):
-    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, learning_rate=0.01))
+    config = Config("SASRec", "tiny", config_dict=dict(tiny_data, learning_rate=0.01, lr_warmup_steps=0))
     model = split_and_build_model(config, create_dataset(config))[0]
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.optimizer.step()
