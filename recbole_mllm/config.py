@@ -26,6 +26,7 @@ value of its declared type (``config_check``), or ``Config`` raises ``ConfigKeyE
 """
 
 import importlib.util
+from logging import getLogger
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat, distributed
 from recbole_mllm.cli import one_line, parse_cli_value
-from recbole_mllm.config_check import check_config
+from recbole_mllm.config_check import ConfigKeyError, check_config
 from recbole_mllm.utils import get_model
 
 
@@ -48,6 +49,27 @@ def properties_dir():
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     return Path(__file__).resolve().parent.parent / "properties"
+
+
+def host_gpu_count(dev="/dev"):
+    """The NVIDIA GPUs of this host, counted from their device files (``/dev/nvidia0``, ...) so that CUDA is not
+    initialised before RecBole sets ``CUDA_VISIBLE_DEVICES``; 0 where there are none."""
+    folder = Path(dev)
+    return len([p for p in folder.glob("nvidia*") if p.name[len("nvidia"):].isdigit()]) if folder.is_dir() else 0
+
+
+def check_gpu_ids(gpu_id, given, gpus=None):
+    """``gpu_id`` must name GPUs this host has: RecBole would hide every GPU behind ``CUDA_VISIBLE_DEVICES`` and run on
+    the CPU without a word. An error where the host has GPUs; on a CPU-only host a warning, when the user gave it."""
+    gpus = host_gpu_count() if gpus is None else gpus
+    ids = [part.strip() for part in str(",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else gpu_id).split(",")
+           if part.strip()]
+    missing = [i for i in ids if not i.isdigit() or int(i) >= gpus]
+    if missing and gpus:
+        raise ConfigKeyError(f"config key 'gpu_id' names GPU {', '.join(missing)}, but this host has {gpus} "
+                             f"(ids 0 to {gpus - 1})")
+    if missing and given:
+        getLogger().warning(f"gpu_id {gpu_id}: this host has no GPU; running on the CPU")
 
 
 class Config(RecBoleConfig):
@@ -113,6 +135,8 @@ class Config(RecBoleConfig):
         """RecBole's device setup; under ``torchrun`` the process group and rank keys come from ``distributed.start``
         (RecBole's own path would start NCCL at its ``ip``/``port`` and hide every GPU but ``gpu_id``)."""
         if not distributed.launched():
+            if self.final_config_dict.get("use_gpu", True):
+                check_gpu_ids(self.final_config_dict["gpu_id"], self.external_config_dict.get("gpu_id") is not None)
             return super()._init_device()
         self.final_config_dict["gpu_id"] = str(self.final_config_dict["gpu_id"])
         self.final_config_dict.update(distributed.start(bool(self.final_config_dict.get("use_gpu", True))))

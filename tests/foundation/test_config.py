@@ -105,3 +105,26 @@ def test_command_line_and_dict_values_are_never_run(tiny_data, tmp_path):
                     cmd_args=[f"--run_label={code}", "--topk=[3]", "--learning_rate=1e-3"])
     assert config["run_label"] == code and config["dataset_save_path"] == code and not marker.exists()
     assert config["topk"] == [3] and config["learning_rate"] == 0.001  # literals are still read as values
+
+
+def test_gpu_ids_must_name_gpus_the_host_has(tmp_path, caplog):
+    """``--gpu_id=7`` on a host with one GPU is an error naming the GPUs it has; on a CPU-only host a warning when the
+    user gave an id, nothing for the default; the GPUs are counted from their device files, not by starting CUDA."""
+    import logging
+
+    from recbole_mllm.config import check_gpu_ids, host_gpu_count
+    from recbole_mllm.config_check import ConfigKeyError
+
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm", "nvidia-caps"):
+        (tmp_path / name).touch()
+    assert host_gpu_count(str(tmp_path)) == 2 and host_gpu_count(str(tmp_path / "none")) == 0
+    with pytest.raises(ConfigKeyError, match=r"'gpu_id' names GPU 7, but this host has 1 \(ids 0 to 0\)"):
+        check_gpu_ids("7", True, gpus=1)
+    with pytest.raises(ConfigKeyError, match="names GPU 2"):
+        check_gpu_ids((0, 2), True, gpus=2)
+    check_gpu_ids("0,1", True, gpus=2)
+    with caplog.at_level(logging.WARNING):
+        check_gpu_ids("0", False, gpus=0)
+        assert not caplog.records
+        check_gpu_ids("3", True, gpus=0)
+    assert "this host has no GPU; running on the CPU" in caplog.text
