@@ -106,7 +106,11 @@ class MinimumSteps:
         self._stopping_step = None
         super().__init__(config, model)
         self.min_steps = max(0, int(config["stopping_min_steps"] or 0))
-        self.steps_taken = 0
+        self.steps_taken = 0  # optimizer steps, counted by the optimizer itself (every trainer's own epoch loop counts)
+        self.optimizer.register_step_post_hook(lambda *_: self._count_step())
+
+    def _count_step(self):
+        self.steps_taken += 1
 
     @property
     def stopping_step(self):
@@ -116,11 +120,6 @@ class MinimumSteps:
     @stopping_step.setter
     def stopping_step(self, value):
         self._stopping_step = value
-
-    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
-        self.steps_taken += len(train_data)
-        return loss
 
 
 class LearningRateWarmup:

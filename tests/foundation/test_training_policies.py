@@ -24,7 +24,7 @@ def test_early_stopping_waits_for_the_minimum_number_of_steps(tiny_data, floor_e
     trainer._valid_epoch = lambda valid_data, show_progress=False: (next(scores), {"ndcg@10": 0.0})
     trainer.fit(train_data, valid_data, saved=False)
     assert len(trainer.train_loss_dict) == max(3, math.ceil(floor_epochs * steps_per_epoch / steps_per_epoch))
-    assert trainer.steps_taken == len(trainer.train_loss_dict) * steps_per_epoch
+    assert trainer.steps_taken == len(trainer.train_loss_dict) * steps_per_epoch  # one optimizer step per batch
 
 
 def test_the_learning_rate_rises_linearly_over_the_warm_up_steps(tiny_data):

@@ -819,3 +819,21 @@ def test_a_user_part_does_not_change_with_the_history_from_t_on(mllm_config):
         for name in soft_before:
             assert soft_before[name][0] == soft_after[name][0]
             torch.testing.assert_close(soft_before[name][1], soft_after[name][1])
+
+
+def test_the_encoder_warm_up_counts_its_optimizer_steps_toward_the_stopping_floor(mllm_config):
+    """MLLMSRecTrainer has an epoch loop of its own; its optimizer steps still count toward ``stopping_min_steps``, so
+    the warm-up stops early once the floor is reached (it ran all 300 epochs when they did not)."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, stopping_min_steps=5, encoder_warmup_cache=False))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    trainer = MLLMSRecTrainer(config, model)
+    trainer._train_epoch(train_data, 0, loss_func=model.encoder_loss)
+    assert trainer.steps_taken == len(train_data)
+    scores = iter([0.5 - 0.01 * k for k in range(100)])
+    trainer._valid_epoch = lambda valid_data, show_progress=False: (next(scores), {})
+    trainer.config["encoder_warmup_epochs"] = trainer.warmup_epochs = 50
+    trainer.steps_taken, trainer.warmup_stopping_step = 0, 1
+    _, epochs = trainer._train_encoder(train_data, valid_data, verbose=False, show_progress=False)
+    assert epochs == max(2, -(-5 // len(train_data)))  # one epoch without gain, once the floor is reached
