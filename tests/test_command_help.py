@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("run_recbole_mllm.py", "stopping_step            10"),
     ("scripts/stage_examples.py", "example_windows  6"),
     ("scripts/score_fusion_eval.py", "fusion_weights  '0.3,1,3,10'"),
+    ("scripts/cut_user_subset.py", "how many users to keep"),
     ("benchmarks/scoring.py", "(default: [20, 100])"),
     ("dataset_scripts/movielens.py", "(default: drop)"),
     ("dataset_scripts/amazon.py", "seconds per download attempt (default: 20.0)"),
