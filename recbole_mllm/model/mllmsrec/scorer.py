@@ -82,8 +82,13 @@ class TwoStageScorer:
         with torch.autocast(user_states.device.type, enabled=False):
             scores = self.encoder.full_scores(user_states.float())  # [U n_items]
         scores[:, 0] = -torch.inf  # padding
-        if self.mask_history and uids is not None:
-            scores[self.seen_index(uids, ts, scores.device)] = -torch.inf
+        return self.masked(scores, uids, ts) if uids is not None else scores
+
+    def masked(self, scores, uids, ts, seen=None):
+        """``scores`` with each row's history before its ``t`` at -inf under ``mask_history`` (in place); ``seen``: that
+        history's ``seen_index``, when the caller has it already."""
+        if self.mask_history:
+            scores[seen if seen is not None else self.seen_index(uids, ts, scores.device)] = -torch.inf
         return scores
 
     def seen_index(self, uids, ts, device):
@@ -182,8 +187,10 @@ class TwoStageScorer:
     def full(self, uids, ts, user_states, targets, llm_scores):
         """Scores of every item ``[U n_items]``: the encoder's top-K reranked by the LLM, the rest in the encoder's
         order (the LLM never scores the whole catalogue); counts the first stage's recall of ``targets``."""
-        catalogue = self.catalogue_scores(user_states, uids, ts)  # [B n_items] float32
-        self._count_seen(catalogue if not self.mask_history else self.catalogue_scores(user_states), uids, ts)
+        unmasked = self.catalogue_scores(user_states)  # [B n_items] float32
+        seen = self.seen_index(uids, ts, unmasked.device)
+        self._count_seen(unmasked, seen)
+        catalogue = self.masked(unmasked.clone(), uids, ts, seen)  # what catalogue_scores(user_states, uids, ts) gives
         ascending = catalogue.sort(dim=1).values
         ranks = catalogue.shape[1] + 1 - torch.searchsorted(ascending, catalogue, right=True)  # as ranks() counts them
         items = torch.arange(catalogue.shape[1], device=catalogue.device).repeat(len(uids))
@@ -196,10 +203,11 @@ class TwoStageScorer:
         self.recall.users += len(uids)
         return scores
 
-    def _count_seen(self, unmasked, uids, ts):
-        """Counts how many of the unmasked first stage's top 10 and top 20 are in each user's history before ``t``."""
+    def _count_seen(self, unmasked, seen_index):
+        """Counts how many of the unmasked first stage's top 10 and top 20 are in each user's history before ``t``
+        (``seen_index``)."""
         seen = torch.zeros_like(unmasked, dtype=torch.bool)
-        seen[self.seen_index(uids, ts, unmasked.device)] = True
+        seen[seen_index] = True
         for cutoff in self.recall.seen_in_top:
             top = unmasked.topk(min(cutoff, unmasked.shape[1]), dim=1).indices
             self.recall.seen_in_top[cutoff] += int(seen.gather(1, top).sum())
