@@ -6,7 +6,8 @@ Precedence, lowest first (later layers override earlier ones):
    its quick-start defaults for the model type (e.g. sequential: leave-one-out in time order);
 2. this plugin's ``properties/overall.yaml`` (the evaluation protocol every compared model shares),
    ``properties/stages.yaml`` (the LLM stages, for the plugin's own models only),
-   ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml`` (where none ships: the
+   ``properties/model/<Model>.yaml`` (after those of the model's base classes, so a subclass's file holds only
+   its own keys: MLLMSRec's over FusedSASRec's) and ``properties/dataset/<dataset>.yaml`` (where none ships: the
    ``<dataset>.yaml`` that ``dataset_scripts`` wrote into ``<data_path>/<dataset>/``);
 3. ``config_file_list`` (the user's YAML files, in order), then their ``per_model`` sections for the model
    being run;
@@ -169,7 +170,9 @@ class Config(RecBoleConfig):
         root = properties_dir()
         stages = [root / "stages.yaml"] if model_class.__module__.startswith("recbole_mllm.") else []
         dataset_yaml = self._dataset_yaml(root, dataset)
-        for path in (root / "overall.yaml", *stages, root / "model" / f"{model}.yaml", dataset_yaml):
+        bases = [cls.__name__ for cls in reversed(model_class.__mro__[1:])]  # a base class's keys below the model's
+        models = [root / "model" / f"{name}.yaml" for name in (*bases, model)]
+        for path in (root / "overall.yaml", *stages, *models, dataset_yaml):
             if path.is_file():
                 layer = self._update_internal_config_dict(path) or {}
                 if path == dataset_yaml:

@@ -8,6 +8,8 @@ tuned with the same budget as the baselines (``python -m recbole_mllm.tuning --m
 compared with them, and so that ``encoder_item_input`` (``id``, ``id+fused``, ``fused``, ``shuffled``)
 measures what the multimodal content adds at equal capacity and tuning.
 
+MLLMSRec subclasses it: its first stage is this model by construction.
+
 NOTE: one dropout for hidden states and attention (``dropout_prob``), GELU, causal attention and
 cross-entropy over all items, as RecBole's SASRec with ``loss_type: CE``.
 """
@@ -23,9 +25,11 @@ class FusedSASRec(SequentialRecommender):
     input_type = InputType.POINTWISE
     required_stages = ("item_fusion",)  # the cache quick_start prepares before building the model
 
-    def __init__(self, config, dataset):
+    def __init__(self, config, dataset, item_content=None):
+        """``item_content``: the encoder's item content ``[n_items F]`` when the caller has read it already (MLLMSRec,
+        with the rest of its stage inputs); None reads it (the item-fusion cache's by default)."""
         super().__init__(config, dataset)
-        embeddings = read_encoder_item_content(config, dataset)  # [n_items F]: the item-fusion cache's by default
+        embeddings = read_encoder_item_content(config, dataset) if item_content is None else item_content
         self.encoder = FusedSequenceEncoder.from_config(config, embeddings, self.max_seq_length)
 
     def forward(self, item_seq, item_seq_len):

@@ -128,3 +128,15 @@ def test_gpu_ids_must_name_gpus_the_host_has(tmp_path, caplog):
         assert not caplog.records
         check_gpu_ids("3", True, gpus=0)
     assert "this host has no GPU; running on the CPU" in caplog.text
+
+
+def test_a_model_yaml_layers_over_its_base_classes(tiny_data):
+    """MLLMSRec subclasses FusedSASRec, so its config reads FusedSASRec.yaml below MLLMSRec.yaml: the encoder's keys are
+    declared once."""
+    encoder = yaml.safe_load((properties_dir() / "model" / "FusedSASRec.yaml").read_text())
+    ranker = yaml.safe_load((properties_dir() / "model" / "MLLMSRec.yaml").read_text())
+    assert not set(encoder) & set(ranker)
+    for model in ("FusedSASRec", "MLLMSRec"):
+        config = Config(model, "tiny", config_dict={"data_path": tiny_data["data_path"]})
+        assert all(config[key] == value for key, value in encoder.items()), model
+    assert Config("MLLMSRec", "tiny", config_dict=tiny_data)["rerank_top_k"] == ranker["rerank_top_k"]

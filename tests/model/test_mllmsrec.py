@@ -837,3 +837,19 @@ def test_the_encoder_warm_up_counts_its_optimizer_steps_toward_the_stopping_floo
     trainer.steps_taken, trainer.warmup_stopping_step = 0, 1
     _, epochs = trainer._train_encoder(train_data, valid_data, verbose=False, show_progress=False)
     assert epochs == max(2, -(-5 // len(train_data)))  # one epoch without gain, once the floor is reached
+
+
+def test_mllmsrec_is_fusedsasrec_plus_a_reranker(mllm_config):
+    """Its first stage is the baseline by construction: FusedSASRec's encoder, ``forward`` and loss (the warm-up's), and
+    from the same seed the same initial encoder as FusedSASRec's (the LLM is read before any layer is built)."""
+    from recbole_mllm.model import FusedSASRec, MLLMSRec
+
+    assert issubclass(MLLMSRec, FusedSASRec)
+    assert MLLMSRec.forward is FusedSASRec.forward and MLLMSRec.encoder_loss is FusedSASRec.calculate_loss
+    _, model, _ = _model_and_data(mllm_config)
+    config = Config("FusedSASRec", "tiny", config_dict=mllm_config)
+    baseline, train_data = split_and_build_model(config, create_dataset(config))[:2]
+    encoder = baseline.encoder.state_dict()
+    assert all(torch.equal(value, encoder[name]) for name, value in model.encoder.state_dict().items())
+    batch = next(iter(train_data))
+    torch.testing.assert_close(model.eval().encoder_loss(batch), baseline.eval().calculate_loss(batch), rtol=0, atol=0)

@@ -9,6 +9,9 @@ every item), (2) temporal-aware user behaviour comprehension (``stages/user_prof
 sliding-window preference summaries), (3) a generative ranker: the paper's instruction prompt with
 multistep chain-of-thought, fine-tuned with LoRA on Yes/No, score = log p(Yes) - log p(No).
 
+``MLLMSRec`` is ``FusedSASRec`` (``../fusedsasrec.py``) plus a reranker: its first stage, the sequence encoder with
+its ``forward`` and loss, is that baseline by construction, so "the LLM vs its first stage" compares like with like.
+
 This file holds RecBole's contract; the rest of the package one concept each: ``prompt_parts.py``
 (the prompt's user and target parts), ``candidates.py`` (the LLM's training rows and negatives),
 ``scorer.py`` (the two-stage scorer); beside it ``../sequence_encoder.py``, ``../ranker.py`` (LoRA) and
@@ -18,9 +21,13 @@ This file holds RecBole's contract; the rest of the package one concept each: ``
 NOTE (deviations, all configurable):
     * Hybrid prompting (after LLaRA): a SASRec-style encoder over the fused item embeddings gives a user
       state and candidate states that enter the prompt as projected soft tokens, plus a *match* token
-      ``proj(user ⊙ item)``; the encoder is trained jointly (cross-entropy over all items). Measured
-      here: a 135M text-only yes/no ranker is far behind SASRec, so collaborative signal must reach
-      the LLM itself. The same encoder retrieves the top-K for full ranking, which the LLM reranks.
+      ``proj(user ⊙ item)``. Measured here: a 135M text-only yes/no ranker is far behind SASRec, so
+      collaborative signal must reach the LLM itself. The same encoder retrieves the top-K for full
+      ranking, which the LLM reranks.
+    * The encoder trains alone first (a warm-up to early stopping, as FusedSASRec trains) and by default
+      stays frozen after it (``encoder_frozen_after_warmup: True``), so its top-K lists, ranks and soft
+      tokens are the same in training and at test; the paper trains it jointly with the LLM
+      (``encoder_frozen_after_warmup: False``, ``properties/ranker/paper_joint.yaml``).
     * Chain-of-thought steps are filled from the stage caches and the history (evolution, target
       analysis, match), so scoring needs no free-running generation.
     * Checkpoints hold only trained tensors (LoRA, projections, encoder, image projector residual) and
@@ -34,17 +41,15 @@ from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
-from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.utils import InputType
 from torch import nn
 
 from recbole_mllm.model.context import RankerContext, build_histories, build_item_material, encode_item_images
+from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.prompting import build_layout
 from recbole_mllm.model.ranker import LoRARanker
-from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
 from recbole_mllm.model.stage_inputs import read_stage_inputs
 from recbole_mllm.stages.prompts import load_prompt
 
@@ -63,12 +68,14 @@ def list_cross_entropy(scores, owner, labels):
     return (log_norm[owner[positive]] - scores[positive]).mean()
 
 
-class MLLMSRec(SequentialRecommender):
-    input_type = InputType.POINTWISE
+class MLLMSRec(FusedSASRec):
     required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
 
     def __init__(self, config, dataset):
-        super().__init__(config, dataset)
+        # stage caches (read only) and the LLM backend, read before any layer is built: from the seed, the encoder then
+        # draws its initial weights as FusedSASRec's does, and the projections theirs after it
+        inputs = read_stage_inputs(config, dataset)
+        super().__init__(config, dataset, item_content=inputs.item_embeddings)  # FusedSASRec: self.encoder
         # load parameters info
         self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
         self.hidden_size = config["hidden_size"]
@@ -83,8 +90,7 @@ class MLLMSRec(SequentialRecommender):
         field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
                         "preference": config["ranker_preference_tokens"], "item_text": 48}
 
-        # stage caches (read only) and prompt material
-        inputs = read_stage_inputs(config, dataset)
+        # prompt material
         self.backend = inputs.backend
         texts, titles, categories = build_item_material(config, inputs.item_tokens, inputs.item_table,
                                                         inputs.text_fields, config["item_category_field"],
@@ -95,8 +101,7 @@ class MLLMSRec(SequentialRecommender):
                                      categories, histories, timestamps, inputs.profiles, positions)
         self.candidates = TrainingCandidates(histories, positions, self.n_items, config, self.USER_ID, self.POS_ITEM_ID)
 
-        # define layers
-        self.encoder = FusedSequenceEncoder.from_config(config, inputs.item_embeddings, self.max_seq_length)
+        # define layers (the encoder is FusedSASRec's)
         token_embeddings = self.backend.model.get_input_embeddings().weight
         llm_hidden, token_std = token_embeddings.shape[1], float(token_embeddings.float().std())
         self.user_projection = self._projection(llm_hidden, token_std)
@@ -270,14 +275,8 @@ class MLLMSRec(SequentialRecommender):
             self.encoder.eval()
         return self
 
-    # ------------------------------------------------------------------ RecBole contract
-    def forward(self, item_seq, item_seq_len):
-        return self.encoder(item_seq, item_seq_len)  # [B H]
-
-    def encoder_loss(self, interaction):
-        """The encoder alone (its warm-up): what FusedSASRec trains."""
-        return self.encoder.cross_entropy(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN],
-                                          interaction[self.POS_ITEM_ID])
+    # ------------------------------------------------------------------ RecBole contract (forward: FusedSASRec's)
+    encoder_loss = FusedSASRec.calculate_loss  # the encoder alone (its warm-up): the baseline's loss
 
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
