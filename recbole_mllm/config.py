@@ -35,7 +35,7 @@ from recbole.config import Config as RecBoleConfig
 
 from recbole_mllm import compat, distributed
 from recbole_mllm.cli import one_line, parse_cli_value
-from recbole_mllm.config_check import ConfigKeyError, check_config
+from recbole_mllm.config_check import ConfigKeyError, check_config, check_renamed_keys
 from recbole_mllm.utils import get_model
 
 
@@ -117,7 +117,7 @@ class Config(RecBoleConfig):
         then every key the user gave (every model's sections included) is checked, before anything is loaded."""
         super()._merge_external_config_dict()
         model = self._model_name or self.external_config_dict.get("model")
-        given = []  # (key, value, origin) of every user-given key
+        given, self._model_keys = [], []  # (key, value, origin) of every user-given key; of those set for this model
         for layer, origin in ((self.file_config_dict, None), (self.variable_config_dict, "config_dict"),
                               (self.cmd_config_dict, "the command line")):
             sections = layer.pop("per_model", None) or {}
@@ -127,6 +127,9 @@ class Config(RecBoleConfig):
             given += [(key, value, origin or self._key_files[key]) for key, value in layer.items()]
             given += [(key, value, f"per_model section '{name}' of {where}")
                       for name, section in sections.items() for key, value in section.items()]
+            self._model_keys += [(key, value, origin or self._key_files[key]) for key, value in layer.items()]
+            self._model_keys += [(key, value, f"per_model section '{model}' of {where}")
+                                 for key, value in (sections.get(model) or {}).items()]
             layer.update(sections.get(model) or {})
         super()._merge_external_config_dict()
         if self.external_config_dict.get("check_config_keys", True):
@@ -166,6 +169,7 @@ class Config(RecBoleConfig):
         return Path(data_path) / dataset / f"{dataset}.yaml"
 
     def _load_internal_config_dict(self, model, model_class, dataset):
+        check_renamed_keys(model_class, self._model_keys)  # e.g. dropout_prob for FusedSASRec: one error naming the new keys
         super()._load_internal_config_dict(model, model_class, dataset)
         root = properties_dir()
         stages = [root / "stages.yaml"] if model_class.__module__.startswith("recbole_mllm.") else []

@@ -9,6 +9,10 @@ bool; None only where a declaration's default is ``~`` or its type says None); a
 one typed in words that name no type, is not type-checked. A number's type may carry a range
 (``(int ≥ 1)``, ``(float > 0 or None)``) and a string's its choices (``(str: last | all)``), checked as well. ``check_config_keys: False`` turns the check off
 (a custom model with keys of its own).
+
+A model class may also name keys it reads under other names now (``renamed_keys``: ``{old: (new, ...)}``, e.g.
+FusedSASRec's one ``dropout_prob`` became SASRec's two dropouts): setting an old key for that model is an error naming
+the new ones (:func:`check_renamed_keys`), whatever ``check_config_keys`` says, since another model may still declare it.
 """
 
 import difflib
@@ -162,3 +166,14 @@ def check_config(given):
         if not declaration.accepts(value):
             raise ConfigKeyError(f"config key '{key}' expects {declaration.expected()}, got {value!r} "
                                  f"({type(value).__name__}) (from {origin})")
+
+
+def check_renamed_keys(model_class, given):
+    """Raise :class:`ConfigKeyError` for a key of ``given`` (``(key, value, origin)`` set for this model) that
+    ``model_class`` reads under other names (its ``renamed_keys``), naming them."""
+    renamed = getattr(model_class, "renamed_keys", None) or {}
+    for key, _, origin in given:
+        if key in renamed:
+            raise ConfigKeyError(f"config key '{key}' (from {origin}) is not read by {model_class.__name__}: set "
+                                 f"{' and '.join(renamed[key])} instead (a key for another model of the command goes "
+                                 f"in its per_model section)")

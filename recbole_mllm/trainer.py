@@ -22,7 +22,7 @@ from recbole_mllm.utils import atomic_write
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
                "encoder_warmup_epochs", "encoder_warmup_stopping_step", "stopping_min_steps", "lr_warmup_steps", "mask_history", "valid_metric", "eval_args", "hidden_size",
-               "inner_size", "n_layers", "n_heads", "dropout_prob", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
+               "inner_size", "n_layers", "n_heads", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
                "train_positions", "encoder_warmup_batch_size", "encoder_item_content", "item_content_text_model")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
 it validated and its code: see ``MLLMSRecTrainer._warmup_cache_path``); the ranker switches are not among them."""

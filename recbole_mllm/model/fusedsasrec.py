@@ -10,8 +10,9 @@ measures what the multimodal content adds at equal capacity and tuning.
 
 MLLMSRec subclasses it: its first stage is this model by construction.
 
-NOTE: one dropout for hidden states and attention (``dropout_prob``), GELU, causal attention and
-cross-entropy over all items, as RecBole's SASRec with ``loss_type: CE``.
+NOTE: RecBole's SASRec with ``loss_type: CE`` (cross-entropy over all items), its keys and defaults included
+(``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``); with
+``encoder_item_input: id`` it computes SASRec's function from SASRec's initial weights (tests/model/test_fusedsasrec.py).
 """
 
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -24,6 +25,7 @@ from recbole_mllm.model.stage_inputs import read_encoder_item_content
 class FusedSASRec(SequentialRecommender):
     input_type = InputType.POINTWISE
     required_stages = ("item_fusion",)  # the cache quick_start prepares before building the model
+    renamed_keys = {"dropout_prob": ("hidden_dropout_prob", "attn_dropout_prob")}  # config_check: setting one is an error
 
     def __init__(self, config, dataset, item_content=None):
         """``item_content``: the encoder's item content ``[n_items F]`` when the caller has read it already (MLLMSRec,

@@ -29,11 +29,19 @@ def shuffled_rows(embeddings, seed):
 
 
 class FusedSequenceEncoder(nn.Module):
-    def __init__(self, fused_embeddings, hidden_size, n_layers, n_heads, inner_size, dropout, max_seq_length,
-                 item_input="id+fused", shuffle_seed=0):
+    """RecBole SASRec's layers, arguments and initialisation over the item representation ``item_input`` names. With
+    ``id`` its modules are SASRec's, created and initialised in SASRec's order, so from one seed both draw the same
+    weights and compute the same function (``tests/model/test_fusedsasrec.py``). ``attn_dropout_prob`` None:
+    ``hidden_dropout_prob``."""
+
+    def __init__(self, fused_embeddings, hidden_size, n_layers, n_heads, inner_size, hidden_dropout_prob, max_seq_length,
+                 item_input="id+fused", shuffle_seed=0, attn_dropout_prob=None, hidden_act="gelu", layer_norm_eps=1e-12,
+                 initializer_range=0.02):
         super().__init__()
         if item_input not in ITEM_INPUTS:
             raise ValueError(f"encoder_item_input must be one of {ITEM_INPUTS}; got {item_input!r}")
+        attn_dropout_prob = hidden_dropout_prob if attn_dropout_prob is None else attn_dropout_prob
+        self.initializer_range = initializer_range
         n_items, fused_dim = fused_embeddings.shape
         if item_input == "shuffled":
             fused_embeddings = shuffled_rows(fused_embeddings, shuffle_seed)
@@ -42,22 +50,27 @@ class FusedSequenceEncoder(nn.Module):
         self.fused_projection = nn.Linear(fused_dim, hidden_size) if item_input != "id" else None
         self.position_embedding = nn.Embedding(max_seq_length, hidden_size)
         self.transformer = TransformerEncoder(n_layers=n_layers, n_heads=n_heads, hidden_size=hidden_size,
-                                              inner_size=inner_size, hidden_dropout_prob=dropout,
-                                              attn_dropout_prob=dropout, hidden_act="gelu", layer_norm_eps=1e-12)
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=1e-12)
-        self.dropout = nn.Dropout(dropout)
+                                              inner_size=inner_size, hidden_dropout_prob=hidden_dropout_prob,
+                                              attn_dropout_prob=attn_dropout_prob, hidden_act=hidden_act,
+                                              layer_norm_eps=layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout_prob)
         self.apply(self._init_weights)
 
     @classmethod
     def from_config(cls, config, fused_embeddings, max_seq_length):
-        """The encoder the config describes (``hidden_size``, ``n_layers``, ... ``encoder_item_input``)."""
+        """The encoder the config describes: SASRec's keys (``hidden_size``, ``n_layers``, ``n_heads``, ``inner_size``,
+        ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``) and
+        ``encoder_item_input``."""
         return cls(fused_embeddings, config["hidden_size"], config["n_layers"], config["n_heads"], config["inner_size"],
-                   config["dropout_prob"], max_seq_length, config["encoder_item_input"], config["seed"])
+                   config["hidden_dropout_prob"], max_seq_length, config["encoder_item_input"], config["seed"],
+                   attn_dropout_prob=config["attn_dropout_prob"], hidden_act=config["hidden_act"],
+                   layer_norm_eps=config["layer_norm_eps"], initializer_range=config["initializer_range"])
 
-    @staticmethod
-    def _init_weights(module):
+    def _init_weights(self, module):
+        """SASRec's initialisation: normal weights of std ``initializer_range``, zero biases."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 

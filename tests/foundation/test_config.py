@@ -132,11 +132,13 @@ def test_gpu_ids_must_name_gpus_the_host_has(tmp_path, caplog):
 
 def test_a_model_yaml_layers_over_its_base_classes(tiny_data):
     """MLLMSRec subclasses FusedSASRec, so its config reads FusedSASRec.yaml below MLLMSRec.yaml: the encoder's keys are
-    declared once."""
+    declared once, and their defaults are the constants the encoder used before it read SASRec's keys."""
     encoder = yaml.safe_load((properties_dir() / "model" / "FusedSASRec.yaml").read_text())
     ranker = yaml.safe_load((properties_dir() / "model" / "MLLMSRec.yaml").read_text())
     assert not set(encoder) & set(ranker)
     for model in ("FusedSASRec", "MLLMSRec"):
         config = Config(model, "tiny", config_dict={"data_path": tiny_data["data_path"]})
         assert all(config[key] == value for key, value in encoder.items()), model
+        assert (config["hidden_dropout_prob"], config["attn_dropout_prob"], config["hidden_act"], config["layer_norm_eps"],
+                config["initializer_range"]) == (0.2, 0.2, "gelu", 1e-12, 0.02)
     assert Config("MLLMSRec", "tiny", config_dict=tiny_data)["rerank_top_k"] == ranker["rerank_top_k"]

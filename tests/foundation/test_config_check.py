@@ -1,5 +1,6 @@
 """Unknown config keys and values of the wrong type fail in ``Config``, in one line naming the key."""
 
+import re
 import subprocess
 import sys
 
@@ -140,3 +141,22 @@ def test_run_recbole_mllm_fails_in_config_with_one_line(tmp_path, model, arg, ke
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and key in last
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model", ["FusedSASRec", "MLLMSRec"])
+def test_the_encoders_old_dropout_key_names_sasrecs_two(tiny_data, model, tmp_path):
+    def message(origin):
+        return re.escape(f"config key 'dropout_prob' (from {origin}) is not read by {model}: set hidden_dropout_prob and "
+                         f"attn_dropout_prob instead (a key for another model of the command goes in its per_model section)")
+
+    with pytest.raises(ConfigKeyError, match=message("config_dict")):
+        Config(model, "tiny", config_dict=dict(tiny_data, dropout_prob=0.2))
+    with pytest.raises(ConfigKeyError, match=message("the command line")):
+        Config(model, "tiny", config_dict=tiny_data, cmd_args=["--dropout_prob=0.2"])
+    config_file = tmp_path / "models.yaml"
+    config_file.write_text(f"per_model:\n  {model}: {{dropout_prob: 0.2}}\n  GRU4Rec: {{dropout_prob: 0.3}}\n")
+    with pytest.raises(ConfigKeyError, match=message(f"per_model section '{model}' of {config_file}")):
+        Config(model, "tiny", [str(config_file)], tiny_data)
+    config_file.write_text("per_model:\n  GRU4Rec: {dropout_prob: 0.3}\n")  # another model's key: not this model's
+    assert Config(model, "tiny", [str(config_file)], tiny_data)["dropout_prob"] is None
+    assert Config("GRU4Rec", "tiny", [str(config_file)], tiny_data)["dropout_prob"] == 0.3
