@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
+from recbole_mllm.config import Config
+from recbole_mllm.data import create_dataset
 from recbole_mllm.model.sequence_encoder import ITEM_INPUTS, FusedSequenceEncoder, shuffled_rows
-from recbole_mllm.quick_start import run
+from recbole_mllm.quick_start import run, split_and_build_model
 from tests.conftest import write_tiny_dataset
 from tests.mllm.mllm_tiny import build_tiny_causal
 
@@ -69,3 +71,56 @@ def test_shuffle_is_fixed_by_its_seed():
 def test_unknown_item_input_is_an_error():
     with pytest.raises(ValueError, match="encoder_item_input must be one of"):
         FusedSequenceEncoder(torch.zeros(3, 2), 4, 1, 1, 8, 0.0, 5, item_input="ids")
+
+
+SASREC_SETTINGS = {"encoder_item_input": "id", "loss_type": "CE", "epochs": 4, "eval_step": 1, "seed": 7,
+                   "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.1, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+                   "initializer_range": 0.02}
+"""One setting for both models: SASRec's keys with values unlike either model's defaults where that is free."""
+
+
+def _sasrec_name(name):
+    """The name RecBole's SASRec gives the FusedSASRec parameter ``name``."""
+    for ours, theirs in (("encoder.transformer.", "trm_encoder."), ("encoder.layer_norm.", "LayerNorm."), ("encoder.", "")):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def _built(model_name, config_dict):
+    config = Config(model_name, "tiny", config_dict=config_dict)
+    return config, *split_and_build_model(config, create_dataset(config))[:2]
+
+
+def test_fusedsasrec_of_ids_is_sasrec(tiny_data, stage_setup):
+    """``encoder_item_input: id`` is RecBole's SASRec (``loss_type: CE``), exactly: no tolerance anywhere.
+
+    The encoder creates SASRec's layers in SASRec's order and initialises them as SASRec does, so from the same seed
+    both models draw the same initial weights; with SASRec's weights copied into a FusedSASRec built from another seed,
+    scores and loss are equal floats (the same function); trained with the same seed and settings, both run as many
+    epochs to the same best validation score and metrics, and test the same."""
+    settings = {**tiny_data, **stage_setup, **SASREC_SETTINGS}
+    _, sasrec, batches = _built("SASRec", settings)
+    _, fused, _ = _built("FusedSASRec", settings)
+    theirs = sasrec.state_dict()
+    ours = {_sasrec_name(name): value for name, value in fused.state_dict().items()}
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs), "initial weights differ"
+
+    _, other, _ = _built("FusedSASRec", {**settings, "seed": 8})
+    assert not torch.equal(other.encoder.item_embedding.weight, sasrec.item_embedding.weight)
+    other.load_state_dict({name: theirs[_sasrec_name(name)] for name in other.state_dict()})
+    batch = next(iter(batches))
+    for mode in (False, True):  # eval, then train: dropout masks drawn from the same generator state
+        sasrec.train(mode), other.train(mode)
+        for method in ("full_sort_predict", "predict", "calculate_loss"):
+            torch.manual_seed(0)
+            expected = getattr(sasrec, method)(batch)
+            torch.manual_seed(0)
+            assert torch.equal(getattr(other, method)(batch), expected), (method, mode)
+
+    sasrec_run, fused_run = run("SASRec", "tiny", config_dict=settings), run("FusedSASRec", "tiny", config_dict=settings)
+    assert fused_run["epochs"] == sasrec_run["epochs"] > 1
+    assert fused_run["best_valid_score"] == sasrec_run["best_valid_score"]
+    assert fused_run["best_valid_result"] == sasrec_run["best_valid_result"]
+    assert fused_run["test_result"] == sasrec_run["test_result"]
