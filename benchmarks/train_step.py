@@ -28,7 +28,8 @@ from recbole_mllm.attention import IMPLEMENTATIONS, use_attention
 from recbole_mllm.cli import HelpFormatter
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.utils import get_model, get_trainer
+from recbole_mllm.quick_start import build_model
+from recbole_mllm.utils import get_trainer
 
 CORNERS = {"small": {"MAX_ITEM_LIST_LENGTH": 50, "hidden_size": 64, "inner_size": 256, "n_layers": 2},
            "large": {"MAX_ITEM_LIST_LENGTH": 200, "hidden_size": 128, "inner_size": 512, "n_layers": 3}}
@@ -100,7 +101,7 @@ def main():
             loader = time.perf_counter() - start
             on_device = [batch.to(device) for batch in batches[:max(4, min(len(batches), 16))]]
             for attention in args.attention:
-                model = get_model(model_name)(config, train_data._dataset).to(device)
+                model = build_model(config, train_data._dataset).to(device)
                 if not use_attention(model, attention) and attention != args.attention[0]:
                     continue  # no transformer layers (GRU4Rec): one row is enough
                 timings = []

@@ -71,11 +71,22 @@ def split_and_build_model(config, dataset):
     train_data, valid_data, test_data = data_preparation(config, dataset,
                                                          window_rows=trains_on_windows(config["model"], config))
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
-    init_seed(config["seed"] + distributed.rank_and_world()[0], config["reproducibility"])
-    model = model_class(config, train_data._dataset).to(config["device"])
+    model = build_model(config, train_data._dataset, histories)
     use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     use_train_positions(model, config)  # all: the loss at every position of the window rows data_preparation kept
     return model, train_data, valid_data, test_data
+
+
+def build_model(config, train_dataset, histories=None):
+    """``config["model"]`` on ``train_dataset`` (RecBole's training split), seeded as RecBole seeds it, on the config's
+    device. A model with a ``prepare`` classmethod (the plugin's: FusedSASRec, MLLMSRec) gets the parts it reads from
+    the stage caches prepared first and passed in, so its constructor opens no file; ``histories`` are the un-split
+    users' histories (``data.user_histories``) when the caller holds them."""
+    model_class = get_model(config["model"])
+    init_seed(config["seed"] + distributed.rank_and_world()[0], config["reproducibility"])
+    prepare = getattr(model_class, "prepare", None)
+    parts = prepare(config, train_dataset, histories) if prepare is not None else {}
+    return model_class(config, train_dataset, **parts).to(config["device"])
 
 
 def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True):

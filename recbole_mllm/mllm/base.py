@@ -69,7 +69,7 @@ class MultimodalLM(abc.ABC):
     Backends whose images can enter the ranker's prompt as embeddings (the offline default and every
     image-text-to-text model) also have:
         encode_images(images) -> (features, logits): per-image inputs of the projector, computed once
-            per item and cached (``model.context.encode_item_images``).
+            per item and cached (``model.item_images.encode_item_images``).
         projector: an ``nn.Module``, ``projector(features, logits) -> [I, n, hidden]`` soft tokens in the
             LLM's embedding space, ``n`` the same for every image; the ranker trains its parameters.
     """

@@ -27,12 +27,20 @@ class FusedSASRec(SequentialRecommender):
     required_stages = ("item_fusion",)  # the cache quick_start prepares before building the model
     renamed_keys = {"dropout_prob": ("hidden_dropout_prob", "attn_dropout_prob")}  # config_check: setting one is an error
 
+    @classmethod
+    def prepare(cls, config, dataset, histories=None):
+        """The constructor's prepared parts, read from the stage caches before the model is built
+        (``quick_start.build_model``): ``{"item_content": [n_items F]}``, the encoder's item content."""
+        return {"item_content": read_encoder_item_content(config, dataset)}
+
     def __init__(self, config, dataset, item_content=None):
-        """``item_content``: the encoder's item content ``[n_items F]`` when the caller has read it already (MLLMSRec,
-        with the rest of its stage inputs); None reads it (the item-fusion cache's by default)."""
+        """``item_content``: the encoder's item content ``[n_items F]`` (``prepare``); the constructor opens no file."""
         super().__init__(config, dataset)
-        embeddings = read_encoder_item_content(config, dataset) if item_content is None else item_content
-        self.encoder = FusedSequenceEncoder.from_config(config, embeddings, self.max_seq_length)
+        if item_content is None:
+            raise ValueError(f"{type(self).__name__} is built from prepared parts: "
+                             f"recbole_mllm.quick_start.build_model(config, dataset), or {type(self).__name__}"
+                             f"(config, dataset, **{type(self).__name__}.prepare(config, dataset))")
+        self.encoder = FusedSequenceEncoder.from_config(config, item_content, self.max_seq_length)
 
     def forward(self, item_seq, item_seq_len):
         return self.encoder(item_seq, item_seq_len)  # [B H]

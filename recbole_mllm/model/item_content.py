@@ -111,7 +111,7 @@ def _minilm(config, table, item_tokens, fields, summaries):
 def _image(config, table, item_tokens, image_field, image_dir):
     from recbole_mllm.mllm.offline import EfficientNetTower, package_file
     from recbole_mllm.mllm.weights import file_sha256
-    from recbole_mllm.model.context import encode_item_images
+    from recbole_mllm.model.item_images import encode_item_images
     from recbole_mllm.stages.items import image_path
 
     paths = [image_path(table, str(t), image_field, image_dir) if image_field and str(t) in table.rows else None

@@ -1,4 +1,5 @@
-"""What the plugin's models read from the stage caches, aligned with RecBole's internal ids. Read only.
+"""What the plugin's models read before they are built: stage caches, the backend, item images, aligned with
+RecBole's internal ids. Read only; every file a model depends on is opened here, never in its constructor.
 
 The caches are built before the model (``quick_start.run`` calls ``stages.prepare.prepare_stages`` for the
 model's ``required_stages``; the stage commands build them too). A model never generates: a missing cache
@@ -7,19 +8,26 @@ is a ``StageCacheError`` naming the command that builds it. Nothing here imports
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 
 from recbole_mllm.data import create_dataset, needed_positions, user_histories
 from recbole_mllm.model.item_content import check_item_content, read_item_content
+from recbole_mllm.model.item_images import encode_item_images
 from recbole_mllm.stages.backend_identity import describe_backend
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.common import config_value, load_backend
 from recbole_mllm.stages.item_fusion_cache import DEFAULTS as ITEM_DEFAULTS
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion, text_fields
 from recbole_mllm.stages.items import check_image_paths, read_item_file
+from recbole_mllm.stages.prompts import load_prompt
 from recbole_mllm.stages.user_profile_cache import load_user_summaries, user_profile_cache
 from recbole_mllm.stages.user_text import user_profiles
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +46,8 @@ class StageInputs:
     profiles: list  # per internal user id
     user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
     cache_keys: dict  # stage -> cache folder name (the hash of everything its output depends on)
+    template: object  # the ranker's prompt template (stages/prompts/ranker_<v>.txt)
+    images: Optional[tuple]  # (features, logits, has_image) of encode_item_images, or None (images off or unusable)
 
 
 def _read(config, read):
@@ -79,9 +89,10 @@ def _image_location(config):
             Path(config["data_path"]) / config_value(config, "item_image_dir", ITEM_DEFAULTS))
 
 
-def read_stage_inputs(config, dataset) -> StageInputs:
+def read_stage_inputs(config, dataset, histories=None) -> StageInputs:
     """Everything the ranker reads from the stages, with the backend it ranks with; ``dataset`` is RecBole's
-    (split) training dataset."""
+    (split) training dataset, ``histories`` the un-split ones (``data.user_histories`` of the whole dataset; None
+    rebuilds the dataset to read them)."""
     table = _item_table(config)
     backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
@@ -92,7 +103,8 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     embeddings = read_item_content(config, item_tokens, embeddings, summaries, table, fields,
                                    image_field, image_dir)  # what the encoder reads (the fused embeddings by default)
 
-    histories = user_histories(create_dataset(config))  # un-split histories (the model only receives the train split)
+    if histories is None:  # un-split histories (the model only receives the train split)
+        histories = user_histories(create_dataset(config))
     requests = [(token, t) for token, history in histories.items() for t in needed_positions(len(history.items), config)]
     texts = _read(config, lambda: load_user_summaries(config, requests, backend, histories))
     uid = {token: i for i, token in enumerate(user_tokens)}
@@ -101,6 +113,15 @@ def read_stage_inputs(config, dataset) -> StageInputs:
     profiles = [profile_by_token.get(token, "unknown") for token in user_tokens]
     cache_keys = {"item_fusion": item_fusion_cache(config, backend).path.name,
                   "user_profile": user_profile_cache(config, backend, histories).path.name}
+    images = None
+    if config["ranker_use_images"] and getattr(backend, "projector", None) is None:
+        logger.warning(f"ranker_use_images: the {backend.identity.backend} backend has no image projector the ranker "
+                       f"can use yet, so target images are left out of its prompts (text only)")
+    elif config["ranker_use_images"]:
+        images = encode_item_images(backend, item_tokens, table, image_field, image_dir)
+        images = images if images[0] is not None else None
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
                        fields, image_field, image_dir,
-                       summaries, embeddings, histories, profiles, user_summaries, cache_keys)
+                       summaries, embeddings, histories, profiles, user_summaries, cache_keys,
+                       load_prompt("ranker", config["ranker_prompt"]), images)
+

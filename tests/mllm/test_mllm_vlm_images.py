@@ -213,7 +213,7 @@ def test_lora_ranker_scores_image_prompts_as_the_model_does(tiny_folder):
 
 
 def test_encode_item_images_caches_the_slot_of_every_item(vlm, tmp_path):
-    from recbole_mllm.model.context import encode_item_images
+    from recbole_mllm.model.item_images import encode_item_images
     from recbole_mllm.stages.items import AtomicTable
 
     images = two_images()

@@ -8,7 +8,7 @@ import torch
 
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import run, split_and_build_model
+from recbole_mllm.quick_start import build_model, run, split_and_build_model
 from recbole_mllm.stages.prepare import prepare_stages
 from recbole_mllm.utils import get_model
 from tests.conftest import write_tiny_dataset
@@ -380,7 +380,7 @@ def test_llm_trains_on_the_last_training_targets_of_a_one_target_split(mllm_conf
     config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, eval_args=eval_args, test_protocols=None))
     prepare_stages(config, get_model("MLLMSRec").required_stages)
     train_dataset = create_dataset(config).build()[0]
-    model = get_model("MLLMSRec")(config, train_dataset)
+    model = build_model(config, train_dataset)
     train_data = data_preparation(config, create_dataset(config))[0]
     selected = _split_rows(model, train_data)
     targets = config["llm_train_targets_per_user"]
@@ -853,3 +853,28 @@ def test_mllmsrec_is_fusedsasrec_plus_a_reranker(mllm_config):
     assert all(torch.equal(value, encoder[name]) for name, value in model.encoder.state_dict().items())
     batch = next(iter(train_data))
     torch.testing.assert_close(model.eval().encoder_loss(batch), baseline.eval().calculate_loss(batch), rtol=0, atol=0)
+
+
+def test_mllmsrec_constructor_opens_no_file(mllm_config, monkeypatch):
+    """Everything MLLMSRec reads (stage caches, the LLM, prompt template, item images) is prepared before it is built
+    (``MLLMSRec.prepare``, ``quick_start.build_model``): with those parts passed in, ``__init__`` opens no file."""
+    import builtins
+    import io
+
+    from recbole_mllm.model import MLLMSRec
+
+    config = Config("MLLMSRec", "tiny", config_dict=mllm_config)
+    prepare_stages(config, MLLMSRec.required_stages)
+    train_dataset = data_preparation(config, create_dataset(config))[0]._dataset
+    parts = MLLMSRec.prepare(config, train_dataset)
+    with pytest.raises(ValueError, match="prepared parts"):
+        MLLMSRec(config, train_dataset)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the constructor opened {args[:1]}")
+
+    for owner, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        monkeypatch.setattr(owner, name, refuse)
+    model = MLLMSRec(config, train_dataset, **parts)
+    monkeypatch.undo()
+    assert model.backend is parts["inputs"].backend and model.prompts.summaries  # built from the parts it was given

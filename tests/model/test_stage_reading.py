@@ -13,7 +13,7 @@ import torch
 
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation
-from recbole_mllm.quick_start import run
+from recbole_mllm.quick_start import build_model, run
 from recbole_mllm.stages.backend_identity import describe_backend
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.common import load_backend
@@ -112,7 +112,7 @@ def test_a_model_with_a_missing_cache_fails_naming_the_stage_and_generates_nothi
     assert config["run_missing_stages"]  # even where stages may run, the model does not run them
     with pytest.raises(StageCacheError, match=r"(?s)python -m recbole_mllm\.stages\.item_fusion --dataset=tiny.*"
                                               r"never build them"):
-        get_model(model)(config, train)
+        build_model(config, train)
     assert not (tmp_path / "caches").exists()
 
 
@@ -120,7 +120,7 @@ def test_mllmsrec_without_user_summaries_names_the_user_stage(shared, tmp_path):
     config, train = _config_and_train("MLLMSRec", {**shared, "stage_cache_dir": str(tmp_path / "caches")})
     prepare_stages(config, ("item_fusion",))
     with pytest.raises(StageCacheError, match=r"python -m recbole_mllm\.stages\.user_profile --dataset=tiny"):
-        get_model("MLLMSRec")(config, train)
+        build_model(config, train)
 
 
 def test_fusedsasrec_reads_the_stages_cache_without_loading_weights(shared, tmp_path, monkeypatch):
@@ -131,14 +131,14 @@ def test_fusedsasrec_reads_the_stages_cache_without_loading_weights(shared, tmp_
     expected = load_item_fusion(config, tokens, backend)[1]
     assert item_fusion_cache(config, describe_backend(config)).path == item_fusion_cache(config, backend).path
     monkeypatch.setattr("recbole_mllm.mllm.load_mllm", lambda *a, **k: pytest.fail("no weights just for a cache key"))
-    model = get_model("FusedSASRec")(config, train)
+    model = build_model(config, train)
     torch.testing.assert_close(model.encoder.fused, expected)
 
 
 def test_quick_start_prepares_stages_before_the_model(shared, tmp_path, monkeypatch):
     settings = {**shared, "stage_cache_dir": str(tmp_path / "caches"), "run_missing_stages": False,
                 "checkpoint_dir": str(tmp_path / "saved"), "output_dir": str(tmp_path / "outputs")}
-    monkeypatch.setattr(get_model("FusedSASRec"), "__init__", lambda *a: pytest.fail("built before its stages"))
+    monkeypatch.setattr(get_model("FusedSASRec"), "__init__", lambda *a, **k: pytest.fail("built before its stages"))
     with pytest.raises(StageCacheError, match=r"(?s)python -m recbole_mllm\.stages\.item_fusion --dataset=tiny.*"
                                               r"run_missing_stages: True"):
         run("FusedSASRec", "tiny", config_dict=settings)

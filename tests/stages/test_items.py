@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recbole_mllm.model.context import encode_item_images
+from recbole_mllm.model.item_images import encode_item_images
 from recbole_mllm.stages.common import stage_main
 from recbole_mllm.stages.item_fusion import run_item_fusion
 from recbole_mllm.stages.items import UnsafePathError, fingerprint, image_path, read_item_file

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from recbole_mllm.model.context import RankerContext, build_histories, build_item_material, encode_item_images
+from recbole_mllm.model.context import RankerContext, build_histories, build_item_material
 from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
@@ -51,7 +51,6 @@ from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.prompting import build_layout
 from recbole_mllm.model.ranker import LoRARanker
 from recbole_mllm.model.stage_inputs import read_stage_inputs
-from recbole_mllm.stages.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +70,19 @@ def list_cross_entropy(scores, owner, labels):
 class MLLMSRec(FusedSASRec):
     required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
 
-    def __init__(self, config, dataset):
-        # stage caches (read only) and the LLM backend, read before any layer is built: from the seed, the encoder then
-        # draws its initial weights as FusedSASRec's does, and the projections theirs after it
-        inputs = read_stage_inputs(config, dataset)
+    @classmethod
+    def prepare(cls, config, dataset, histories=None):
+        """The constructor's prepared parts (``quick_start.build_model``): ``{"inputs": StageInputs}``, everything read
+        from the stage caches, the LLM backend and the items' image features (``model/stage_inputs.py``);
+        ``histories``: the un-split users' histories (``data.user_histories``), None reads them."""
+        return {"inputs": read_stage_inputs(config, dataset, histories)}
+
+    def __init__(self, config, dataset, inputs=None):
+        """``inputs``: the prepared ``StageInputs`` (``prepare``); the constructor opens no file."""
+        if inputs is None:
+            raise ValueError("MLLMSRec is built from prepared parts: recbole_mllm.quick_start.build_model(config, "
+                             "dataset), or MLLMSRec(config, dataset, **MLLMSRec.prepare(config, dataset))")
+        # from the seed, the encoder draws its initial weights as FusedSASRec's does, and the projections theirs after it
         super().__init__(config, dataset, item_content=inputs.item_embeddings)  # FusedSASRec: self.encoder
         # load parameters info
         self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
@@ -107,7 +115,7 @@ class MLLMSRec(FusedSASRec):
         self.user_projection = self._projection(llm_hidden, token_std)
         self.item_projection = self._projection(llm_hidden, token_std)
         self.match_projection = self._projection(llm_hidden, token_std)
-        template = load_prompt("ranker", config["ranker_prompt"])
+        template = inputs.template
         self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(), "switches": switches,
                                 "recent_items": config["ranker_recent_items"], "field_tokens": field_tokens}
         layout = build_layout(template, self.backend.tokenizer, config["ranker_use_cot"], config["ranker_use_soft_tokens"],
@@ -119,17 +127,12 @@ class MLLMSRec(FusedSASRec):
                                  config["lora_target_modules"], layout.yes_id, layout.no_id,
                                  config["gradient_checkpointing"])
         self.image_projector = None
-        if use_images and getattr(self.backend, "projector", None) is None:
-            logger.warning(f"ranker_use_images: the {self.backend.identity.backend} backend has no image projector "
-                           f"the ranker can use yet, so target images are left out of its prompts (text only)")
-        if use_images and getattr(self.backend, "projector", None) is not None:
-            features, logits, has_image = encode_item_images(self.backend, inputs.item_tokens, inputs.item_table,
-                                                             inputs.image_field, inputs.image_dir)
-            if features is not None:
-                self.image_projector = self.backend.projector  # its zero-initialised residual is trained
-                self.register_buffer("image_features", features, persistent=False)
-                self.register_buffer("image_logits", logits, persistent=False)
-                self.register_buffer("has_image", has_image, persistent=False)
+        if use_images and inputs.images is not None:  # read_stage_inputs encoded them (and warned when it could not)
+            features, logits, has_image = inputs.images
+            self.image_projector = self.backend.projector  # its zero-initialised residual is trained
+            self.register_buffer("image_features", features, persistent=False)
+            self.register_buffer("image_logits", logits, persistent=False)
+            self.register_buffer("has_image", has_image, persistent=False)
         # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
         self.residual_gate = nn.Parameter(torch.zeros(())) if config["ranker_residual"] else None
         self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["mask_history"],
