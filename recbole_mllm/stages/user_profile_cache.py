@@ -17,9 +17,10 @@ import torch
 
 from recbole_mllm.data.histories import user_histories
 from recbole_mllm.data.split import held_out_count, needed_positions
+from recbole_mllm.fileio import canonical_json, sha256_file
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.backend_identity import BackendIdentity
-from recbole_mllm.stages.cache import StageCache, canonical_json, sha256_file
+from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, declared, load_backend,
                                          stage_batch_size)
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, render_item_text, text_fields
