@@ -18,8 +18,8 @@ import yaml
 
 from recbole_mllm import distributed
 from recbole_mllm.cli import exit_on_help, input_error, safe_cmd_args
-from recbole_mllm.config import properties_dir
 from recbole_mllm.mllm.base import MultimodalLM
+from recbole_mllm.properties_path import properties_dir
 from recbole_mllm.stages.cache import StageCacheError
 
 DECLARED = yaml.safe_load((properties_dir() / "stages.yaml").read_text())
