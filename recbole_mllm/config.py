@@ -26,7 +26,6 @@ Every key of layers 3 to 5 (every model's ``per_model`` section too) must be one
 value of its declared type (``config_check``), or ``Config`` raises ``ConfigKeyError`` before any data is read.
 """
 
-import importlib.util
 from logging import getLogger
 from pathlib import Path
 
@@ -36,20 +35,8 @@ from recbole.config import Config as RecBoleConfig
 from recbole_mllm import compat, distributed
 from recbole_mllm.cli import one_line, parse_cli_value
 from recbole_mllm.config_check import ConfigKeyError, check_config, check_renamed_keys
+from recbole_mllm.properties_path import properties_dir
 from recbole_mllm.utils import get_model
-
-
-def properties_dir():
-    """Folder of the plugin's YAML files: ``properties/`` of the checkout this package is imported from (so a
-    second worktree on ``PYTHONPATH`` reads its own files, not those an editable install maps), else the
-    installed package data."""
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "setup.py").is_file() and (checkout / "properties" / "overall.yaml").is_file():
-        return checkout / "properties"
-    spec = importlib.util.find_spec("recbole_mllm.properties")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "properties"
 
 
 def host_gpu_count(dev="/dev"):

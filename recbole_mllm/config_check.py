@@ -3,12 +3,13 @@
 RecBole ignores a key it does not know (``--learning_rat=0.5`` trains with the default rate) and reads a
 value of the wrong type only when it first uses it, minutes later. The known keys are those the YAML files
 declare: RecBole's ``properties/`` (every model's, since one ``--key`` of a multi-model command applies to
-every model) and the plugin's, plus the keys the stages read with their own defaults. A key's types are
-those the ``# (type) meaning.`` comments of its declarations name (a float key takes an int; an int key no
-bool; None only where a declaration's default is ``~`` or its type says None); a key no comment types, or
-one typed in words that name no type, is not type-checked. A number's type may carry a range
-(``(int ≥ 1)``, ``(float > 0 or None)``) and a string's its choices (``(str: last | all)``), checked as well. ``check_config_keys: False`` turns the check off
-(a custom model with keys of its own).
+every model) and the plugin's (the stages' keys in ``stages.yaml``), plus the few keys RecBole reads that none
+of its files declares. The files are read as text, so no stage module (nor torch) is imported to check a key.
+A key's types are those the ``# (type) meaning.`` comments of its declarations name (a float key takes an int;
+an int key no bool; None only where a declaration's default is ``~`` or its type says None); a key no comment
+types, or one typed in words that name no type, is not type-checked. A number's type may carry a range
+(``(int ≥ 1)``, ``(float > 0 or None)``) and a string's its choices (``(str: last | all)``), checked as well.
+``check_config_keys: False`` turns the check off (a custom model with keys of its own).
 
 A model class may also name keys it reads under other names now (``renamed_keys``: ``{old: (new, ...)}``, e.g.
 FusedSASRec's one ``dropout_prob`` became SASRec's two dropouts): setting an old key for that model is an error naming
@@ -24,11 +25,14 @@ from pathlib import Path
 import recbole
 import yaml
 
+from recbole_mllm.properties_path import properties_dir
+from recbole_mllm.search_space import load_search_space, space_keys
+
 RECBOLE_RUNTIME_KEYS = ("model", "dataset", "local_rank", "nproc", "world_size", "offset", "ip",
                         "port", "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type",
-                        "valid_neg_sample_args", "test_neg_sample_args")
+                        "valid_neg_sample_args", "test_neg_sample_args", "encoding")
 """Keys RecBole reads or sets at run time that none of its YAML files declares (a distributed run passes the
-rank ones in ``config_dict``)."""
+rank ones in ``config_dict``; its dataset reads the atomic files in ``encoding``, as the stages do)."""
 
 _TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "list": (list, tuple),
           "tuple": (tuple,), "dict": (dict,)}
@@ -129,11 +133,6 @@ def _declare_file(declarations, path):
 @functools.lru_cache(maxsize=None)
 def known_keys():
     """``{key: Declaration}`` of every key a user may set, built once per process from the declaring files."""
-    # deferred: recbole_mllm.config imports this module, and the stage modules import torch
-    from recbole_mllm.config import properties_dir
-    from recbole_mllm.search_space import load_search_space, space_keys
-    from recbole_mllm.stages import common, item_fusion_cache, user_profile_cache, user_text
-
     declarations = {}
     for path in sorted((Path(recbole.__file__).parent / "properties").rglob("*.yaml")):
         if path.name not in ("url.yaml", "kg_url.yaml"):  # dataset download addresses, not config keys
@@ -144,10 +143,6 @@ def known_keys():
                 declarations.setdefault(key, Declaration())
         else:
             _declare_file(declarations, path)
-    for defaults in (common.STAGE_DEFAULTS, item_fusion_cache.DEFAULTS, user_profile_cache.DEFAULTS,
-                     user_text.PROFILE_DEFAULTS):
-        for key, value in defaults.items():
-            declarations.setdefault(key, Declaration()).none_ok |= value is None
     for key in (*RECBOLE_RUNTIME_KEYS, "per_model"):
         declarations.setdefault(key, Declaration())
     return declarations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from recbole_mllm.config import properties_dir
+from recbole_mllm.properties_path import properties_dir
 
 SPACE_TYPES = ("choice", "uniform", "quniform", "loguniform")
 

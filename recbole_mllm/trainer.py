@@ -15,9 +15,8 @@ from tqdm import tqdm
 from recbole_mllm import compat, distributed
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
+from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
 from recbole_mllm.model import train_positions
-from recbole_mllm.stages.cache import canonical_json, sha256_bytes
-from recbole_mllm.utils import atomic_write
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",

@@ -31,8 +31,8 @@ from recbole_mllm.cli import input_error
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
 from recbole_mllm.config_check import ConfigKeyError
+from recbole_mllm.fileio import atomic_write
 from recbole_mllm.search_space import load_search_space, search_space_file, space_keys
-from recbole_mllm.utils import atomic_write
 
 DEFAULT_TRIALS = 8
 SAMPLING_SEED = 2020

@@ -1,18 +1,16 @@
-"""Model and trainer resolution (the plugin's own classes first, then RecBole's), and the one atomic file write.
+"""Model and trainer resolution: the plugin's own classes first, then RecBole's.
 
 So ``--model=SASRec,BERT4Rec,MLLMSRec`` runs through one entry point: baselines come from RecBole
 unchanged, MLLM models from ``recbole_mllm.model``. The module of a model is its class name
 lower-cased (RecBole's convention), e.g. ``MLLMSRec`` is the package ``recbole_mllm/model/mllmsrec/``.
 
-Nothing heavy is imported at module level (RecBole on first use), so the dataset scripts can share
-:func:`atomic_output` without loading RecBole.
+Nothing heavy is imported at module level (RecBole on first use): the dataset scripts import
+:func:`~recbole_mllm.fileio.atomic_output` from here without loading RecBole.
 """
 
 import importlib
-import os
-import uuid
-from contextlib import contextmanager
-from pathlib import Path
+
+from recbole_mllm.fileio import atomic_output  # noqa: F401 (the dataset scripts import it from here)
 
 MODEL_PACKAGES = (
     "recbole_mllm.model",
@@ -52,50 +50,8 @@ def get_trainer(model_type, model_name):
     training policies (``trainer.TRAINING_POLICIES``: learning-rate warm-up, early-stopping floor) for every model alike."""
     from recbole.utils import get_trainer as get_recbole_trainer
 
-    trainer_module = importlib.import_module("recbole_mllm.trainer")
+    from recbole_mllm import trainer as trainer_module  # deferred: torch and RecBole's trainer
+
     trainer_class = getattr(trainer_module, model_name + "Trainer", None) or get_recbole_trainer(model_type, model_name)
     return trainer_module.data_parallel(trainer_module.with_training_policies(trainer_class))
 
-
-@contextmanager
-def atomic_output(path, mode="wb", **open_kwargs):
-    """A file object to write ``path`` through, so that ``path`` holds either its old content or all of the new.
-
-    The block writes a temp file beside ``path``; when it ends without error the file is flushed, fsynced and
-    renamed over ``path`` (and the folder fsynced, so the rename is durable too); on an error it is removed.
-    The temp name carries the pid and a random part, so processes writing the same file never share one, also
-    on other hosts of a shared filesystem; a killed process leaves ``<name>.tmp<pid>-<hex>``, which the stage cache
-    clears.
-    """
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing (see :func:`atomic_output`)."""
-    with atomic_output(path) as f:
-        f.write(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_mllm.comparison.metrics import as_numpy
-from recbole_mllm.utils import atomic_write
+from recbole_mllm.fileio import atomic_write
 
 _ARRAY_PARTS = ("per_user", "first_stage_per_user")
 _NOT_SAVED = (*_ARRAY_PARTS, "config")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recbole_mllm.comparison.analysis import FIRST_STAGE, analyse, is_plugin_model, run_label
 from recbole_mllm.comparison.records import save_record
-from recbole_mllm.utils import atomic_write
+from recbole_mllm.fileio import atomic_write
 
 _COMPARE = ["reference", "delta", "p_value"]
 _FACTS = ["epochs", "train_seconds", "peak_gpu_memory_gb", "candidates"]

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from recbole_mllm.utils import atomic_write
+from recbole_mllm.fileio import atomic_write, sha256_file
 
 HOME_ENV = "RECBOLE_MLLM_HOME"
 
@@ -41,11 +41,7 @@ def file_sha256(path: str | os.PathLike) -> str:
             return cached["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    sha = digest.hexdigest()
+    sha = sha256_file(path)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(record, json.dumps({**key, "sha256": sha}).encode())

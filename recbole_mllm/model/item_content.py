@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
-from recbole_mllm.stages.cache import canonical_json, sha256_bytes
+from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
 from recbole_mllm.stages.common import backend_device
 
 CONTENTS = ("fused", "minilm", "image", "minilm+image")
@@ -55,8 +55,6 @@ def text_model_folder(config) -> Path:
 
 def _cached(config, name, identity, compute):
     """``compute()`` (a float tensor), or the copy an identical earlier run kept."""
-    from recbole_mllm.utils import atomic_write
-
     key = sha256_bytes(canonical_json(identity).encode())[:16]
     path = Path(config["stage_cache_dir"]) / "item_content" / f"{name}-{key}.safetensors"
     if path.is_file():

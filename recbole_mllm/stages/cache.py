@@ -48,7 +48,6 @@ Layout of a finished cache::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -61,7 +60,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from recbole_mllm import distributed
-from recbole_mllm.utils import atomic_write
+from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +88,6 @@ class ShardOutput(NamedTuple):
 
 class StageCacheError(RuntimeError):
     """The cache asked for is missing, incomplete or damaged; the message says how to build it."""
-
-
-def canonical_json(obj) -> str:
-    """The one JSON spelling of ``obj`` that is hashed: sorted keys, no whitespace, UTF-8 kept."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Union[str, Path]) -> str:
-    """Streamed sha256 of a file (dataset fingerprints hash files of any size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_bytes(obj, indent: Optional[int] = 1) -> bytes:

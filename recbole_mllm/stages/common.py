@@ -18,8 +18,8 @@ import yaml
 
 from recbole_mllm import distributed
 from recbole_mllm.cli import exit_on_help, input_error, safe_cmd_args
-from recbole_mllm.config import properties_dir
-from recbole_mllm.mllm.base import MultimodalLM
+from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
+from recbole_mllm.properties_path import properties_dir
 from recbole_mllm.stages.cache import StageCacheError
 
 DECLARED = yaml.safe_load((properties_dir() / "stages.yaml").read_text())
@@ -72,6 +72,13 @@ def stage_batch_size(config: Mapping) -> int:
     if value is not None:
         return int(value)
     return GPU_STAGE_BATCH_SIZE if backend_device(config).type == "cuda" else CPU_STAGE_BATCH_SIZE
+
+
+def generation_config(config: Mapping, max_new_tokens_key: str) -> GenerationConfig:
+    """Greedy decoding with the stage's length key and the shared batch and n-gram settings (part of each cache key)."""
+    return GenerationConfig(max_new_tokens=int(config_value(config, max_new_tokens_key, DECLARED)),
+                            batch_size=stage_batch_size(config), do_sample=False,
+                            no_repeat_ngram_size=int(config_value(config, "stage_no_repeat_ngram_size", STAGE_DEFAULTS)))
 
 
 def load_backend(config: Mapping) -> MultimodalLM:

@@ -48,8 +48,8 @@ from typing import Mapping, Optional, Sequence
 from recbole_mllm.mllm.base import ChatRequest, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import load_backend, stage_config, stage_main
-from recbole_mllm.stages.item_fusion_cache import (DEFAULTS, STAGE, ItemFusionPlan, generation_config, item_fusion_plan,
-                                                   item_images, render_item_text, setting)
+from recbole_mllm.stages.item_fusion_cache import (DEFAULTS, STAGE, ItemFusionPlan, item_fusion_plan, item_images,
+                                                   render_item_text, setting)
 from recbole_mllm.stages.items import image_path, open_image
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _shard_compute(config: Mapping, plan: ItemFusionPlan, backend: MultimodalLM)
     table, template = plan.table, plan.template
     image_field = setting(config, "item_image_field")
     seq_separator = setting(config, "seq_separator")
-    generation = generation_config(config)
+    generation = plan.generation
     warned = []
 
     def compute(tokens: list[str]) -> ShardOutput:

@@ -18,7 +18,7 @@ import torch
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, stage_batch_size
+from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, generation_config
 from recbole_mllm.stages.items import ItemTable, check_image_paths, fingerprint, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -89,22 +89,16 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
     return "\n".join(lines)
 
 
-def generation_config(config: Mapping) -> GenerationConfig:
-    """Greedy decoding with the configured length and batch (part of the cache key)."""
-    return GenerationConfig(max_new_tokens=int(setting(config, "item_fusion_max_new_tokens")),
-                            batch_size=stage_batch_size(config), do_sample=False,
-                            no_repeat_ngram_size=int(setting(config, "stage_no_repeat_ngram_size")))
-
-
 @dataclass
 class ItemFusionPlan:
-    """What one configuration reads and where it writes: the item rows, prompt pieces and the cache."""
+    """What one configuration reads and where it writes: the item rows, prompt pieces, decoding and the cache."""
 
     cache: StageCache
     table: ItemTable
     fields: list
     template: PromptTemplate
     image_dir: Path
+    generation: GenerationConfig  # the decoding the cache is keyed with
 
 
 def item_images(config: Mapping) -> tuple[ItemTable, Optional[str], Path]:
@@ -126,7 +120,7 @@ def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdenti
     fields = text_fields(config, table)
     if image_field and image_field not in table.field_types:
         logger.info(f"{table.path} has no image field {image_field!r} (item_image_field): items are summarised from text")
-    generation = generation_config(config)
+    generation = generation_config(config, "item_fusion_max_new_tokens")
     manifest = {
         "model": backend.identity.as_dict(),
         "prompt": template.identity(),
@@ -141,7 +135,7 @@ def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdenti
     cache = StageCache(setting(config, "stage_cache_dir"), STAGE, manifest, keys=list(table.rows),
                        shard_size=int(setting(config, "stage_shard_size")),
                        command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
-    return ItemFusionPlan(cache, table, fields, template, image_dir)
+    return ItemFusionPlan(cache, table, fields, template, image_dir, generation)
 
 
 def item_fusion_cache(config: Mapping, backend: Union[MultimodalLM, BackendIdentity]) -> StageCache:

@@ -17,7 +17,7 @@ from typing import Optional
 import pandas as pd
 from PIL import Image
 
-from recbole_mllm.stages.cache import canonical_json, sha256_file
+from recbole_mllm.fileio import canonical_json, sha256_file
 
 
 @dataclass

@@ -86,8 +86,8 @@ from recbole_mllm.mllm.base import ChatRequest, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import load_backend, stage_config, stage_main
 from recbole_mllm.stages.item_fusion_cache import load_item_fusion
-from recbole_mllm.stages.user_profile_cache import (DEFAULTS, STAGE, UserProfilePlan, WindowRule, generation_config,
-                                                    histories_or_dataset, user_profile_plan)
+from recbole_mllm.stages.user_profile_cache import (DEFAULTS, STAGE, UserProfilePlan, WindowRule, histories_or_dataset,
+                                                    user_profile_plan)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class _ShardCompute:
 
     def __init__(self, config: Mapping, plan: UserProfilePlan, backend: MultimodalLM, progress: bool):
         self.config, self.plan, self.backend, self.progress = config, plan, backend, progress
-        self.generation = generation_config(config)
+        self.generation = plan.generation
         self.item_summaries: Optional[dict] = None
         self.generated = 0
 

@@ -17,11 +17,12 @@ import torch
 
 from recbole_mllm.data.histories import user_histories
 from recbole_mllm.data.split import held_out_count, needed_positions
+from recbole_mllm.fileio import canonical_json, sha256_file
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.backend_identity import BackendIdentity
-from recbole_mllm.stages.cache import StageCache, canonical_json, sha256_file
-from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, declared, load_backend,
-                                         stage_batch_size)
+from recbole_mllm.stages.cache import StageCache
+from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, declared, generation_config,
+                                         load_backend)
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, render_item_text, text_fields
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
@@ -117,13 +118,7 @@ class UserProfilePlan:
     template: PromptTemplate
     profiles: dict
     item_texts: dict  # raw item token -> "Title: ...; Year: ..."
-
-
-def generation_config(config: Mapping) -> GenerationConfig:
-    """Greedy decoding with the configured length and batch (part of the cache key)."""
-    return GenerationConfig(max_new_tokens=int(setting(config, "user_summary_max_new_tokens")),
-                            batch_size=stage_batch_size(config), do_sample=False,
-                            no_repeat_ngram_size=int(setting(config, "stage_no_repeat_ngram_size")))
+    generation: GenerationConfig  # the decoding the cache is keyed with
 
 
 def _histories_sha256(histories: Mapping) -> str:
@@ -162,7 +157,7 @@ def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdent
     if unknown:
         raise ValueError(f"{len(unknown)} item(s) of the histories are not in {table.path}, e.g. {unknown[:5]}")
     profiles = user_profiles(config)
-    generation = generation_config(config)
+    generation = generation_config(config, "user_summary_max_new_tokens")
     user_file = folder / f"{dataset}.user"
     inter_file = folder / f"{dataset}.inter"
     manifest = {
@@ -187,7 +182,7 @@ def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdent
     cache = StageCache(setting(config, "stage_cache_dir"), STAGE, manifest, keys=summary_keys(histories, config),
                        shard_size=int(setting(config, "user_shard_size")), group_by_first=True,
                        command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
-    return UserProfilePlan(cache, histories, rule, clock, template, profiles, item_texts)
+    return UserProfilePlan(cache, histories, rule, clock, template, profiles, item_texts, generation)
 
 
 def histories_or_dataset(config: Mapping, histories: Optional[Mapping]) -> Mapping:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from recbole_mllm.utils import atomic_output, atomic_write
+from recbole_mllm.fileio import atomic_output, atomic_write
 
 
 def test_a_write_replaces_the_file_whole_and_leaves_no_temp_file(tmp_path):
