@@ -171,6 +171,11 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
       ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
     * the first stage's recall is logged after every full-ranking evaluation, and with ``report_first_stage``
       every evaluation is repeated with the encoder alone and logged beside it.
+
+    It reads the model only through methods: RecBole's contract (``calculate_loss``, ``predict``,
+    ``full_sort_predict``, ``other_parameter``/``load_other_parameter``) and MLLMSRec's trainer interface
+    (``encoder_loss``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
+    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``; ``model/mllmsrec/model.py``).
     """
 
     def __init__(self, config, model):
@@ -261,12 +266,11 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         Under ``top_k`` only those whose target is inside the frozen encoder's top-K train (``llm_trained_rows``,
         counted here); the others stay in the batches, so each step trains on the rows it holds, as measured.
         """
-        inter, rows, keep, chunk = train_data._dataset.inter_feat, [], 0, 65536
+        inter, rows, keep, chunk = train_data.dataset.inter_feat, [], 0, 65536
         for start in range(0, len(inter), chunk):
-            part = inter[start:start + chunk]
-            part_rows, ts = self.model.candidates.llm_rows(part, self.model.positions)
+            part_rows, trained = self.model.llm_rows(inter[start:start + chunk])
             rows += [start + row for row in part_rows]
-            keep += len(self.model.llm_trained_rows(part, part_rows, ts))
+            keep += len(trained)
         self.logger.info(f"encoder frozen: the joint epochs read the {len(rows)} rows the LLM may train on (of "
                          f"{len(inter)}), {self.config['ranker_train_batch_size']} per step; {keep} of them train it")
         if not keep:  # an untrained reranker would be tested as if it were MLLMSRec's
@@ -288,8 +292,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         never stands in for the other.
         """
         config = self.config
-        identity = {"inputs": self.model.inputs_identity["stage_caches"], "dataset": config["dataset"],
-                    "config": {k: config[k] for k in WARMUP_KEYS}, "dtype": self.model.backend.identity.dtype,
+        identity = {**self.model.warmup_inputs(), "dataset": config["dataset"],
+                    "config": {k: config[k] for k in WARMUP_KEYS},
                     "device": self.device.type, "code": warmup_code_sha256(self.model), "validated": bool(validated)}
         key = sha256_bytes(canonical_json(identity).encode())[:16]
         return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
@@ -312,7 +316,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
         if distributed.broadcast(self.warmup_cache.is_file()):  # rank 0's answer: all ranks reuse, or all train
             saved = compat.load_weights(self.warmup_cache, map_location=self.device)
-            self.model.encoder.load_state_dict(saved["encoder"])
+            self.model.load_encoder_state(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
                              f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")
             return
@@ -320,7 +324,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         if not distributed.is_main():
             return
         buffer = io.BytesIO()
-        torch.save({"encoder": self.model.encoder.state_dict(), "best_score": best_score or float("nan"),
+        torch.save({"encoder": self.model.encoder_state(), "best_score": best_score or float("nan"),
                     "epochs": epochs}, buffer)
         atomic_write(self.warmup_cache, buffer.getvalue())
         self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
@@ -357,7 +361,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
                     better = best_score is None or (score > best_score if self.valid_metric_bigger else score < best_score)
                     if better:
                         best_score, stale = score, 0
-                        best_state = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+                        best_state = {k: v.detach().clone() for k, v in self.model.encoder_state().items()}
                     else:
                         stale += 1
                 if verbose:
@@ -366,7 +370,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
                     break
         self.use_bf16 = use_bf16
         if best_state is not None:
-            self.model.encoder.load_state_dict(best_state)
+            self.model.load_encoder_state(best_state)
             if verbose:
                 self.logger.info(f"encoder warm-up done: best valid {self.valid_metric} {best_score:.4f} kept")
         return best_score, epoch + 1

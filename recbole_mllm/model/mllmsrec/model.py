@@ -264,6 +264,25 @@ class MLLMSRec(FusedSASRec):
         encoder_scores = (user_states[owner] * item_states).sum(-1).float()  # each candidate's first-stage score
         return pointwise + list_cross_entropy(encoder_scores + self.residual_gate * log_odds, owner, labels)
 
+    # ------------------------------------------------------------------ what MLLMSRecTrainer asks of the model
+    def llm_rows(self, interaction):
+        """``(rows, trained)``: the rows of ``interaction`` the LLM may train on (``TrainingCandidates.llm_rows``) and,
+        of them, those whose loss trains it (``llm_trained_rows``); the joint epochs of a frozen encoder read only them."""
+        rows, ts = self.candidates.llm_rows(interaction, self.positions)
+        return rows, self.llm_trained_rows(interaction, rows, ts)
+
+    def warmup_inputs(self):
+        """What a cached encoder warm-up depends on besides the config and code: the stage caches it read and the
+        backend's resolved dtype (part of the warm-up cache key)."""
+        return {"inputs": self.inputs_identity["stage_caches"], "dtype": self.backend.identity.dtype}
+
+    def encoder_state(self):
+        """The first stage's weights (what a warm-up keeps and caches)."""
+        return self.encoder.state_dict()
+
+    def load_encoder_state(self, state):
+        self.encoder.load_state_dict(state)
+
     # ------------------------------------------------------------------ a first stage fixed after the warm-up
     def freeze_encoder(self):
         """Keep the warmed-up encoder as it is for the joint epochs (``encoder_frozen_after_warmup``): no gradient, no
