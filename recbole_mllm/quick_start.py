@@ -66,6 +66,8 @@ def split_and_build_model(config, dataset):
     model_class = get_model(config["model"])
     check_train_positions(config["model"], config)
     check_encoder_freezing(config)
+    if hasattr(model_class, "check_config"):  # a model's own settings, checked before its stages run
+        model_class.check_config(config)
     stages = required_stages(model_class)
     histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
     train_data, valid_data, test_data = data_preparation(config, dataset,

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recbole_mllm.properties_path import declared
+
 HELD_OUT_PARTS = {"valid_and_test": ("valid", "test"), "valid_only": ("valid",), "test_only": ("test",)}
 """The parts each leave-one-out mode holds out, in time order (RecBole fills the last ones first)."""
 
-LLM_TRAIN_TARGETS_PER_USER = 2
-"""Default of ``llm_train_targets_per_user``: the last training targets of each user the LLM trains on."""
+LLM_TRAIN_TARGETS_PER_USER = declared("stages.yaml", "llm_train_targets_per_user")["llm_train_targets_per_user"]
+"""Default of ``llm_train_targets_per_user`` (declared in ``properties/stages.yaml``), for configs without the plugin's
+stage keys (a baseline's): the last training targets of each user the LLM trains on."""
 
 
 def split_mode(config):

@@ -14,21 +14,24 @@ from pathlib import Path
 from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
-import yaml
 
 from recbole_mllm import distributed
 from recbole_mllm.cli import exit_on_help, input_error, safe_cmd_args
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
-from recbole_mllm.properties_path import properties_dir
+from recbole_mllm.properties_path import declared as declared_in
+from recbole_mllm.properties_path import recbole_declared
 from recbole_mllm.stages.cache import StageCacheError
 
-DECLARED = yaml.safe_load((properties_dir() / "stages.yaml").read_text())
-"""The stage keys and their defaults, declared once with their types and help in ``properties/stages.yaml``."""
-
-
 def declared(*keys):
-    """``{key: default}`` of ``keys`` from ``properties/stages.yaml`` (a key it lacks is a KeyError at import)."""
-    return {key: DECLARED[key] for key in keys}
+    """``{key: default}`` of ``keys`` from ``properties/stages.yaml``, where the stage keys are declared once with their
+    types and help (a key it lacks is a KeyError at import)."""
+    return declared_in("stages.yaml", *keys)
+
+
+RECBOLE_DATASET_DEFAULTS = {**recbole_declared("data_path", "USER_ID_FIELD", "ITEM_ID_FIELD", "field_separator",
+                                               "seq_separator"),
+                            "encoding": "utf-8"}  # RecBole declares no encoding (None: the locale's); files are UTF-8
+"""RecBole's dataset keys the stages read, with RecBole's defaults (the stages also run on plain dicts)."""
 
 
 STAGE_DEFAULTS = declared("mllm", "mllm_dtype", "stage_cache_dir", "stage_batch_size", "stage_shard_size",
@@ -76,7 +79,7 @@ def stage_batch_size(config: Mapping) -> int:
 
 def generation_config(config: Mapping, max_new_tokens_key: str) -> GenerationConfig:
     """Greedy decoding with the stage's length key and the shared batch and n-gram settings (part of each cache key)."""
-    return GenerationConfig(max_new_tokens=int(config_value(config, max_new_tokens_key, DECLARED)),
+    return GenerationConfig(max_new_tokens=int(config_value(config, max_new_tokens_key, declared(max_new_tokens_key))),
                             batch_size=stage_batch_size(config), do_sample=False,
                             no_repeat_ngram_size=int(config_value(config, "stage_no_repeat_ngram_size", STAGE_DEFAULTS)))
 

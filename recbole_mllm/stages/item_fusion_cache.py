@@ -18,7 +18,8 @@ import torch
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
-from recbole_mllm.stages.common import STAGE_DEFAULTS, config_value, dataset_location, declared, generation_config
+from recbole_mllm.stages.common import (RECBOLE_DATASET_DEFAULTS, STAGE_DEFAULTS, config_value, dataset_location, declared,
+                                         generation_config)
 from recbole_mllm.stages.items import ItemTable, check_image_paths, fingerprint, read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
 
@@ -30,11 +31,8 @@ DEFAULTS = {
     **STAGE_DEFAULTS,
     **declared("item_fusion_prompt", "item_fusion_max_new_tokens", "item_text_fields", "item_image_field",
                "item_image_dir"),
-    "data_path": "dataset/",  # RecBole's dataset keys, with RecBole's defaults
-    "ITEM_ID_FIELD": "item_id",
-    "field_separator": "\t",
-    "seq_separator": " ",
-    "encoding": "utf-8",
+    **{key: RECBOLE_DATASET_DEFAULTS[key] for key in ("data_path", "ITEM_ID_FIELD", "field_separator", "seq_separator",
+                                                      "encoding")},
 }
 
 ITEM_TEXT_FORMAT = 1

@@ -21,8 +21,8 @@ from recbole_mllm.fileio import canonical_json, sha256_file
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.backend_identity import BackendIdentity
 from recbole_mllm.stages.cache import StageCache
-from recbole_mllm.stages.common import (STAGE_DEFAULTS, config_value, dataset_location, declared, generation_config,
-                                         load_backend)
+from recbole_mllm.stages.common import (RECBOLE_DATASET_DEFAULTS, STAGE_DEFAULTS, config_value, dataset_location, declared,
+                                         generation_config, load_backend)
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, render_item_text, text_fields
 from recbole_mllm.stages.items import read_item_file
 from recbole_mllm.stages.prompts import PromptTemplate, load_prompt
@@ -35,8 +35,7 @@ DEFAULTS = {
     **declared("user_window_size", "user_window_step", "user_summary_max_windows", "user_window_partial_first",
                "llm_train_targets_per_user", "user_shard_size", "user_profile_prompt", "user_summary_max_new_tokens",
                "user_time_format"),
-    "ITEM_ID_FIELD": "item_id",  # RecBole's dataset keys, with RecBole's defaults
-    "seq_separator": " ",
+    **{key: RECBOLE_DATASET_DEFAULTS[key] for key in ("ITEM_ID_FIELD", "seq_separator")},
     **PROFILE_DEFAULTS,
 }
 

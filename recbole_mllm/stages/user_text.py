@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from recbole_mllm.stages.common import config_value, dataset_location
+from recbole_mllm.stages.common import RECBOLE_DATASET_DEFAULTS, config_value, dataset_location
 from recbole_mllm.stages.items import AtomicTable, read_atomic_file
 
 USER_TEXT_FORMAT = 1
@@ -22,9 +22,7 @@ TIME_FORMATS = ("unix_s", "unix_ms", "none")
 
 PROFILE_DEFAULTS = {
     "user_profile_fields": None,
-    "USER_ID_FIELD": "user_id",
-    "field_separator": "\t",
-    "encoding": "utf-8",
+    **{key: RECBOLE_DATASET_DEFAULTS[key] for key in ("USER_ID_FIELD", "field_separator", "encoding")},
 }
 """Config keys :func:`user_profiles` reads (``user_profile_fields``: None means every field but the id)."""
 

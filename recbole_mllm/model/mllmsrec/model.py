@@ -36,7 +36,6 @@ NOTE (deviations, all configurable):
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from contextlib import contextmanager
 
@@ -48,12 +47,10 @@ from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
+from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 from recbole_mllm.model.prompting import build_layout
 from recbole_mllm.model.ranker import LoRARanker
 from recbole_mllm.model.stage_inputs import read_stage_inputs
-
-logger = logging.getLogger(__name__)
-
 
 def list_cross_entropy(scores, owner, labels):
     """Softmax cross-entropy of each list's positive among its candidates (``owner[c]``: the list of ``scores[c]``;
@@ -71,6 +68,11 @@ class MLLMSRec(FusedSASRec):
     required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
 
     @classmethod
+    def check_config(cls, config):
+        """MLLMSRec's settings checked together, before the stages run (``quick_start.split_and_build_model``)."""
+        MLLMSRecSettings.from_config(config)
+
+    @classmethod
     def prepare(cls, config, dataset, histories=None):
         """The constructor's prepared parts (``quick_start.build_model``): ``{"inputs": StageInputs}``, everything read
         from the stage caches, the LLM backend and the items' image features (``model/stage_inputs.py``);
@@ -85,18 +87,15 @@ class MLLMSRec(FusedSASRec):
         # from the seed, the encoder draws its initial weights as FusedSASRec's does, and the projections theirs after it
         super().__init__(config, dataset, item_content=inputs.item_embeddings)  # FusedSASRec: self.encoder
         # load parameters info
+        settings = MLLMSRecSettings.from_config(config)
         self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
         self.hidden_size = config["hidden_size"]
-        self.rerank_top_k = config["rerank_top_k"]
-        self.encoder_loss_weight = config["encoder_loss_weight"]
+        self.rerank_top_k = settings.rerank_top_k
+        self.encoder_loss_weight = settings.encoder_loss_weight
         self.encoder_frozen = False  # freeze_encoder(): the trainer's encoder_frozen_after_warmup
-        use_images = config["ranker_use_images"]
-        switches = [use_images, config["ranker_use_summaries"], config["ranker_use_soft_tokens"], config["ranker_use_cot"],
-                    config["ranker_use_rank"], config["ranker_residual"]]
-        self.use_recent_states = bool(config["ranker_use_recent_states"])
-        switches += [True] if self.use_recent_states else []  # appended only when on: earlier checkpoints still load
-        field_tokens = {"item_summary": config["ranker_item_summary_tokens"],
-                        "preference": config["ranker_preference_tokens"], "item_text": 48}
+        self.use_recent_states = settings.ranker_use_recent_states
+        field_tokens = {"item_summary": settings.ranker_item_summary_tokens, "preference": settings.ranker_preference_tokens,
+                        "item_text": settings.ranker_item_text_tokens}
 
         # prompt material
         self.backend = inputs.backend
@@ -116,28 +115,29 @@ class MLLMSRec(FusedSASRec):
         self.item_projection = self._projection(llm_hidden, token_std)
         self.match_projection = self._projection(llm_hidden, token_std)
         template = inputs.template
-        self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(), "switches": switches,
-                                "recent_items": config["ranker_recent_items"], "field_tokens": field_tokens}
-        layout = build_layout(template, self.backend.tokenizer, config["ranker_use_cot"], config["ranker_use_soft_tokens"],
-                              config["ranker_use_rank"])
+        self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(),
+                                "switches": settings.switches, "recent_items": settings.ranker_recent_items,
+                                "field_tokens": field_tokens}
+        layout = build_layout(template, self.backend.tokenizer, settings.ranker_use_cot, settings.ranker_use_soft_tokens,
+                              settings.ranker_use_rank)
         self.prompts = PromptParts(self.context, inputs.user_summaries, layout, self.backend.tokenizer, field_tokens,
-                                   config["ranker_recent_items"], config["ranker_use_summaries"], self.n_items - 1,
+                                   settings.ranker_recent_items, settings.ranker_use_summaries, self.n_items - 1,
                                    config["dataset"])
-        self.ranker = LoRARanker(self.backend.model, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
-                                 config["lora_target_modules"], layout.yes_id, layout.no_id,
-                                 config["gradient_checkpointing"])
+        self.ranker = LoRARanker(self.backend.model, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
+                                 list(settings.lora_target_modules), layout.yes_id, layout.no_id,
+                                 settings.gradient_checkpointing)
         self.image_projector = None
-        if use_images and inputs.images is not None:  # read_stage_inputs encoded them (and warned when it could not)
+        if settings.ranker_use_images and inputs.images is not None:  # read_stage_inputs encoded them (and warned when it could not)
             features, logits, has_image = inputs.images
             self.image_projector = self.backend.projector  # its zero-initialised residual is trained
             self.register_buffer("image_features", features, persistent=False)
             self.register_buffer("image_logits", logits, persistent=False)
             self.register_buffer("has_image", has_image, persistent=False)
         # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
-        self.residual_gate = nn.Parameter(torch.zeros(())) if config["ranker_residual"] else None
+        self.residual_gate = nn.Parameter(torch.zeros(())) if settings.ranker_residual else None
         self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["mask_history"],
-                                     config["ranker_eval_batch_size"], config["late_fusion_weight"],
-                                     residual=config["ranker_residual"])
+                                     settings.ranker_eval_batch_size, settings.late_fusion_weight,
+                                     residual=settings.ranker_residual)
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 

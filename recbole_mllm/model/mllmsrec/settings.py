@@ -1,0 +1,61 @@
+"""MLLMSRec's own settings, read once from RecBole's config and checked together (the shape of peft's ``LoraConfig``).
+
+Each default and its full meaning is declared once, in ``properties/model/MLLMSRec.yaml``; the fields here carry no
+defaults, so a key that file stops declaring fails at once instead of falling back to a second, silent default.
+Keys RecBole or the shared protocol own (field names, ``hidden_size``, ``mask_history``) are read from the config
+where they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _help(text):
+    return field(metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class MLLMSRecSettings:
+    rerank_top_k: int = _help("the LLM scores an item only within the encoder's catalogue top-K for the user")
+    encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
+    ranker_use_images: bool = _help("target item image as projected visual tokens")
+    ranker_use_summaries: bool = _help("temporal preference summary in the prompt")
+    ranker_use_soft_tokens: bool = _help("hybrid prompting: user, item and match soft tokens")
+    ranker_use_cot: bool = _help("chain-of-thought steps: evolution, target analysis, match")
+    ranker_use_rank: bool = _help("the encoder's rank of the target in the prompt")
+    ranker_use_recent_states: bool = _help("each recent item's encoder state as a soft token after its title")
+    ranker_residual: bool = _help("score = encoder score + learnt gate x LLM log-odds")
+    ranker_recent_items: int = _help("recent items named in the prompt and used by the match step")
+    ranker_item_summary_tokens: int = _help("fused item summary tokens kept in a candidate's prompt")
+    ranker_preference_tokens: int = _help("preference summary tokens kept in a user's prompt")
+    ranker_item_text_tokens: int = _help("item description tokens kept in a candidate's prompt")
+    ranker_eval_batch_size: int = _help("candidates per LLM forward when scoring")
+    late_fusion_weight: float = _help("score = LLM + w x encoder score (0: LLM alone)")
+    ranker_train_negatives: int = _help("negatives per positive for the Yes/No fine-tuning")
+    ranker_hard_negatives: int = _help("of those, how many come from the encoder's top-K (sampled lists only)")
+    lora_rank: int = _help("LoRA rank")
+    lora_alpha: int = _help("LoRA alpha")
+    lora_dropout: float = _help("LoRA dropout")
+    lora_target_modules: tuple = _help("modules of the LLM that get LoRA adapters")
+    gradient_checkpointing: bool = _help("recompute the LLM's activations in backward (scores unchanged)")
+
+    @classmethod
+    def from_config(cls, config):
+        """Every field from ``config`` (a RecBole ``Config`` or a mapping), where the model YAML's default sits."""
+        values = {f.name: config[f.name] for f in fields(cls)}
+        values["lora_target_modules"] = tuple(values["lora_target_modules"] or ())
+        return cls(**values)
+
+    def __post_init__(self):
+        if not self.lora_target_modules or not all(isinstance(m, str) for m in self.lora_target_modules):
+            raise ValueError(f"lora_target_modules: a list of module names, got {list(self.lora_target_modules)!r}")
+        if self.ranker_hard_negatives > self.ranker_train_negatives:
+            raise ValueError(f"ranker_hard_negatives ({self.ranker_hard_negatives}) is more than ranker_train_negatives "
+                             f"({self.ranker_train_negatives}), the negatives they are part of")
+
+    @property
+    def switches(self):
+        """The prompt's ablation switches, in the order checkpoints record them (``inputs_identity``)."""
+        return [self.ranker_use_images, self.ranker_use_summaries, self.ranker_use_soft_tokens, self.ranker_use_cot,
+                self.ranker_use_rank, self.ranker_residual] + ([True] if self.ranker_use_recent_states else [])
