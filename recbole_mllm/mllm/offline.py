@@ -28,7 +28,6 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from recbole_mllm.fileio import atomic_output
 
 from .base import ChatRequest
 from .gguf_convert import convert_gguf
@@ -113,7 +114,7 @@ class OfflineLLM:
             raise ModuleNotFoundError(f"{error}; install the offline LLM with `{self.install}`") from None
 
     def gguf(self) -> Path:
-        """Its GGUF file; chunks are assembled once under the cache home (temp file + rename) and reused."""
+        """Its GGUF file; chunks are assembled once under the cache home (all or nothing) and reused."""
         files = self.weight_files()
         if len(files) == 1 and files[0].suffix == ".gguf":
             return files[0]
@@ -121,9 +122,8 @@ class OfflineLLM:
         final = cache_home() / "gguf" / f"{combined_sha256(files)[:16]}-{module.MODEL_NAME}"
         if not final.is_file():
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            module.assemble(tmp, overwrite=True)
-            os.replace(tmp, final)
+            with atomic_output(final) as out:  # assemble writes by path: into the temp file renamed over final
+                module.assemble(out.name, overwrite=True)
         return final
 
 
