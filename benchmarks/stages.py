@@ -23,7 +23,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Conf
 from recbole_mllm.cli import HelpFormatter
 from recbole_mllm.mllm.base import ChatRequest, GenerationConfig
 from recbole_mllm.mllm.hf_causal import HFCausalLM
-from recbole_mllm.mllm.offline import convert_gguf, package_file
+from recbole_mllm.mllm.gguf_convert import convert_gguf
+from recbole_mllm.mllm.offline import package_file
 
 MODELS = {
     "smollm2-135m": (LlamaConfig, LlamaForCausalLM, dict(

@@ -28,7 +28,7 @@ Usage (idempotent: a second run with the same inputs and arguments does nothing)
     python dataset_scripts/amazon.py --reviews raw/reviews_Beauty_5.json.gz \\
         --meta raw/meta_Beauty.json.gz --output dataset --name amazon-beauty-mm
 
-Written to ``<output>/<name>/`` (see common.py): ``.inter`` and ``.item`` with ``title``,
+Written to ``<output>/<name>/`` (see atomic_files.py): ``.inter`` and ``.item`` with ``title``,
 ``description`` (words, the description cut to ``--max-description-words``), ``brand`` (one token),
 ``categories`` (one token per category, inner spaces as ``_``), ``image``; no ``.user`` (the dumps
 have no demographics). Items whose metadata is missing keep their interactions with empty text.
@@ -52,9 +52,21 @@ import pandas as pd
 from tqdm import tqdm
 
 if __package__:
-    from . import common
+    from .atomic_files import INTER_FIELDS, TIE_SEED, number, tie_key, write_atomic_file, write_dataset_yaml
+    from .cli import argument_parser, run_main, run_script
+    from .errors import InputError, LineErrors, check_input_file, compression_of
+    from .images import (find_images, image_paths, is_clean_jpeg, normalise_image, remove_stale_images,
+                         write_missing_images)
+    from .stats import dataset_stats, row_counts
+    from .text import clean_text, label_token
 else:  # run as a script: python dataset_scripts/amazon.py
-    import common
+    from atomic_files import INTER_FIELDS, TIE_SEED, number, tie_key, write_atomic_file, write_dataset_yaml
+    from cli import argument_parser, run_main, run_script
+    from errors import InputError, LineErrors, check_input_file, compression_of
+    from images import (find_images, image_paths, is_clean_jpeg, normalise_image, remove_stale_images,
+                        write_missing_images)
+    from stats import dataset_stats, row_counts
+    from text import clean_text, label_token
 
 ITEM_FIELDS = [
     ("item_id", "token"), ("title", "token_seq"), ("brand", "token"), ("categories", "token_seq"),
@@ -74,14 +86,14 @@ def raw_lines(path):
 
     Bytes are decoded as UTF-8 with replacement, so a stray byte costs a character, not the line.
     Gzip is recognised by its content; a file named ``.gz`` that is not gzip, another compression, or
-    gzip data that is cut off or damaged is a :class:`common.InputError` naming the file.
+    gzip data that is cut off or damaged is a :class:`InputError` naming the file.
     """
     path = Path(path)
-    kind = common.compression_of(path)
+    kind = compression_of(path)
     if path.suffix == ".gz" and kind != "gzip":
-        raise common.InputError(path, f"is named .gz but is {f'{kind}-compressed' if kind else 'not compressed'}")
+        raise InputError(path, f"is named .gz but is {f'{kind}-compressed' if kind else 'not compressed'}")
     if kind not in (None, "gzip"):
-        raise common.InputError(path, f"is {kind}-compressed; give the .json/.jsonl file, plain or gzipped")
+        raise InputError(path, f"is {kind}-compressed; give the .json/.jsonl file, plain or gzipped")
     line_number = 0
     with (gzip.open if kind == "gzip" else open)(path, "rb") as f:
         try:
@@ -91,9 +103,9 @@ def raw_lines(path):
                     yield line_number, line
         except (OSError, EOFError, zlib.error) as error:
             if kind != "gzip":
-                raise common.InputError(path, f"cannot be read after line {line_number:,} ({error})") from None
+                raise InputError(path, f"cannot be read after line {line_number:,} ({error})") from None
             problem = "is cut off" if isinstance(error, EOFError) else f"is damaged ({error})"
-            raise common.InputError(path, f"gzip data {problem} after line {line_number:,}") from None
+            raise InputError(path, f"gzip data {problem} after line {line_number:,}") from None
 
 
 def parse_record(line, file, line_number, errors):
@@ -125,7 +137,7 @@ def read_reviews(path, errors):
         rating = record.get("rating", record.get("overall"))
         timestamp = record.get("timestamp", record.get("unixReviewTime"))
         try:
-            user, item = common.label_token(user), common.label_token(item)
+            user, item = label_token(user), label_token(item)
             rating, timestamp = float(rating), float(timestamp)
         except (TypeError, ValueError):
             user = None
@@ -151,17 +163,17 @@ def k_core(inter, k):
         inter = inter[keep]
 
 
-def filter_interactions(inter, min_rating, k, duplicates="drop", tie_seed=common.TIE_SEED):
+def filter_interactions(inter, min_rating, k, duplicates="drop", tie_seed=TIE_SEED):
     """Rating threshold, then one interaction per (user, item) (the earliest; ``duplicates="keep"``:
     every review), then k-core. ``counts["duplicates"]`` is the number of repeated reviews either way.
 
     Each user's interactions come out in time order, those of the same timestamp (the 2014 and 2018 dumps
-    have whole days) in the order of :func:`common.tie_key`, not of item ids."""
+    have whole days) in the order of :func:`tie_key`, not of item ids."""
     counts = {"reviews": len(inter)}
     if min_rating is not None:
         inter = inter[inter["rating"] >= min_rating]
     counts["below_min_rating"] = counts["reviews"] - len(inter)
-    ties = [common.tie_key(tie_seed, user, item) for user, item in zip(inter["user_id"], inter["item_id"])]
+    ties = [tie_key(tie_seed, user, item) for user, item in zip(inter["user_id"], inter["item_id"])]
     inter = inter.assign(tie=pd.Series(ties, index=inter.index, dtype="int64"))
     inter = inter.sort_values(["user_id", "timestamp", "tie"], kind="stable").drop(columns="tie")
     repeated = inter.duplicated(["user_id", "item_id"], keep="first")
@@ -179,7 +191,7 @@ def _text(value):
     """Plain one-line text of a string or list of strings; HTML entities and tags removed."""
     if isinstance(value, (list, tuple)):
         value = " ".join(str(v) for v in value if v)
-    return common.clean_text(_TAG.sub(" ", html.unescape(str(value)))) if value else ""
+    return clean_text(_TAG.sub(" ", html.unescape(str(value)))) if value else ""
 
 
 def _categories(record):
@@ -187,7 +199,7 @@ def _categories(record):
     for key in ("categories", "category"):
         for value in record.get(key) or []:
             labels.extend(value if isinstance(value, (list, tuple)) else [value])  # 2014: list of paths
-    tokens = (common.label_token(_text(label)) for label in labels if label)
+    tokens = (label_token(_text(label)) for label in labels if label)
     return list(dict.fromkeys(t for t in tokens if t))
 
 
@@ -244,7 +256,7 @@ def read_meta(path, wanted, errors, max_description_words, counts=None):
         record = parse_record(line, name, line_number, errors)
         if record is None:
             continue
-        item = common.label_token(record.get("parent_asin") or record.get("asin"))
+        item = label_token(record.get("parent_asin") or record.get("asin"))
         if item in wanted and item not in items:
             items[item] = item_record(record, max_description_words)
         else:
@@ -305,7 +317,7 @@ class Downloader:
                 continue
             part = dst.with_name(f".{dst.stem}.part")
             part.write_bytes(data)
-            reason = common.normalise_image(part, dst)
+            reason = normalise_image(part, dst)
             part.unlink()
             if reason is None:
                 return None
@@ -318,9 +330,9 @@ def collect_images(items, images_dir, local, download, downloader, workers):
 
     Order per item: a file in the local folder, else a clean image already in ``images_dir`` (an
     earlier, possibly interrupted, run downloaded it), else a download. An item id that is no plain file name
-    (``../x``, ``/x``) ends the run before any file is opened (:func:`common.image_paths`).
+    (``../x``, ``/x``) ends the run before any file is opened (:func:`image_paths`).
     """
-    paths = common.image_paths(images_dir, items)
+    paths = image_paths(images_dir, items)
     images_dir.mkdir(parents=True, exist_ok=True)
     images, missing, queue = {}, {}, {}
     counts = {"from_folder": 0, "already_present": 0, "downloaded": 0}
@@ -328,13 +340,13 @@ def collect_images(items, images_dir, local, download, downloader, workers):
         dst = paths[item_id]
         reason = None
         if item_id in local:
-            reason = common.normalise_image(local[item_id], dst)
+            reason = normalise_image(local[item_id], dst)
             if reason is None:
                 images[item_id] = dst.name
                 counts["from_folder"] += 1
                 continue
             reason = f"{reason}: {local[item_id].name}"
-        if dst.exists() and common.is_clean_jpeg(dst):
+        if dst.exists() and is_clean_jpeg(dst):
             images[item_id] = dst.name
             counts["already_present"] += 1
         elif download and record["urls"]:
@@ -355,18 +367,18 @@ def collect_images(items, images_dir, local, download, downloader, workers):
                 counts["downloaded"] += 1
             else:
                 missing[item_id] = reason
-    common.remove_stale_images(images_dir, keep=set(images.values()))
+    remove_stale_images(images_dir, keep=set(images.values()))
     return images, missing, counts
 
 
 # ---------------------------------------------------------------------------------------- build
 def convert(args, build):
-    errors = common.LineErrors()
+    errors = LineErrors()
     reviews = read_reviews(args.reviews, errors)
     inter, counts = filter_interactions(reviews, args.min_rating, args.k_core, args.duplicates, args.tie_seed)
     if inter.empty:
         errors.report()
-        raise common.InputError(args.reviews, "no interaction is left after --min-rating / --k-core")
+        raise InputError(args.reviews, "no interaction is left after --min-rating / --k-core")
     kept_items = set(inter["item_id"])
     meta_counts = {"meta_of_other_items": 0, "repeated_meta_records": 0}
     meta = read_meta(args.meta, kept_items, errors, args.max_description_words, meta_counts) if args.meta else {}
@@ -376,21 +388,21 @@ def convert(args, build):
     items = {item: meta.get(item, empty) for item in kept_items}
     downloader = Downloader(retries=args.retries, timeout=args.timeout)
     images, missing, image_counts = collect_images(
-        items, build.dir / "images", common.find_images(args.images), not args.no_download, downloader, args.workers
+        items, build.dir / "images", find_images(args.images), not args.no_download, downloader, args.workers
     )
 
     name = build.name
     inter_rows = zip(
-        inter["user_id"], inter["item_id"], map(common.number, inter["rating"]), map(common.number, inter["timestamp"])
+        inter["user_id"], inter["item_id"], map(number, inter["rating"]), map(number, inter["timestamp"])
     )
-    common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, inter_rows)
+    write_atomic_file(build.dir / f"{name}.inter", INTER_FIELDS, inter_rows)
     fields = [f for f, _ in ITEM_FIELDS[1:-1]]
     item_rows = [(item, *(items[item][f] for f in fields), images.get(item, "")) for item in sorted(items)]
-    common.write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
-    common.write_missing_images(build.dir / "missing_images.txt", missing)
+    write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
+    write_missing_images(build.dir / "missing_images.txt", missing)
 
     item_images = {i: images.get(i, "") for i in items}
-    stats = common.dataset_stats(name, inter["user_id"], inter["item_id"], item_images, missing, errors)
+    stats = dataset_stats(name, inter["user_id"], inter["item_id"], item_images, missing, errors)
     stats.update(
         counts,
         **meta_counts,
@@ -400,21 +412,21 @@ def convert(args, build):
         items_with_title=sum(1 for record in items.values() if record["title"]),
         images=image_counts,
     )
-    stats["dropped"] = common.row_counts(
+    stats["dropped"] = row_counts(
         malformed_lines=errors.total,
         reviews_below_min_rating=counts["below_min_rating"],
         reviews_removed_by_k_core=counts["removed_by_k_core"],
         **meta_counts,
     )
-    stats["orphaned"] = common.row_counts(items_without_metadata=stats["items_without_meta"])
-    common.write_dataset_yaml(build, "amazon.py", "Amazon reviews with item title, brand, categories, description and "
-                              "image.", {"inter": common.INTER_FIELDS, "item": ITEM_FIELDS}, "categories", stats)
+    stats["orphaned"] = row_counts(items_without_metadata=stats["items_without_meta"])
+    write_dataset_yaml(build, "amazon.py", "Amazon reviews with item title, brand, categories, description and "
+                              "image.", {"inter": INTER_FIELDS, "item": ITEM_FIELDS}, "categories", stats)
     return stats
 
 
 def parse_args(argv=None):
     images_help = "folder of local images named <item_id>.<ext>; used before downloading"
-    parser = common.argument_parser(__doc__, "amazon-beauty-mm", images_help)
+    parser = argument_parser(__doc__, "amazon-beauty-mm", images_help)
     parser.add_argument(
         "--reviews", required=True, type=Path, help="review file: .json/.jsonl, gzipped or not (2014, 2018 or 2023)"
     )
@@ -448,16 +460,16 @@ def main(argv=None):
     A missing, unreadable, damaged or wrongly compressed input ends in one line ``error: <file>: <problem>``
     and exit status 2.
     """
-    return common.run_main(_main, argv)
+    return run_main(_main, argv)
 
 
 def _main(argv):
     args = parse_args(argv)
-    common.check_input_file(args.reviews, "--reviews")
+    check_input_file(args.reviews, "--reviews")
     if args.meta is not None:
-        common.check_input_file(args.meta, "--meta")
+        check_input_file(args.meta, "--meta")
     inputs = [args.reviews, args.meta, args.images]
-    return common.run_script(args, inputs, __file__, convert, ignored=("workers", "retries", "timeout"))
+    return run_script(args, inputs, __file__, convert, ignored=("workers", "retries", "timeout"))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ Usage (idempotent, like nanoGPT's ``prepare.py``: a second run with the same inp
     python dataset_scripts/movielens.py --input ../shared/data/ml-1m/ml-1m.zip \\
         --images ../shared/data/ml-1m/posters --output dataset --name ml-1m-mm
 
-Written to ``<output>/<name>/`` (see common.py for the shared format):
+Written to ``<output>/<name>/`` (see atomic_files.py for the shared format):
 - ``.inter``: every rating, ``user_id item_id rating timestamp``, each user's in time order (ratings of the same
   second in the order of a hash of ``--tie-seed``, user and movie, never by MovieID); identical rating lines once
   (``--duplicates keep``: as they are), counted in the printed summary either way.
@@ -37,9 +37,19 @@ import zlib
 from pathlib import Path
 
 if __package__:
-    from . import common
+    from .atomic_files import INTER_FIELDS, number, tie_key, write_atomic_file, write_dataset_yaml
+    from .cli import argument_parser, run_main, run_script
+    from .errors import InputError, LineErrors, check_input_file, compression_of
+    from .images import find_images, normalise_images, write_missing_images
+    from .stats import dataset_stats, row_counts
+    from .text import clean_text, decode_bytes, label_token, text_lines
 else:  # run as a script: python dataset_scripts/movielens.py
-    import common
+    from atomic_files import INTER_FIELDS, number, tie_key, write_atomic_file, write_dataset_yaml
+    from cli import argument_parser, run_main, run_script
+    from errors import InputError, LineErrors, check_input_file, compression_of
+    from images import find_images, normalise_images, write_missing_images
+    from stats import dataset_stats, row_counts
+    from text import clean_text, decode_bytes, label_token, text_lines
 
 # ml-1m README: users.dat codes
 ML1M_AGES = {"1": "Under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49", "50": "50-55", "56": "56+"}
@@ -83,7 +93,7 @@ class Release:
             self._zip = None
             names = [str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()]
         else:
-            common.check_input_file(self.path, "--input")
+            check_input_file(self.path, "--input")
             self._zip = self._open_zip()
             names = [n for n in self._zip.namelist() if not n.endswith("/")]
         self._members = {}
@@ -91,14 +101,14 @@ class Release:
             self._members.setdefault(name.rsplit("/", 1)[-1], name)
 
     def _open_zip(self):
-        kind = common.compression_of(self.path)
+        kind = compression_of(self.path)
         try:
             return zipfile.ZipFile(self.path)
         except zipfile.BadZipFile as error:
             if kind == "zip":
-                raise common.InputError(self.path, f"is a damaged zip file ({error})") from None
+                raise InputError(self.path, f"is a damaged zip file ({error})") from None
             what = f"{kind}-compressed" if kind else "neither a zip file nor a folder"
-            raise common.InputError(self.path, f"is {what}; give the release zip as downloaded or its extracted folder") from None
+            raise InputError(self.path, f"is {what}; give the release zip as downloaded or its extracted folder") from None
 
     def __enter__(self):
         return self
@@ -111,7 +121,7 @@ class Release:
         return base_name in self._members
 
     def lines(self, base_name):
-        """``(line_number, line)`` of a member, decoded as UTF-8 or latin-1 (see common.decode_bytes)."""
+        """``(line_number, line)`` of a member, decoded as UTF-8 or latin-1 (see decode_bytes)."""
         member = self._members[base_name]
         if self._zip is None:
             data = (self.path / member).read_bytes()
@@ -119,14 +129,14 @@ class Release:
             try:
                 data = self._zip.read(member)
             except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # truncated or damaged member
-                raise common.InputError(f"{self.path} ({member})", f"damaged zip member: {error}") from None
-        text, _ = common.decode_bytes(data)
-        return common.text_lines(text)
+                raise InputError(f"{self.path} ({member})", f"damaged zip member: {error}") from None
+        text, _ = decode_bytes(data)
+        return text_lines(text)
 
 
 def split_title(raw_title):
     """``'Toy Story (1995)'`` -> ``('Toy Story', '1995')``; a title without a year keeps it empty."""
-    title = common.clean_text(raw_title)
+    title = clean_text(raw_title)
     match = _TITLE_YEAR.match(title)
     return (match.group(1), match.group(2)) if match else (title, "")
 
@@ -167,7 +177,7 @@ def read_ratings(release, file, separator, errors):
             continue
         try:
             user, item = str(int(parts[0])), str(int(parts[1]))
-            rating, timestamp = common.number(parts[2]), common.number(parts[3])
+            rating, timestamp = number(parts[2]), number(parts[3])
         except ValueError as error:
             errors.add(file, line_number, f"not a number ({error})")
             continue
@@ -186,7 +196,7 @@ def read_movies_1m(release, errors):
             errors.add("movies.dat", line_number, f"movie id {parts[0]!r} is not an integer")
             continue
         title, year = split_title("::".join(parts[1:-1]))
-        genres = [common.label_token(g) for g in parts[-1].split("|") if g.strip() and g.strip() != NO_GENRES]
+        genres = [label_token(g) for g in parts[-1].split("|") if g.strip() and g.strip() != NO_GENRES]
         _add_once(movies, str(int(parts[0])), (title, year, genres), "movies.dat", line_number, errors)
     return movies
 
@@ -210,7 +220,7 @@ def read_movies_100k(release, errors):
         title, year = split_title("|".join(parts[1 : -n - 3]))
         release_date = parts[-n - 3].strip()  # e.g. 01-Jan-1995, used when the title has no year
         year = year or (release_date[-4:] if release_date[-4:].isdigit() else "")
-        genres = [common.label_token(g) for g, flag in zip(genres_names, flags) if flag.strip() == "1"]
+        genres = [label_token(g) for g, flag in zip(genres_names, flags) if flag.strip() == "1"]
         _add_once(movies, str(int(parts[0])), (title, year, genres), "u.item", line_number, errors)
     return movies
 
@@ -222,7 +232,7 @@ def read_users(release, file, separator, order, errors):
         parts = _fields(line.strip(), separator, 5, file, line_number, errors)
         if parts is None:
             continue
-        record = dict(zip(order, (common.clean_text(p) for p in parts)))
+        record = dict(zip(order, (clean_text(p) for p in parts)))
         if not id_number(record["user_id"]):
             errors.add(file, line_number, f"user id {record['user_id']!r} is not an integer")
             continue
@@ -255,7 +265,7 @@ def csv_rows(release, file, columns, errors):
     names = [name.strip() for name in _csv_fields(header.lstrip("\ufeff").removeprefix("\u00ef\u00bb\u00bf")) or []]
     absent = [c for c in columns if c not in names]
     if absent:
-        raise common.InputError(f"{release.path} ({file})", f"line {header_number}: the header lacks {', '.join(absent)}; "
+        raise InputError(f"{release.path} ({file})", f"line {header_number}: the header lacks {', '.join(absent)}; "
                                 f"expected {','.join(columns)}")
     for line_number, line in lines:
         fields = _csv_fields(line)
@@ -280,8 +290,8 @@ def read_ratings_csv(release, errors):
     ratings = []
     for line_number, row in csv_rows(release, "ratings.csv", ("userId", "movieId", "rating", "timestamp"), errors):
         try:
-            ratings.append((str(int(row["userId"])), str(int(row["movieId"])), common.number(row["rating"]),
-                            common.number(row["timestamp"])))
+            ratings.append((str(int(row["userId"])), str(int(row["movieId"])), number(row["rating"]),
+                            number(row["timestamp"])))
         except ValueError as error:
             errors.add("ratings.csv", line_number, f"not a number ({error})")
     return ratings
@@ -295,7 +305,7 @@ def read_movies_csv(release, errors):
             errors.add("movies.csv", line_number, f"movie id {row['movieId']!r} is not an integer")
             continue
         title, year = split_title(row["title"])
-        genres = [common.label_token(g) for g in row["genres"].split("|") if g.strip() and g != NO_GENRES]
+        genres = [label_token(g) for g in row["genres"].split("|") if g.strip() and g != NO_GENRES]
         _add_once(movies, str(int(row["movieId"])), (title, year, genres), "movies.csv", line_number, errors)
     return movies
 
@@ -363,29 +373,29 @@ def read_release(release, errors):
         order = ("user_id", "age", "gender", "occupation", "zip_code")
         users = read_users(release, "u.user", "|", order, errors) if release.has("u.user") else None
     else:
-        raise common.InputError(release.path, "holds no ratings.csv (ml-20m and later), ratings.dat (ml-1m, ml-10m) or "
+        raise InputError(release.path, "holds no ratings.csv (ml-20m and later), ratings.dat (ml-1m, ml-10m) or "
                                               "u.data (ml-100k) (--input)")
     return ratings, movies, users
 
 
 def convert(args, build):
-    errors = common.LineErrors()
+    errors = LineErrors()
     with Release(args.input) as release:
         ratings, movies, users = read_release(release, errors)
         links = read_links(release, errors)
     errors.report()
     if not ratings:
-        raise common.InputError(args.input, "holds no valid rating line (--input)")
+        raise InputError(args.input, "holds no valid rating line (--input)")
     ratings, duplicates = drop_duplicates(ratings, args.duplicates)
 
-    # ids are integers (read_ratings); same-second ratings in seeded-hash order, not by MovieID (common.tie_key)
-    ratings.sort(key=lambda r: (int(r[0]), float(r[3]), common.tie_key(args.tie_seed, r[0], r[1])))
+    # ids are integers (read_ratings); same-second ratings in seeded-hash order, not by MovieID (tie_key)
+    ratings.sort(key=lambda r: (int(r[0]), float(r[3]), tie_key(args.tie_seed, r[0], r[1])))
     rated_items = sorted({r[1] for r in ratings}, key=int)
     rated_users = sorted({r[0] for r in ratings}, key=int)
 
     if args.image_key in ("imdb", "tmdb") and not links:
-        raise common.InputError(args.input, f"has no links.csv, which --image-key {args.image_key} needs")
-    posters = common.find_images(args.images)
+        raise InputError(args.input, f"has no links.csv, which --image-key {args.image_key} needs")
+    posters = find_images(args.images)
     sources, image_key, counts = match_posters(rated_items, links, posters, args.image_key)
     if args.images:
         others = ", ".join(f"{IMAGE_KEYS[k]}: {n:,}" for k, n in counts.items() if k != image_key)
@@ -393,29 +403,29 @@ def convert(args, build):
         print(f"posters: {len(sources):,} of {len(rated_items):,} rated movies, matched by {IMAGE_KEYS[image_key]}"
               + (f" (by {others}; --image-key chooses)" if others else "")
               + (f"; {unused:,} poster files name no rated movie" if unused else ""))
-    images, missing = common.normalise_images(sources, build.dir / "images")
+    images, missing = normalise_images(sources, build.dir / "images")
     for item in rated_items:
         if item not in images and item not in missing:
             missing[item] = f"no poster named by its {IMAGE_KEYS[image_key]} in --images" if args.images else "no --images folder given"
 
     name = build.name
-    common.write_atomic_file(build.dir / f"{name}.inter", common.INTER_FIELDS, ratings)
+    write_atomic_file(build.dir / f"{name}.inter", INTER_FIELDS, ratings)
     no_movie = ("", "", [])
     item_rows = []
     for item in rated_items:
         title, year, genres = movies.get(item, no_movie)
         item_rows.append((item, title, year, " ".join(genres), images.get(item, "")))
-    common.write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
+    write_atomic_file(build.dir / f"{name}.item", ITEM_FIELDS, item_rows)
     if users is not None:
         no_user = ("", "", "", "")
         user_rows = [(user, *users.get(user, no_user)) for user in rated_users]
-        common.write_atomic_file(build.dir / f"{name}.user", USER_FIELDS, user_rows)
+        write_atomic_file(build.dir / f"{name}.user", USER_FIELDS, user_rows)
     else:
         (build.dir / f"{name}.user").unlink(missing_ok=True)
-    common.write_missing_images(build.dir / "missing_images.txt", missing)
+    write_missing_images(build.dir / "missing_images.txt", missing)
 
     item_images = {i: images.get(i, "") for i in rated_items}
-    stats = common.dataset_stats(name, (r[0] for r in ratings), (r[1] for r in ratings), item_images, missing, errors)
+    stats = dataset_stats(name, (r[0] for r in ratings), (r[1] for r in ratings), item_images, missing, errors)
     stats.update(
         source_movies=len(movies),
         source_users=len(users) if users is not None else None,
@@ -426,24 +436,24 @@ def convert(args, build):
         tie_seed=args.tie_seed,
         image_key=image_key if args.images else None,
     )
-    stats["dropped"] = common.row_counts(
+    stats["dropped"] = row_counts(
         malformed_lines=errors.total,
         movies_never_rated=len(set(movies) - set(rated_items)),
         users_without_ratings=len(set(users or ()) - set(rated_users)),
     )
-    stats["orphaned"] = common.row_counts(
+    stats["orphaned"] = row_counts(
         rated_movies_missing_from_the_movies_file=stats["rated_items_missing_from_movies"],
         rating_users_missing_from_the_users_file=stats["users_missing_from_users_file"] or 0,
     )
-    files = {"inter": common.INTER_FIELDS, "item": ITEM_FIELDS, **({"user": USER_FIELDS} if users is not None else {})}
-    common.write_dataset_yaml(build, "movielens.py", "MovieLens ratings with titles, years, genres and posters.", files,
+    files = {"inter": INTER_FIELDS, "item": ITEM_FIELDS, **({"user": USER_FIELDS} if users is not None else {})}
+    write_dataset_yaml(build, "movielens.py", "MovieLens ratings with titles, years, genres and posters.", files,
                               "genres", stats)
     return stats
 
 
 def parse_args(argv=None):
     images_help = "folder of posters named <MovieID>.jpg, or by IMDb/TMDb id (--image-key), any common image format"
-    parser = common.argument_parser(__doc__, "ml-1m-mm", images_help)
+    parser = argument_parser(__doc__, "ml-1m-mm", images_help)
     parser.add_argument(
         "--input", required=True, type=Path,
         help="a MovieLens release zip as downloaded (ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-32m, ml-latest[-small]), "
@@ -462,14 +472,14 @@ def main(argv=None):
 
     A missing, unreadable or damaged input ends in one line ``error: <file>: <problem>`` and exit status 2.
     """
-    return common.run_main(_main, argv)
+    return run_main(_main, argv)
 
 
 def _main(argv):
     args = parse_args(argv)
     if not args.input.is_dir():
-        common.check_input_file(args.input, "--input")
-    return common.run_script(args, [args.input, args.images], __file__, convert)
+        check_input_file(args.input, "--input")
+    return run_script(args, [args.input, args.images], __file__, convert)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,10 @@ So ``--model=SASRec,BERT4Rec,MLLMSRec`` runs through one entry point: baselines 
 unchanged, MLLM models from ``recbole_mllm.model``. The module of a model is its class name
 lower-cased (RecBole's convention), e.g. ``MLLMSRec`` is the package ``recbole_mllm/model/mllmsrec/``.
 
-Nothing heavy is imported at module level (RecBole on first use): the dataset scripts import
-:func:`~recbole_mllm.fileio.atomic_output` from here without loading RecBole.
+Nothing heavy is imported at module level (RecBole on first use).
 """
 
 import importlib
-
-from recbole_mllm.fileio import atomic_output  # noqa: F401 (the dataset scripts import it from here)
 
 MODEL_PACKAGES = (
     "recbole_mllm.model",

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 ])
 def test_scripts_answer_help(script, expected, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
-    monkeypatch.syspath_prepend(str(REPO / "dataset_scripts"))  # how `python dataset_scripts/x.py` finds common
+    monkeypatch.syspath_prepend(str(REPO / "dataset_scripts"))  # how `python dataset_scripts/x.py` finds its modules
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / script), run_name="__main__")
     assert exit_info.value.code == 0

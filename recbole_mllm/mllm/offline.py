@@ -8,7 +8,7 @@ text cues     its top ImageNet labels are written into the prompt ("Visual cues 
 projector     ``n_visual_tokens`` soft tokens in the LLM's embedding space, spliced into
               ``inputs_embeds`` where the image sits in the prompt.
 LLM           SmolLM2-135M-Instruct (``offline-default``) or Gemma-3-270M (``offline-gemma3``, a base model given
-              Gemma's chat template), converted once from its GGUF to a plain folder and reused.
+              Gemma's chat template), converted once from its GGUF to a plain folder and reused (``gguf_convert``).
 
 Why the projector looks like this: no image-caption pairs exist here to train a LLaVA projector, and
 a random one would feed the LLM noise. So it starts from something the LLM already understands: the
@@ -28,9 +28,6 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,11 +38,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .base import ChatRequest
-from .hf_chat import HFChatBackend, append_completions, chat_messages, left_pad, resolve_device, resolve_dtype
-from .weights import cache_home, combined_sha256, file_sha256, publish_dir
+from recbole_mllm.fileio import atomic_output
 
-logger = logging.getLogger(__name__)
+from .base import ChatRequest
+from .gguf_convert import convert_gguf
+from .hf_chat import HFChatBackend, append_completions, chat_messages, left_pad, resolve_device, resolve_dtype
+from .weights import cache_home, combined_sha256
 
 IMAGE_MARKER = "<recbole_mllm_image>"  # split point in the rendered prompt; never reaches the tokenizer
 CUE_PREFIX = "Visual cues detected in the image: "
@@ -116,7 +114,7 @@ class OfflineLLM:
             raise ModuleNotFoundError(f"{error}; install the offline LLM with `{self.install}`") from None
 
     def gguf(self) -> Path:
-        """Its GGUF file; chunks are assembled once under the cache home (temp file + rename) and reused."""
+        """Its GGUF file; chunks are assembled once under the cache home (all or nothing) and reused."""
         files = self.weight_files()
         if len(files) == 1 and files[0].suffix == ".gguf":
             return files[0]
@@ -124,9 +122,8 @@ class OfflineLLM:
         final = cache_home() / "gguf" / f"{combined_sha256(files)[:16]}-{module.MODEL_NAME}"
         if not final.is_file():
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            module.assemble(tmp, overwrite=True)
-            os.replace(tmp, final)
+            with atomic_output(final) as out:  # assemble writes by path: into the temp file renamed over final
+                module.assemble(out.name, overwrite=True)
         return final
 
 
@@ -143,69 +140,6 @@ def imagenet_class_names() -> list[str]:
     names = resources.files(__package__).joinpath("imagenet_classes.txt").read_text().splitlines()
     assert len(names) == 1000, "imagenet_classes.txt must have 1000 lines"
     return names
-
-
-def _complete_from_gguf_metadata(tokenizer, gguf_path: Path) -> None:
-    """Fill in the chat template and pad token from the GGUF's own metadata where the tokenizer lacks them.
-
-    Some transformers releases (5.17 seen) drop ``tokenizer.chat_template`` and the padding token id
-    when they build a tokenizer from a GGUF file, although the file carries both.
-    """
-    from gguf import GGUFReader
-
-    fields = GGUFReader(gguf_path).fields
-
-    def value(key):
-        field = fields.get(key)
-        return None if field is None else field.parts[field.data[0]]
-
-    template = value("tokenizer.chat_template")
-    if not tokenizer.chat_template and template is not None:
-        tokenizer.chat_template = bytes(template).decode("utf-8")
-    pad = value("tokenizer.ggml.padding_token_id")
-    if tokenizer.pad_token is None and pad is not None:
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad[0]))
-
-
-def convert_gguf(gguf_path: Path, root: Optional[Path] = None, chat_template: Optional[str] = None) -> Path:
-    """A plain Hugging Face folder for a GGUF chat model, written once under ``root`` and reused.
-
-    GGUF models dequantise on load but refuse ``save_pretrained``, so the weights move into a model
-    built from the same config without its ``quantization_config``. The folder name carries the GGUF's
-    sha256, so a different file never reuses it; it appears atomically (temp folder + rename). ``chat_template``
-    serves a GGUF that carries none (a base model's).
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = root or cache_home() / "models"
-    # the transformers major version too: tokenizer files written by v5 do not load in v4
-    major = transformers.__version__.split(".")[0]
-    final = root / f"{gguf_path.stem}-{file_sha256(gguf_path)}-transformers{major}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    logger.info("converting %s to %s (once)", gguf_path.name, final)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    _complete_from_gguf_metadata(tokenizer, gguf_path)
-    tokenizer.chat_template = tokenizer.chat_template or chat_template
-    if not tokenizer.chat_template or tokenizer.pad_token is None:
-        raise ValueError(f"{gguf_path} carries no chat template or pad token; it cannot serve as a chat LLM")
-    # built models start from random weights before the GGUF's are loaded: keep those draws out of the caller's
-    # random stream, so a run that converts (the first) seeds its own model exactly as every later run does
-    with torch.random.fork_rng(devices=[]):
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                         dtype=torch.float32)
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config._name_or_path = gguf_path.stem
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(quantized.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return publish_dir(tmp, final)
 
 
 class EfficientNetTower(nn.Module):
@@ -372,4 +306,4 @@ class OfflineMLLM(HFChatBackend):
 
 
 __all__ = ["GEMMA_CHAT_TEMPLATE", "OFFLINE_LLMS", "OfflineLLM", "OfflineMLLM", "OfflineMLLMConfig", "EfficientNetTower",
-           "LabelProjector", "convert_gguf", "imagenet_class_names"]
+           "LabelProjector", "imagenet_class_names"]

@@ -14,6 +14,7 @@ from dataset_helpers import REPO, item_text, write_image
 from PIL import Image
 
 from dataset_scripts import amazon
+from dataset_scripts.errors import LineErrors
 
 
 def write_lines(path, lines):
@@ -332,7 +333,7 @@ def test_non_utf8_bytes_are_replaced_not_dropped(tmp_path):
     )
     meta = tmp_path / "m.json"
     meta.write_bytes(b"{'asin': 'A1', 'title': 'Caf\xe9 Cream'}\n")
-    errors = amazon.common.LineErrors()
+    errors = LineErrors()
     assert len(amazon.read_reviews(reviews, errors)) == 1
     assert amazon.read_meta(meta, {"A1"}, errors, 0)["A1"]["title"] == "Caf\ufffd Cream"
     assert errors.total == 0

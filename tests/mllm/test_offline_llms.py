@@ -51,7 +51,7 @@ def test_a_chunked_gguf_is_hashed_by_its_chunks_and_assembled_once(chunked_packa
     assert [f.name for f in files] == ["model.gguf.part00", "model.gguf.part01"]
     gguf = chunked_package.gguf()
     assert gguf.read_bytes() == b"GGUF-head-tail" and gguf.parent == tmp_path / "home" / "gguf"
-    assert gguf.name.endswith("-model.gguf") and not list(gguf.parent.glob(".*.tmp"))  # renamed into place
+    assert gguf.name.endswith("-model.gguf") and list(gguf.parent.iterdir()) == [gguf]  # renamed into place
     assert chunked_package.gguf() == gguf
     assert len(sys.modules["fake_chunked_gguf"].CALLS) == 1  # reused, not assembled again
 
