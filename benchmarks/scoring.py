@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from recbole_mllm.cli import HelpFormatter
-from recbole_mllm.model.ranker import LoRARanker, PromptBatch, joined
+from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch, joined
 
 MODELS = {  # name: (model class, config)
     "smollm2-135m": (LlamaForCausalLM, LlamaConfig(

@@ -46,7 +46,7 @@ class StageInputs:
     profiles: list  # per internal user id
     user_summaries: dict  # (uid, t) -> preference summary used for a target at position t
     cache_keys: dict  # stage -> cache folder name (the hash of everything its output depends on)
-    template: object  # the ranker's prompt template (stages/prompts/ranker_<v>.txt)
+    template: object  # the ranker's prompt template (model/mllmsrec/prompts/ranker_<v>.txt)
     images: Optional[tuple]  # (features, logits, has_image) of encode_item_images, or None (images off or unusable)
 
 

@@ -174,7 +174,7 @@ def test_lora_ranker_scores_image_prompts_as_the_model_does(tiny_folder):
     """``LoRARanker`` on each VLM class: decoder, embeddings and LoRA targets are found, the image slot's soft
     tokens score like the model's own forward with ``pixel_values`` (LoRA starts at zero), and the ranker's
     loss trains the projector's residual."""
-    from recbole_mllm.model.ranker import LoRARanker, PromptBatch
+    from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     for kind in VLM_KINDS:

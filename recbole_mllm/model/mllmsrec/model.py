@@ -42,14 +42,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from recbole_mllm.model.context import RankerContext, build_histories, build_item_material
 from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
+from recbole_mllm.model.mllmsrec.context import RankerContext, build_histories, build_item_material
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
+from recbole_mllm.model.mllmsrec.prompting import build_layout
+from recbole_mllm.model.mllmsrec.ranker import LoRARanker
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
-from recbole_mllm.model.prompting import build_layout
-from recbole_mllm.model.ranker import LoRARanker
 from recbole_mllm.model.stage_inputs import read_stage_inputs
 
 def list_cross_entropy(scores, owner, labels):

@@ -1,14 +1,14 @@
 """MLLMSRec's ranker prompts, part by part: a user's part (shared by its candidates) and one target part each.
 
-Values come from the :class:`~recbole_mllm.model.context.RankerContext` (texts, history, chain-of-thought
-steps) and the user-profile stage's summaries; the layout and the tokenising are ``model/prompting.py``'s.
+Values come from the :class:`~recbole_mllm.model.mllmsrec.context.RankerContext` (texts, history, chain-of-thought
+steps) and the user-profile stage's summaries; the layout and the tokenising are ``prompting.py``'s.
 Only the user's interactions before the target position ``t`` reach a user part.
 """
 
 from __future__ import annotations
 
-from recbole_mllm.model.prompting import PieceTokenizer, PromptLayout, SoftSlot, assemble
-from recbole_mllm.model.ranker import PromptBatch
+from recbole_mllm.model.mllmsrec.prompting import PieceTokenizer, PromptLayout, SoftSlot, assemble
+from recbole_mllm.model.mllmsrec.ranker import PromptBatch
 
 
 class PromptParts:

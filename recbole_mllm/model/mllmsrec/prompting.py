@@ -1,6 +1,6 @@
 """The ranker's prompt: the paper's instruction with chain-of-thought steps, as token ids plus soft slots.
 
-The template (``stages/prompts/ranker_<version>.txt``) is rendered through the tokenizer's chat template
+The template (``prompts/ranker_<version>.txt``) is rendered through the tokenizer's chat template
 once, with a sentinel in place of every field and soft-token marker. That fixes the constant text
 pieces; a prompt is then the concatenation of constant pieces (tokenised once), field values
 (tokenised once per distinct string and cached) and *slots* where soft embeddings go. The same

@@ -1,7 +1,8 @@
 """Versioned prompt templates for the LLM stages, shipped as package data.
 
 Prompt wording changes what a stage produces, so it lives in files, one per version
-(``<stage>_<version>.txt`` here, e.g. ``item_fusion_v1.txt``), never in code branches. A template
+(``<stage>_<version>.txt``, e.g. ``item_fusion_v1.txt``), never in code branches: the stages' templates here,
+the ranker's beside its model (:data:`FOLDERS`). A template
 file is a few ``[section]`` blocks (lines before the first one are comments); each block is a
 ``str.format`` string whose ``{placeholders}`` the stage fills. The template's name and the sha256 of
 its text go into the stage cache manifest, so editing a template, or naming a new version, builds a
@@ -19,6 +20,11 @@ from importlib import resources
 from pathlib import Path
 
 _SECTION = re.compile(r"^\[([a-z_]+)\]\s*$")
+
+FOLDERS = {"ranker": ("model", "mllmsrec", "prompts")}
+"""Where a stage's templates live when not in this folder, as a path inside ``recbole_mllm``. A template's name and
+the hash of its whole text, comments included, are its identity, so a moved template is never edited: the
+ranker's still name their module as it was when they were written."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,19 @@ def parse_template(name: str, text: str) -> PromptTemplate:
                           sections={k: "\n".join(v).strip("\n") for k, v in sections.items()})
 
 
+def _folder(stage: str):
+    """The folder of ``stage``'s templates (read as package data, so an installed wheel finds them too)."""
+    if stage not in FOLDERS:
+        return resources.files(__name__)
+    folder = resources.files("recbole_mllm")
+    for part in FOLDERS[stage]:
+        folder = folder / part
+    return folder
+
+
 def load_prompt(stage: str, version: str) -> PromptTemplate:
-    """The template ``<stage>_<version>.txt`` of this package, or the file ``version`` if it is a path."""
+    """The template ``<stage>_<version>.txt`` of the package (:data:`FOLDERS`), or the file ``version`` if it is a
+    path."""
     version = str(version)
     if version.endswith(".txt"):
         path = Path(version)
@@ -78,7 +95,7 @@ def load_prompt(stage: str, version: str) -> PromptTemplate:
             raise FileNotFoundError(f"prompt template file {path} does not exist")
         return parse_template(path.stem, path.read_text(encoding="utf-8"))
     name = f"{stage}_{version}"
-    folder = resources.files(__name__)
+    folder = _folder(stage)
     resource = folder / f"{name}.txt"
     if not resource.is_file():
         known = sorted(p.name[len(stage) + 1:-4] for p in folder.iterdir()

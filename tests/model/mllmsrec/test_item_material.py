@@ -2,7 +2,7 @@
 
 import logging
 
-from recbole_mllm.model.context import build_item_material
+from recbole_mllm.model.mllmsrec.context import build_item_material
 from recbole_mllm.stages.items import read_item_file
 
 

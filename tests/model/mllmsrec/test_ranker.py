@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from recbole_mllm.model.prompting import PieceTokenizer, assemble, build_layout
-from recbole_mllm.model.ranker import LoRARanker, PromptBatch
+from recbole_mllm.model.mllmsrec.prompting import PieceTokenizer, assemble, build_layout
+from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
 from recbole_mllm.stages.prompts import load_prompt
 from tests.mllm.mllm_tiny import tiny_llama_config, tiny_tokenizer
 
