@@ -23,9 +23,9 @@ from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
-from recbole_mllm.model.train_positions import check_train_positions, trains_on_windows, use_train_positions
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
+from recbole_mllm.train_positions import check_train_positions, trains_on_windows
 from recbole_mllm.trainer import check_encoder_freezing
 from recbole_mllm.utils import get_model, get_trainer
 
@@ -64,18 +64,17 @@ def split_and_build_model(config, dataset):
     """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
     seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
     model_class = get_model(config["model"])
-    check_train_positions(config["model"], config)
+    check_train_positions(model_class, config)
     check_encoder_freezing(config)
     if hasattr(model_class, "check_config"):  # a model's own settings, checked before its stages run
         model_class.check_config(config)
     stages = required_stages(model_class)
     histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
     train_data, valid_data, test_data = data_preparation(config, dataset,
-                                                         window_rows=trains_on_windows(config["model"], config))
+                                                         window_rows=trains_on_windows(model_class, config))
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
     model = build_model(config, train_data._dataset, histories)
     use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
-    use_train_positions(model, config)  # all: the loss at every position of the window rows data_preparation kept
     return model, train_data, valid_data, test_data
 
 

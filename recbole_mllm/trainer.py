@@ -12,11 +12,10 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_mllm import compat, distributed
+from recbole_mllm import compat, distributed, train_positions
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
 from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
-from recbole_mllm.model import train_positions
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
@@ -139,8 +138,9 @@ class LearningRateWarmup:
         return optimizer
 
 
-TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps)
-"""The mixins every trainer gets (``with_training_policies``): one training budget for every compared model."""
+TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss)
+"""The mixins every trainer gets (``with_training_policies``): one training budget for every compared model, and the
+loss ``train_positions: all`` asks for."""
 
 
 def with_training_policies(trainer_class):

@@ -44,7 +44,8 @@ def get_model(model_name):
 
 def get_trainer(model_type, model_name):
     """Return ``<model_name>Trainer`` from the plugin if it defines one, else RecBole's choice, with the plugin's
-    training policies (``trainer.TRAINING_POLICIES``: learning-rate warm-up, early-stopping floor) for every model alike."""
+    training policies (``trainer.TRAINING_POLICIES``: learning-rate warm-up, early-stopping floor, the loss of
+    ``train_positions: all``) for every model alike."""
     from recbole.utils import get_trainer as get_recbole_trainer
 
     from recbole_mllm import trainer as trainer_module  # deferred: torch and RecBole's trainer

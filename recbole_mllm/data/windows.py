@@ -1,7 +1,7 @@
 """The training rows ``train_positions: all`` keeps: one per window of ``MAX_ITEM_LIST_LENGTH`` targets.
 
 RecBole's sequential dataset gives one training row per prefix of each history; a model that takes its
-loss at every position of a row (``model/train_positions.py``) needs only the rows whose windows cover
+loss at every position of a row (``train_positions.py``) needs only the rows whose windows cover
 each training target once: each user's last row and every L-th row before it.
 """
 

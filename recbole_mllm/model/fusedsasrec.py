@@ -56,3 +56,10 @@ class FusedSASRec(SequentialRecommender):
     def full_sort_predict(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return self.encoder.full_scores(user_states)  # [B n_items]
+
+    # train_positions: all (recbole_mllm/train_positions.py) scores every position's state against every item
+    def sequence_states(self, item_seq):
+        return self.encoder.sequence_states(item_seq)  # [B L H]
+
+    def item_states(self):
+        return self.encoder.item_states()  # [n_items H]

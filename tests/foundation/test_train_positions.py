@@ -10,8 +10,9 @@ import torch
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset
 from recbole_mllm.data.windows import window_rows
-from recbole_mllm.model.train_positions import all_positions_loss, check_train_positions
 from recbole_mllm.quick_start import run, split_and_build_model
+from recbole_mllm.train_positions import all_positions_loss, check_train_positions
+from recbole_mllm.utils import get_model
 from tests.model.test_fusedsasrec import stage_setup  # noqa: F401  (module fixture: tiny LLM + item-fusion cache)
 
 
@@ -81,4 +82,46 @@ def test_a_run_trains_on_every_position_and_tests_as_before(tiny_data, model_nam
 ])
 def test_bad_settings_fail_before_the_split(model_name, keys, message):
     with pytest.raises(ValueError, match=message):
-        check_train_positions(model_name, {"loss_type": "CE", **keys})
+        check_train_positions(get_model(model_name), {"loss_type": "CE", **keys})
+
+
+def test_each_model_has_its_declared_or_registered_policy_and_a_subclass_inherits_it():
+    from recbole.model.sequential_recommender import BERT4Rec, NARM, SASRec
+
+    from recbole_mllm.model import FusedSASRec, MLLMSRec
+    from recbole_mllm.train_positions import positions_policy
+
+    class Child(SASRec):
+        pass
+
+    assert positions_policy(Child) is positions_policy(SASRec) and positions_policy(SASRec).sequence_states
+    assert positions_policy(BERT4Rec).sequence_states is None  # rows only: its own loss
+    assert positions_policy(NARM) is None
+    fused, mllm = positions_policy(FusedSASRec), positions_policy(MLLMSRec)
+    assert fused.sequence_states is FusedSASRec.sequence_states and not fused.warmup_only
+    assert mllm.sequence_states is FusedSASRec.sequence_states and mllm.warmup_only
+
+
+@pytest.mark.parametrize("value", ["last", "all"])
+def test_the_trainer_takes_the_loss_at_every_position_and_leaves_the_model_as_it_is(tiny_data, monkeypatch, value):
+    from functools import partial
+
+    from recbole.trainer import Trainer
+
+    from recbole_mllm.utils import get_trainer
+
+    config = Config("SASRec", "tiny", config_dict={**tiny_data, "train_positions": value})
+    model, train_data, _, _ = split_and_build_model(config, create_dataset(config))
+    assert "calculate_loss" not in vars(model)  # the model's own loss, never patched
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    seen = []
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self, data, epoch, loss_func=None, show_progress=False:
+                        seen.append(loss_func) or 0.0)
+    trainer._train_epoch(train_data, 0)
+    trainer._train_epoch(train_data, 1, loss_func=model.calculate_loss)  # a loss the caller gives is kept
+    own, given = seen
+    if value == "all":
+        assert isinstance(own, partial) and own.func is all_positions_loss and own.args == (model,)
+    else:
+        assert own is None  # RecBole's trainer then calls model.calculate_loss
+    assert given == model.calculate_loss

@@ -443,7 +443,7 @@ def test_train_positions_all_warms_the_encoder_up_on_windows_and_keeps_the_joint
     """``all`` gives MLLMSRec's warm-up FusedSASRec's training (windows, the loss at every position); the joint
     epochs keep RecBole's rows, whose positions the LLM trains on."""
     from recbole_mllm.data.windows import window_rows
-    from recbole_mllm.model.train_positions import all_positions_loss
+    from recbole_mllm.train_positions import all_positions_loss
     from recbole_mllm.trainer import MLLMSRecTrainer
 
     settings = dict(mllm_config, encoder_warmup_cache=False, encoder_warmup_epochs=2, encoder_warmup_stopping_step=0)

@@ -299,6 +299,7 @@ class MLLMSRec(FusedSASRec):
 
     # ------------------------------------------------------------------ RecBole contract (forward: FusedSASRec's)
     encoder_loss = FusedSASRec.calculate_loss  # the encoder alone (its warm-up): the baseline's loss
+    train_positions_warmup_only = True  # train_positions: all trains the warm-up on windows; the LLM keeps RecBole's rows
 
     def calculate_loss(self, interaction):
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
