@@ -45,51 +45,6 @@ def check_encoder_freezing(config):
                          f"{config['encoder_warmup_epochs']}); or set encoder_frozen_after_warmup: False")
 
 
-def check_gathered_metrics(metrics):
-    """Under torchrun only ``rec.topk`` rows are gathered across ranks (``PerUserCollector``): a metric that needs
-    other rows (GAUC, AUC, ShannonEntropy, ...) would be each rank's own share, and differ between ranks."""
-    from recbole.evaluator.register import metric_information
-
-    others = [m for m in metrics if set(metric_information[m.lower()]) - {"rec.topk"}]
-    if others:
-        raise ValueError(f"metrics {others} need more than the top-k rows that torchrun runs gather across ranks; "
-                         f"run them in one process, or keep to top-k metrics (Hit, NDCG, MRR, Recall, Precision, MAP)")
-
-
-class DataParallel:
-    """Mixin of :func:`data_parallel`: RecBole's DDP wrapping, on a CPU too, and one checkpoint name for every rank.
-
-    RecBole's ``AbstractTrainer`` wraps the model with ``device_ids=[local_rank]``, which DDP refuses for a CPU
-    module; and each rank names its checkpoint by its own clock, so ranks could look for different files.
-    """
-
-    def __init__(self, config, model):
-        Path(config["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)  # RecBole's check-then-create races between ranks
-        check_gathered_metrics(config["metrics"])
-        config["single_spec"] = True  # skip RecBole's wrapping (device_ids on a CPU module) ...
-        try:
-            super().__init__(config, model)
-        finally:
-            config["single_spec"] = False
-        self.distributed_model = distributed.ddp(self.model, self.device)  # ... and wrap as DDP wants on either device
-        self.saved_model_file = distributed.broadcast(self.saved_model_file)
-
-    def _map_reduce(self, result, num_sample):
-        """The metrics as they are: ``PerUserCollector`` already evaluated every rank's users on every rank
-        (RecBole's reduction would average the ranks' means, weighted by a count of batches)."""
-        return result
-
-    def _valid_epoch(self, valid_data, show_progress=False):
-        """Rank 0's validation on every rank: early stopping and the best epoch are then one decision, never a
-        rank leaving ``fit`` while another still trains (a hang in the next collective)."""
-        return distributed.broadcast(super()._valid_epoch(valid_data, show_progress=show_progress))
-
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        """Written by global rank 0 only (RecBole lets the first process of every node write the same file)."""
-        if distributed.is_main():
-            super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
-
-
 class MinimumSteps:
     """Mixin: early stopping may end training only once ``stopping_min_steps`` optimizer steps are taken.
 
@@ -149,13 +104,6 @@ def with_training_policies(trainer_class):
     if not missing:
         return trainer_class
     return type(trainer_class.__name__, (*missing, trainer_class), {"__doc__": trainer_class.__doc__})
-
-
-def data_parallel(trainer_class):
-    """``trainer_class`` itself, or under ``torchrun`` (a process group of several ranks) it with :class:`DataParallel`."""
-    if not distributed.active():
-        return trainer_class
-    return type(trainer_class.__name__, (DataParallel, trainer_class), {"__doc__": trainer_class.__doc__})
 
 
 class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):

@@ -48,8 +48,9 @@ def get_trainer(model_type, model_name):
     ``train_positions: all``) for every model alike."""
     from recbole.utils import get_trainer as get_recbole_trainer
 
+    from recbole_mllm import distributed
     from recbole_mllm import trainer as trainer_module  # deferred: torch and RecBole's trainer
 
     trainer_class = getattr(trainer_module, model_name + "Trainer", None) or get_recbole_trainer(model_type, model_name)
-    return trainer_module.data_parallel(trainer_module.with_training_policies(trainer_class))
+    return distributed.data_parallel(trainer_module.with_training_policies(trainer_class))
 

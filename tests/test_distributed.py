@@ -78,7 +78,7 @@ def test_a_stage_under_two_ranks_builds_each_shard_once_into_the_cache_one_proce
 
 
 def test_metrics_needing_more_than_the_gathered_top_k_rows_are_refused_under_torchrun():
-    from recbole_mllm.trainer import check_gathered_metrics
+    from recbole_mllm.distributed import check_gathered_metrics
 
     check_gathered_metrics(["Hit", "NDCG", "MRR", "Recall", "Precision", "MAP"])
     with pytest.raises(ValueError, match=r"metrics \['GAUC', 'ShannonEntropy'\] need more than the top-k rows"):
