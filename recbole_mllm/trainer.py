@@ -1,41 +1,16 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
-import inspect
-import io
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
-from filelock import FileLock
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_mllm import compat, distributed, train_positions
+from recbole_mllm import compat, distributed, encoder_warmup_cache, train_positions
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
-from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
-
-WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
-               "gradient_accumulation_steps", "enable_amp", "mllm_dtype",
-               "encoder_warmup_epochs", "encoder_warmup_stopping_step", "stopping_min_steps", "lr_warmup_steps", "mask_history", "valid_metric", "eval_args", "hidden_size",
-               "inner_size", "n_layers", "n_heads", "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH", "metrics", "topk", "encoder_item_input",
-               "train_positions", "encoder_warmup_batch_size", "encoder_item_content", "item_content_text_model")
-"""Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type, whether
-it validated and its code: see ``MLLMSRecTrainer._warmup_cache_path``); the ranker switches are not among them."""
-
-
-def warmup_code_sha256(model):
-    """Hash of the code a warm-up runs: the encoder's module, the model's ``encoder_loss`` and this trainer module.
-
-    A hash of the source rather than a hand-bumped format constant: a constant changes only when someone remembers
-    to bump it, the hash whenever that code changes. An unrelated edit there costs one warm-up rerun, never a stale encoder.
-    """
-    sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
-               inspect.getsource(sys.modules[__name__]), inspect.getsource(train_positions), inspect.getsource(windows)]
-    return sha256_bytes("\n".join(sources).encode())
-
 
 def check_encoder_freezing(config):
     """``encoder_frozen_after_warmup`` needs a warm-up: checked before the stages run (``split_and_build_model``; they
@@ -232,50 +207,32 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         return valid_data is not None and self.warmup_stopping_step > 0
 
     def _warmup_cache_path(self, validated):
-        """``<stage_cache_dir>/encoder_warmup/<hash>.pth``.
-
-        The hash covers every input of a warm-up: the stage caches, the dataset, ``WARMUP_KEYS``, the backend's
-        resolved dtype, the device type (bf16 autocast on GPU, float32 on CPU), the code and ``validated``: an
-        unvalidated warm-up runs every epoch and keeps the last encoder, a validated one keeps the best, so one
-        never stands in for the other.
-        """
-        config = self.config
-        identity = {**self.model.warmup_inputs(), "dataset": config["dataset"],
-                    "config": {k: config[k] for k in WARMUP_KEYS},
-                    "device": self.device.type, "code": warmup_code_sha256(self.model), "validated": bool(validated)}
-        key = sha256_bytes(canonical_json(identity).encode())[:16]
-        return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
+        """The file of this trainer's warm-up (``encoder_warmup_cache.cache_path``; ``validated``: whether it
+        early-stops on validation and keeps its best encoder)."""
+        code = encoder_warmup_cache.code_sha256(self.model, sys.modules[__name__])
+        return encoder_warmup_cache.cache_path(self.config, self.model, self.device.type, code, validated)
 
     def _warm_up_encoder(self, train_data, valid_data, verbose, show_progress):
-        """Warm the encoder up, or reuse the encoder an identical configuration warmed up (``encoder_warmup_cache``).
-
-        Runs that differ only in the ranker (the ablation ladder) then share one warm-up, also when they start at
-        once: the warm-up runs under a lock beside its cache file, and a run that waited for it reuses the result.
-        """
+        """Warm the encoder up, or reuse the encoder an identical configuration warmed up (``encoder_warmup_cache``):
+        under the file's lock, so a run that waited for another's warm-up reuses it."""
         if self.warmup_cache is None:
             self._train_encoder(train_data, valid_data, verbose, show_progress)
             return
         self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
-        self.warmup_cache.parent.mkdir(parents=True, exist_ok=True)
-        # under torchrun the ranks warm up together (a lock would keep one waiting on the others' steps)
-        with nullcontext() if distributed.active() else FileLock(f"{self.warmup_cache}.lock"):
+        with encoder_warmup_cache.locked(self.warmup_cache):
             self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
 
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
-        if distributed.broadcast(self.warmup_cache.is_file()):  # rank 0's answer: all ranks reuse, or all train
-            saved = compat.load_weights(self.warmup_cache, map_location=self.device)
+        if encoder_warmup_cache.saved(self.warmup_cache):
+            saved = encoder_warmup_cache.load(self.warmup_cache, self.device)
             self.model.load_encoder_state(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
                              f"(best valid {self.valid_metric} {saved['best_score']:.4f} after {saved['epochs']} epochs)")
             return
         best_score, epochs = self._train_encoder(train_data, valid_data, verbose, show_progress)
-        if not distributed.is_main():
-            return
-        buffer = io.BytesIO()
-        torch.save({"encoder": self.model.encoder_state(), "best_score": best_score or float("nan"),
-                    "epochs": epochs}, buffer)
-        atomic_write(self.warmup_cache, buffer.getvalue())
-        self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
+        if distributed.is_main():
+            encoder_warmup_cache.save(self.warmup_cache, self.model.encoder_state(), best_score, epochs)
+            self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
 
     def _warmup_rows(self, train_data):
         """What the warm-up trains on, and its loss: ``train_positions: all`` gives window rows with the loss at every

@@ -1,0 +1,81 @@
+"""``encoder_warmup_cache``: a warmed-up encoder kept under ``<stage_cache_dir>/encoder_warmup/<hash>.pth`` and reused.
+
+Runs that differ only in the ranker (the ablation ladder) then share one warm-up, also when they start at once: the
+warm-up runs under a lock beside its file, and a run that waited for it reuses the result. ``MLLMSRecTrainer`` warms
+up; this module names, locks, saves and loads the file.
+"""
+
+import inspect
+import io
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from recbole_mllm import compat, distributed, train_positions
+from recbole_mllm.data import windows
+from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
+
+WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
+               "gradient_accumulation_steps", "enable_amp", "mllm_dtype", "encoder_warmup_epochs",
+               "encoder_warmup_stopping_step", "stopping_min_steps", "lr_warmup_steps", "mask_history", "valid_metric",
+               "eval_args", "hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob",
+               "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH",
+               "metrics", "topk", "encoder_item_input", "train_positions", "encoder_warmup_batch_size",
+               "encoder_item_content", "item_content_text_model")
+"""Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type,
+whether it validated and its code: see :func:`cache_path`); the ranker switches are not among them."""
+
+
+def code_sha256(model, trainer_module):
+    """Hash of the code a warm-up runs: the encoder's module, the model's ``encoder_loss``, the trainer's module, the
+    window rows and their loss, and this module.
+
+    A hash of the source rather than a hand-bumped format constant: a constant changes only when someone remembers
+    to bump it, the hash whenever that code changes. An unrelated edit there costs one warm-up rerun, never a stale
+    encoder.
+    """
+    sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
+               inspect.getsource(trainer_module), inspect.getsource(train_positions), inspect.getsource(windows),
+               inspect.getsource(sys.modules[__name__])]
+    return sha256_bytes("\n".join(sources).encode())
+
+
+def cache_path(config, model, device_type, code, validated):
+    """``<stage_cache_dir>/encoder_warmup/<hash>.pth``.
+
+    The hash covers every input of a warm-up: the stage caches and the backend's resolved dtype
+    (``model.warmup_inputs()``), the dataset, ``WARMUP_KEYS``, the device type (bf16 autocast on GPU, float32 on CPU),
+    the ``code`` (:func:`code_sha256`) and ``validated``: an unvalidated warm-up runs every epoch and keeps the last
+    encoder, a validated one keeps the best, so one never stands in for the other.
+    """
+    identity = {**model.warmup_inputs(), "dataset": config["dataset"], "config": {k: config[k] for k in WARMUP_KEYS},
+                "device": device_type, "code": code, "validated": bool(validated)}
+    key = sha256_bytes(canonical_json(identity).encode())[:16]
+    return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
+
+
+def locked(path):
+    """The lock beside ``path``, held while a warm-up is run or reused; none under torchrun, where the ranks warm up
+    together (a lock would keep one waiting on the others' steps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return nullcontext() if distributed.active() else FileLock(f"{path}.lock")
+
+
+def saved(path):
+    """Whether ``path`` holds a warm-up: rank 0's answer on every rank, so all ranks reuse or all train."""
+    return distributed.broadcast(path.is_file())
+
+
+def load(path, device):
+    """``{"encoder": state, "best_score": float, "epochs": int}`` (plain tensors: weights-only loading)."""
+    return compat.load_weights(path, map_location=device)
+
+
+def save(path, encoder_state, best_score, epochs):
+    """Written atomically, so a reader never sees half a file."""
+    buffer = io.BytesIO()
+    torch.save({"encoder": encoder_state, "best_score": best_score or float("nan"), "epochs": epochs}, buffer)
+    atomic_write(path, buffer.getvalue())
