@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny sequential dataset in RecBole atomic files, made by the tests themselves."""
+"""Shared fixtures: a tiny sequential dataset in RecBole atomic files and a tiny random LLM, made by the tests
+themselves."""
 
 import os
 from pathlib import Path
@@ -7,6 +8,16 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_MODEL = {"hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 10}
+"""A sequential model small enough to train on the tiny dataset in seconds."""
+
+
+def tiny_loading():
+    """What every run on the tiny dataset sets: its ``.inter`` columns, no progress bars, the CPU (a fresh dict each
+    time, since a run may change the one it is given)."""
+    return {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}, "show_progress": False,
+            "use_gpu": False}
 
 
 def shared_data_dir():
@@ -65,18 +76,19 @@ def working_folder(tmp_path_factory):
 def tiny_data(tmp_path):
     """Config dict that points RecBole at a fresh tiny dataset and keeps every output under tmp_path."""
     write_tiny_dataset(tmp_path / "data")
-    return {
-        "data_path": str(tmp_path / "data"),
-        "checkpoint_dir": str(tmp_path / "saved"),
-        "output_dir": str(tmp_path / "outputs"),
-        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]},
-        "epochs": 1,
-        "train_batch_size": 64,
-        "hidden_size": 8,
-        "inner_size": 16,
-        "n_layers": 1,
-        "n_heads": 1,
-        "MAX_ITEM_LIST_LENGTH": 10,
-        "show_progress": False,
-        "use_gpu": False,
-    }
+    return {"data_path": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "saved"),
+            "output_dir": str(tmp_path / "outputs"), "epochs": 1, "train_batch_size": 64, **tiny_loading(), **TINY_MODEL}
+
+
+@pytest.fixture(scope="module")
+def stage_setup(tmp_path_factory):
+    """Config keys of a tiny random LLM, the tiny dataset and a stage cache folder, shared by one test module's runs
+    (the caches are keyed by content, so the module's tests may share them)."""
+    from tests.mllm.mllm_tiny import build_tiny_causal  # transformers: imported by the modules that use it only
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the LLM is a local folder: never ask the hub
+    root = tmp_path_factory.mktemp("stage_setup")
+    write_tiny_dataset(root / "data")
+    return {"mllm": str(build_tiny_causal(root / "llm")), "data_path": str(root / "data"),
+            "stage_cache_dir": str(root / "stage_cache"), "item_image_field": None, "stage_batch_size": 8,
+            "item_fusion_max_new_tokens": 6}

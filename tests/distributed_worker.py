@@ -11,10 +11,9 @@ import torch
 
 import recbole_mllm.quick_start as quick_start
 from recbole_mllm import distributed
+from tests.conftest import TINY_MODEL, tiny_loading
 
-TINY = {"load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}, "hidden_size": 8, "inner_size": 16,
-        "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 10, "train_batch_size": 64, "show_progress": False,
-        "use_gpu": False}
+TINY = {**tiny_loading(), **TINY_MODEL, "train_batch_size": 64}
 
 
 def checksums(model):

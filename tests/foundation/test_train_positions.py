@@ -13,7 +13,6 @@ from recbole_mllm.data.windows import window_rows
 from recbole_mllm.quick_start import run, split_and_build_model
 from recbole_mllm.train_positions import all_positions_loss, check_train_positions
 from recbole_mllm.utils import get_model
-from tests.model.test_fusedsasrec import stage_setup  # noqa: F401  (module fixture: tiny LLM + item-fusion cache)
 
 
 def test_window_rows_keep_each_users_last_row_and_every_lth_before_it():
@@ -53,7 +52,7 @@ def test_window_rows_cover_every_training_target_exactly_once(tiny_data, length)
 
 
 @pytest.mark.parametrize("model_name", ["SASRec", "GRU4Rec", "FusedSASRec"])
-def test_the_loss_at_every_position_is_the_mean_prefix_loss(tiny_data, stage_setup, model_name):  # noqa: F811
+def test_the_loss_at_every_position_is_the_mean_prefix_loss(tiny_data, stage_setup, model_name):
     dropout = {"dropout_prob": 0.0} if model_name == "GRU4Rec" else {"hidden_dropout_prob": 0.0, "attn_dropout_prob": 0.0}
     keys = {**stage_setup, "MAX_ITEM_LIST_LENGTH": 20, **dropout, "train_batch_size": 4096}
     config, prefixes = _train_rows(tiny_data, model_name, **keys)  # histories (<= 12) fit in one window each

@@ -9,20 +9,8 @@ from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset
 from recbole_mllm.model.sequence_encoder import ITEM_INPUTS, FusedSequenceEncoder, shuffled_rows
 from recbole_mllm.quick_start import run, split_and_build_model
-from tests.conftest import write_tiny_dataset
-from tests.mllm.mllm_tiny import build_tiny_causal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-@pytest.fixture(scope="module")
-def stage_setup(tmp_path_factory):
-    """A tiny random LLM, one dataset and one item-fusion cache shared by the module's runs."""
-    root = tmp_path_factory.mktemp("fusedsasrec")
-    write_tiny_dataset(root / "data")
-    return {"mllm": str(build_tiny_causal(root / "llm")), "data_path": str(root / "data"),
-            "stage_cache_dir": str(root / "stage_cache"), "item_image_field": None, "stage_batch_size": 8,
-            "item_fusion_max_new_tokens": 6}
 
 
 @pytest.mark.parametrize("item_input", ITEM_INPUTS)

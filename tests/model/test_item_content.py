@@ -16,8 +16,6 @@ from recbole_mllm.model import item_content
 from recbole_mllm.model.stage_inputs import read_encoder_item_content
 from recbole_mllm.quick_start import run
 from recbole_mllm.stages.prepare import prepare_stages
-from tests.conftest import write_tiny_dataset
-from tests.mllm.mllm_tiny import build_tiny_causal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -38,9 +36,9 @@ def build_tiny_bert(folder):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("item_content")
-    folder = write_tiny_dataset(root / "data")
+def setup(stage_setup, tmp_path_factory):
+    """``stage_setup`` whose dataset gives every other item a poster, and a tiny BERT."""
+    folder = Path(stage_setup["data_path"]) / "tiny"
     (folder / "images").mkdir()
     lines = (folder / "tiny.item").read_text().splitlines()
     rows = [lines[0] + "\timage:token"]
@@ -51,10 +49,8 @@ def setup(tmp_path_factory):
             Image.fromarray(np.full((32, 24, 3), 20 * (k % 12), dtype=np.uint8)).save(folder / "images" / name)
         rows.append(f"{line}\t{name or '[PAD]'}")
     (folder / "tiny.item").write_text("\n".join(rows) + "\n")
-    return {"mllm": str(build_tiny_causal(root / "llm")), "data_path": str(root / "data"),
-            "stage_cache_dir": str(root / "stage_cache"), "item_image_field": None, "stage_batch_size": 8,
-            "item_fusion_max_new_tokens": 6, "item_text_fields": ["title", "genres"],
-            "item_content_text_model": str(build_tiny_bert(root / "bert"))}
+    return {**stage_setup, "item_text_fields": ["title", "genres"],
+            "item_content_text_model": str(build_tiny_bert(tmp_path_factory.mktemp("item_content") / "bert"))}
 
 
 def _content(tiny_data, setup, **keys):

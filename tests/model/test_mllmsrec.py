@@ -12,30 +12,14 @@ from recbole_mllm.quick_start import build_model, run, split_and_build_model
 from recbole_mllm.stages.prepare import prepare_stages
 from recbole_mllm.utils import get_model
 from tests.conftest import write_tiny_dataset
-from tests.mllm.mllm_tiny import build_tiny_causal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    return str(build_tiny_causal(tmp_path_factory.mktemp("tiny_llm")))
-
-
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory):
-    """One dataset and one stage cache for the module: the caches are keyed by content, so sharing is safe."""
-    root = tmp_path_factory.mktemp("mllmsrec")
-    write_tiny_dataset(root / "data")
-    return root
-
-
 @pytest.fixture
-def mllm_config(tiny_data, tiny_llm, shared_root):
-    tiny_data = dict(tiny_data, data_path=str(shared_root / "data"))
-    return dict(tiny_data, mllm=tiny_llm, stage_cache_dir=str(shared_root / "stage_cache"), encoder_warmup_epochs=1,
-                epochs=1, item_text_fields=["title", "genres"], item_title_field="title", item_category_field="genres",
-                item_image_field=None, stage_batch_size=8, item_fusion_max_new_tokens=6, user_summary_max_new_tokens=6,
+def mllm_config(tiny_data, stage_setup):
+    return dict(tiny_data, **stage_setup, encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
+                item_title_field="title", item_category_field="genres", user_summary_max_new_tokens=6,
                 user_window_size=4, user_window_step=4, ranker_eval_batch_size=128, rerank_top_k=5, train_batch_size=64,
                 ranker_train_negatives=2, lora_target_modules=["q_proj", "v_proj"], hidden_size=8, inner_size=16)
 

@@ -20,8 +20,7 @@ from recbole_mllm.stages.common import load_backend
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion
 from recbole_mllm.stages.prepare import prepare_stages
 from recbole_mllm.utils import get_model
-from tests.conftest import write_tiny_dataset
-from tests.mllm.mllm_tiny import build_tiny_causal
+from tests.conftest import TINY_MODEL, tiny_loading
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -86,15 +85,10 @@ def test_the_model_package_reaches_no_stage_runner():
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage_reading")
-    write_tiny_dataset(root / "data")
-    return {"mllm": str(build_tiny_causal(root / "llm")), "data_path": str(root / "data"), "item_image_field": None,
-            "item_text_fields": ["title", "genres"], "stage_batch_size": 8, "item_fusion_max_new_tokens": 4,
-            "user_summary_max_new_tokens": 4, "user_window_size": 4, "user_window_step": 4,
-            "hidden_size": 8, "inner_size": 16, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 10,
-            "lora_target_modules": ["q_proj", "v_proj"], "show_progress": False, "use_gpu": False,
-            "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}}
+def shared(stage_setup):
+    return {**stage_setup, **tiny_loading(), **TINY_MODEL, "item_text_fields": ["title", "genres"],
+            "item_fusion_max_new_tokens": 4, "user_summary_max_new_tokens": 4, "user_window_size": 4,
+            "user_window_step": 4, "lora_target_modules": ["q_proj", "v_proj"]}
 
 
 def _config_and_train(model, settings):

@@ -17,7 +17,7 @@ from recbole_mllm.stages.common import load_backend
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
 from recbole_mllm.stages.user_profile_cache import user_profile_cache
-from tests.conftest import write_tiny_dataset
+from tests.conftest import tiny_loading
 from tests.mllm import mllm_tiny as tiny
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -45,16 +45,10 @@ def test_the_offline_default_is_described_without_loading_it():
 
 
 @pytest.fixture(scope="module")
-def stage_config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepare")
-    write_tiny_dataset(root / "data")
-    llm = tiny.build_tiny_causal(root / "llm")
+def stage_config(stage_setup):
     return Config("MLLMSRec", "tiny", config_dict={
-        "data_path": str(root / "data"), "mllm": str(llm), "stage_cache_dir": str(root / "stage_cache"),
-        "item_image_field": None, "item_text_fields": ["title", "genres"], "stage_batch_size": 8,
-        "item_fusion_max_new_tokens": 4, "user_summary_max_new_tokens": 4, "user_window_size": 4,
-        "user_window_step": 4, "show_progress": False, "use_gpu": False,
-        "load_col": {"inter": ["user_id", "item_id", "rating", "timestamp"]}})
+        **stage_setup, **tiny_loading(), "item_text_fields": ["title", "genres"], "item_fusion_max_new_tokens": 4,
+        "user_summary_max_new_tokens": 4, "user_window_size": 4, "user_window_step": 4})
 
 
 def _caches(config):
