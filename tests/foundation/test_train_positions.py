@@ -1,5 +1,7 @@
 """``train_positions: all``: window rows cover every training target once, and the loss at every position equals
-RecBole's last-position loss averaged over the prefix rows it replaces (no dropout, windows as long as histories)."""
+RecBole's last-position loss averaged over the prefix rows it replaces (no dropout, windows as long as histories).
+Each model's policy is declared on its class or registered, a subclass inherits it, and the trainer takes the loss:
+the model is never patched."""
 
 from collections import Counter
 
