@@ -62,10 +62,19 @@ class LearningRateWarmup:
     def _build_optimizer(self, **kwargs):
         optimizer = super()._build_optimizer(**kwargs)
         steps = max(0, int(self.config["lr_warmup_steps"] or 0))
+        self.lr_warmup_done = not steps
         if steps:
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / steps))
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 1.0 if self.lr_warmup_done else min(1.0, (step + 1) / steps))
             optimizer.register_step_post_hook(lambda *_: schedule.step())
         return optimizer
+
+    def finish_lr_warmup(self):
+        """Train at the full learning rate from now on (MLLMSRec's joint epochs: the ramp belongs to its encoder's
+        warm-up, whether that ran in this process or was read from its cache)."""
+        self.lr_warmup_done = True
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
 
 
 TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss)
@@ -172,6 +181,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
             self.steps_taken = 0  # the joint epochs count their own steps
+            self.finish_lr_warmup()  # and run at the full rate, the same after a reused warm-up as after a trained one
         if self.config["encoder_frozen_after_warmup"]:
             check_encoder_freezing(self.config)
             self.model.freeze_encoder()

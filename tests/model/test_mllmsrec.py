@@ -862,3 +862,29 @@ def test_mllmsrec_constructor_opens_no_file(mllm_config, monkeypatch):
     model = MLLMSRec(config, train_dataset, **parts)
     monkeypatch.undo()
     assert model.backend is parts["inputs"].backend and model.prompts.summaries  # built from the parts it was given
+
+
+
+def test_a_reused_warm_up_trains_the_llm_as_an_in_process_one(mllm_config, tmp_path, monkeypatch):
+    """Whether the encoder warm-up ran in this process or was read from its cache, the joint epochs train the LLM at
+    the same, full learning rate: the learning-rate warm-up belongs to the encoder's warm-up. (A reused warm-up once
+    restarted the ramp, so the LLM trained at a fraction of its rate and scored differently from an in-process run.)"""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    class JointEpochsReached(Exception):
+        pass
+
+    rates = []
+
+    def record_rate(self, train_data):
+        rates.append([group["lr"] for group in self.optimizer.param_groups])
+        raise JointEpochsReached
+
+    monkeypatch.setattr(MLLMSRecTrainer, "_llm_rows", record_rate)
+    settings = dict(mllm_config, stage_cache_dir=str(tmp_path / "stage_cache"), checkpoint_dir=str(tmp_path / "saved"),
+                    output_dir=str(tmp_path / "outputs"), encoder_warmup_cache=True, lr_warmup_steps=1000)
+    for _ in range(2):  # the first warms up in this process, the second reuses its cached encoder
+        with pytest.raises(JointEpochsReached):
+            run("MLLMSRec", "tiny", config_dict=settings)
+    assert list((tmp_path / "stage_cache" / "encoder_warmup").glob("*.pth"))
+    assert rates[0] == rates[1] == [settings.get("learning_rate", 0.001)] * len(rates[0])
