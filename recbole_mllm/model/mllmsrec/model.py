@@ -12,11 +12,13 @@ multistep chain-of-thought, fine-tuned with LoRA on Yes/No, score = log p(Yes) -
 ``MLLMSRec`` is ``FusedSASRec`` (``../fusedsasrec.py``) plus a reranker: its first stage, the sequence encoder with
 its ``forward`` and loss, is that baseline by construction, so "the LLM vs its first stage" compares like with like.
 
-This file holds RecBole's contract; the rest of the package one concept each: ``prompt_parts.py``
-(the prompt's user and target parts), ``candidates.py`` (the LLM's training rows and negatives),
-``scorer.py`` (the two-stage scorer); beside it ``../sequence_encoder.py``, ``../ranker.py`` (LoRA) and
-``../prompting.py`` (the prompt layout). The stage caches are built before the model (``required_stages``,
-``stages/prepare.py``); the model reads them and never generates.
+This file holds RecBole's contract and the trainer's interface; the rest of the package one concept each:
+``settings.py`` (the model's keys, read once), ``prompt_parts.py`` (the prompt's user and target parts),
+``candidates.py`` (the LLM's training rows and negatives), ``scorer.py`` (the two-stage scorer), ``ranker.py``
+(LoRA), ``prompting.py`` (the prompt layout), ``context.py`` (what prompts say about users and items), ``prompts/``
+(the templates); the first stage is ``../fusedsasrec.py``. The stage caches are built before the model
+(``required_stages``, ``stages/prepare.py``) and read by ``prepare`` (``../stage_inputs.py``); the constructor
+opens no file and never generates.
 
 NOTE (deviations, all configurable):
     * Hybrid prompting (after LLaRA): a SASRec-style encoder over the fused item embeddings gives a user
