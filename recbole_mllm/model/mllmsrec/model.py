@@ -83,11 +83,9 @@ class MLLMSRec(FusedSASRec):
 
     def __init__(self, config, dataset, inputs=None):
         """``inputs``: the prepared ``StageInputs`` (``prepare``); the constructor opens no file."""
-        if inputs is None:
-            raise ValueError("MLLMSRec is built from prepared parts: recbole_mllm.quick_start.build_model(config, "
-                             "dataset), or MLLMSRec(config, dataset, **MLLMSRec.prepare(config, dataset))")
-        # from the seed, the encoder draws its initial weights as FusedSASRec's does, and the projections theirs after it
-        super().__init__(config, dataset, item_content=inputs.item_embeddings)  # FusedSASRec: self.encoder
+        # from the seed, the encoder draws its initial weights as FusedSASRec's does, and the projections theirs after it;
+        # without prepared parts FusedSASRec's constructor refuses, naming build_model
+        super().__init__(config, dataset, item_content=inputs and inputs.item_embeddings)  # FusedSASRec: self.encoder
         # load parameters info
         settings = MLLMSRecSettings.from_config(config)
         self.USER_ID, self.TIME_FIELD = config["USER_ID_FIELD"], config["TIME_FIELD"]
