@@ -97,7 +97,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     ``run_label``, else the model's name), ``dataset``, ``seed``,
     ``best_valid_score``, ``best_valid_result``, ``test_result`` (protocol -> metrics), ``fingerprints``
     (protocol -> candidate hash), ``per_user`` (protocol -> RecBole's ``rec.topk`` rows with user ids,
-    targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``,
+    targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``, MLLMSRec's
+    ``late_fusion_selection`` (with ``late_fusion_grid``),
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
     model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
     ``first_stage_per_user`` from the same checkpoint, and for full ranking ``first_stage_seen_share`` (the share of
@@ -133,6 +134,9 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         logger.info(f"Loaded the best model from {trainer.saved_model_file}")
 
     record = {"test_result": {}, "fingerprints": {}, "per_user": {}}
+    fusion_selection = getattr(trainer, "fusion_selection", None)  # MLLMSRec's late_fusion_grid, chosen on validation
+    if fusion_selection is not None:
+        record["late_fusion_selection"] = fusion_selection
     collector.recording = True
     for protocol, loader in test_data.items():
         collector.evaluations.clear()

@@ -1,5 +1,6 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
+import os
 import sys
 from contextlib import nullcontext
 
@@ -103,11 +104,13 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
       ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
     * the first stage's recall is logged after every full-ranking evaluation, and with ``report_first_stage``
       every evaluation is repeated with the encoder alone and logged beside it.
+    * with ``late_fusion_grid``, the late-fusion weight is chosen on the validation set after training.
 
     It reads the model only through methods: RecBole's contract (``calculate_loss``, ``predict``,
     ``full_sort_predict``, ``other_parameter``/``load_other_parameter``) and MLLMSRec's trainer interface
     (``encoder_loss``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
-    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``; ``model/mllmsrec/model.py``).
+    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``use_fusion_weight``/
+    ``reuse_llm_scores``; ``model/mllmsrec/model.py``).
     """
 
     def __init__(self, config, model):
@@ -123,6 +126,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         self.last_first_stage_result = None
         self.last_first_stage_seen_share = None  # full ranking: already-seen items in the unmasked first stage's top-k
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
+        self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -188,7 +192,33 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
             if distributed.active():  # DDP averages the gradients of what requires them when it is built
                 self.distributed_model = distributed.ddp(self.model, self.device)
             self.joint_rows = self._llm_rows(train_data)
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        if self.model.late_fusion_grid and valid_data is not None:
+            if saved and os.path.isfile(self.saved_model_file):  # choose for the checkpoint that is tested
+                checkpoint = compat.load_checkpoint(self.saved_model_file, map_location=self.device)
+                self.model.load_state_dict(checkpoint["state_dict"])
+                self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.fusion_selection = self.select_fusion_weight(valid_data, show_progress)
+        return result
+
+    @torch.no_grad()
+    def select_fusion_weight(self, valid_data, show_progress=False):
+        """Late fusion chosen on validation: each weight of ``late_fusion_grid`` scores the validation set (the LLM
+        scores each user's list once for all of them), and the best by ``valid_metric`` (the first of ties) is kept
+        for testing. Returns ``{"weights", "valid_scores", "chosen"}`` for the run's record."""
+        weights = [float(w) for w in self.model.late_fusion_grid]
+        scores = []
+        masks_history = getattr(valid_data, "masks_history", None)
+        with self.model.reuse_llm_scores():
+            for weight in weights:
+                with self._autocast(), self.model.scoring(fusion_weight=weight, mask_history=masks_history):
+                    result = super().evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+                scores.append(float(result[self.valid_metric]))
+        chosen = weights[scores.index(max(scores))]
+        self.model.use_fusion_weight(chosen)
+        self.logger.info(f"late fusion on validation ({self.valid_metric}): "
+                         + ", ".join(f"w={w:g}: {v:.4f}" for w, v in zip(weights, scores)) + f"; chosen w={chosen:g}")
+        return {"weights": weights, "valid_scores": scores, "chosen": chosen}
 
     def _llm_rows(self, train_data):
         """A loader of the training rows the LLM trains on, ``ranker_train_batch_size`` rows per step.

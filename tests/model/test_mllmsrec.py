@@ -888,3 +888,42 @@ def test_a_reused_warm_up_trains_the_llm_as_an_in_process_one(mllm_config, tmp_p
             run("MLLMSRec", "tiny", config_dict=settings)
     assert list((tmp_path / "stage_cache" / "encoder_warmup").glob("*.pth"))
     assert rates[0] == rates[1] == [settings.get("learning_rate", 0.001)] * len(rates[0])
+
+
+def test_late_fusion_grid_picks_the_best_weight_on_validation_scoring_the_llm_once(mllm_config):
+    from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, late_fusion_grid=[0.0, 1.0, 50.0]))
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    trainer = MLLMSRecTrainer(config, model)
+    calls, score_blocks = [], TwoStageScorer._score_blocks
+
+    def counted(self, *args):
+        calls.append(1)
+        return score_blocks(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        select = trainer.select_fusion_weight
+        trainer.select_fusion_weight = lambda *a, **k: (calls.clear(), select(*a, **k))[1]  # count the selection's calls
+        patch.setattr(TwoStageScorer, "_score_blocks", counted)
+        trainer.fit(train_data, valid_data, saved=False)
+    selection = trainer.fusion_selection
+    assert selection["weights"] == [0.0, 1.0, 50.0]
+    assert 0 < len(calls) <= len(valid_data)  # three passes over the validation set, the LLM's scores computed once
+    scores = []
+    for weight in selection["weights"]:  # each weight's score is that of an ordinary validation at that weight
+        with model.scoring(fusion_weight=weight):
+            scores.append(trainer.evaluate(valid_data, load_best_model=False)[trainer.valid_metric])
+    assert selection["valid_scores"] == pytest.approx(scores)
+    assert selection["chosen"] == selection["weights"][int(np.argmax(scores))]
+    assert model.scorer.fusion_weight == selection["chosen"]  # and the test is scored with it
+
+
+@pytest.mark.parametrize("grid", [[-1.0], [], ["a"]])
+def test_a_bad_late_fusion_grid_is_refused_naming_the_key(mllm_config, grid):
+    from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
+
+    config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=grid))
+    with pytest.raises(ValueError, match="late_fusion_grid"):
+        MLLMSRecSettings.from_config(config)

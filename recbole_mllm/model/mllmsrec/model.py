@@ -139,6 +139,7 @@ class MLLMSRec(FusedSASRec):
                                      settings.ranker_eval_batch_size, settings.late_fusion_weight,
                                      residual=settings.ranker_residual)
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
+        self.late_fusion_grid = settings.late_fusion_grid  # weights the trainer tries on validation (None: keep the one given)
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 
     def _projection(self, llm_hidden, token_std):
@@ -200,6 +201,10 @@ class MLLMSRec(FusedSASRec):
             yield self
         finally:
             self.scorer.encoder_only, self.scorer.fusion_weight, self.scorer.mask_history = saved
+
+    def use_fusion_weight(self, weight):
+        """Score with late-fusion weight ``weight`` from now on (the trainer's choice on validation)."""
+        self.scorer.fusion_weight = float(weight)
 
     @property
     def uses_llm(self):

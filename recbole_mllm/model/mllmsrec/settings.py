@@ -9,6 +9,7 @@ where they are used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 
 def _help(text):
@@ -32,6 +33,7 @@ class MLLMSRecSettings:
     ranker_item_text_tokens: int = _help("item description tokens kept in a candidate's prompt")
     ranker_eval_batch_size: int = _help("candidates per LLM forward when scoring")
     late_fusion_weight: float = _help("score = LLM + w x encoder score (0: LLM alone)")
+    late_fusion_grid: Optional[tuple] = _help("late-fusion weights tried on validation; the best scores the test")
     ranker_train_negatives: int = _help("negatives per positive for the Yes/No fine-tuning")
     ranker_hard_negatives: int = _help("of those, how many come from the encoder's top-K (sampled lists only)")
     lora_rank: int = _help("LoRA rank")
@@ -45,11 +47,16 @@ class MLLMSRecSettings:
         """Every field from ``config`` (a RecBole ``Config`` or a mapping), where the model YAML's default sits."""
         values = {f.name: config[f.name] for f in fields(cls)}
         values["lora_target_modules"] = tuple(values["lora_target_modules"] or ())
+        grid = values["late_fusion_grid"]
+        values["late_fusion_grid"] = None if grid is None else tuple(grid) if isinstance(grid, (list, tuple)) else (grid,)
         return cls(**values)
 
     def __post_init__(self):
         if not self.lora_target_modules or not all(isinstance(m, str) for m in self.lora_target_modules):
             raise ValueError(f"lora_target_modules: a list of module names, got {list(self.lora_target_modules)!r}")
+        if self.late_fusion_grid is not None and (not self.late_fusion_grid or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.late_fusion_grid)):
+            raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
         if self.ranker_hard_negatives > self.ranker_train_negatives:
             raise ValueError(f"ranker_hard_negatives ({self.ranker_hard_negatives}) is more than ranker_train_negatives "
                              f"({self.ranker_train_negatives}), the negatives they are part of")
