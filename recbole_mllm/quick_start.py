@@ -102,7 +102,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
     model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
     ``first_stage_per_user`` from the same checkpoint, and for full ranking ``first_stage_seen_share`` (the share of
-    its unmasked top 10 and top 20 that the user had already interacted with).
+    its unmasked top 10 and top 20 that the user had already interacted with); under late fusion also
+    ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone).
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
@@ -150,6 +151,11 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
             record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
             record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
                 collector.evaluations[1], item_train_count, history_length)
+        llm_alone = getattr(trainer, "last_llm_alone_result", None)  # under late fusion: the LLM's score alone
+        if llm_alone is not None:
+            record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
+            record.setdefault("llm_alone_per_user", {})[protocol] = per_user_record(
+                collector.evaluations[-1], item_train_count, history_length)
         seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
         if seen_share is not None:
             record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)

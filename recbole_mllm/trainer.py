@@ -103,13 +103,14 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
     * only trainable parameters in the optimizer; checkpoints hold only trained tensors (the model's
       ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
     * the first stage's recall is logged after every full-ranking evaluation, and with ``report_first_stage``
-      every evaluation is repeated with the encoder alone and logged beside it.
+      every evaluation is repeated with the encoder alone and logged beside it (and, under late fusion, with the
+      LLM's score alone: what fusion adds).
     * with ``late_fusion_grid``, the late-fusion weight is chosen on the validation set after training.
 
     It reads the model only through methods: RecBole's contract (``calculate_loss``, ``predict``,
     ``full_sort_predict``, ``other_parameter``/``load_other_parameter``) and MLLMSRec's trainer interface
     (``encoder_loss``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
-    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``use_fusion_weight``/
+    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``use_fusion_weight``/``fusion_weight``/
     ``reuse_llm_scores``; ``model/mllmsrec/model.py``).
     """
 
@@ -125,6 +126,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         self.report_first_stage = bool(config["report_first_stage"])
         self.last_first_stage_result = None
         self.last_first_stage_seen_share = None  # full ranking: already-seen items in the unmasked first stage's top-k
+        self.last_llm_alone_result = None  # under late fusion, the same evaluation with the LLM's score alone
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
         self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
 
@@ -322,7 +324,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        self.last_first_stage_result = self.last_first_stage_seen_share = None
+        self.last_first_stage_result = self.last_first_stage_seen_share = self.last_llm_alone_result = None
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
@@ -330,15 +332,23 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         recall = self.model.first_stage_recall
         recall.reset()
         masks_history = getattr(eval_data, "masks_history", None)  # the loader's protocol: the first stage's mask too
-        with self._autocast(), self.model.scoring(encoder_only=not self.model.uses_llm, mask_history=masks_history):
-            result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        if recall.users:
-            self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users); already-seen items in "
-                             f"the unmasked stage-1 top 10: {recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
-            self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
-        if self.report_first_stage and self.model.uses_llm:
-            self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
-            self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
+        fused = self.report_first_stage and self.model.uses_llm and self.model.fusion_weight != 0
+        with self.model.reuse_llm_scores() if fused else nullcontext():  # the LLM-alone pass reuses the LLM's scores
+            with self._autocast(), self.model.scoring(encoder_only=not self.model.uses_llm, mask_history=masks_history):
+                result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+            if recall.users:
+                self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users); already-seen "
+                                 f"items in the unmasked stage-1 top 10: {recall.seen_share(10):.1%}, top 20: "
+                                 f"{recall.seen_share(20):.1%}")
+                self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
+            if self.report_first_stage and self.model.uses_llm:
+                self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
+                self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
+            if fused:  # after the first stage: per-user records come in the order main, first stage, LLM alone
+                with self._autocast(), self.model.scoring(fusion_weight=0.0, mask_history=masks_history):
+                    self.last_llm_alone_result = super().evaluate(eval_data, load_best_model=False,
+                                                                  show_progress=show_progress)
+                self.logger.info(f"LLM alone (late fusion off): {dict(self.last_llm_alone_result)}")
         return result
 
     @torch.no_grad()

@@ -15,6 +15,11 @@ from recbole_mllm.utils import get_model
 logger = logging.getLogger(__name__)
 
 FIRST_STAGE = " (first stage)"
+LLM_ALONE = " (LLM alone)"
+DERIVED_ROWS = {FIRST_STAGE: ("first_stage_result", "first_stage_per_user"),
+                LLM_ALONE: ("llm_alone_result", "llm_alone_per_user")}
+"""Rows a run adds beside its own, by name suffix: the same checkpoint scored by its first stage alone, and (under
+late fusion) by its LLM's score alone; each one's reference is the run's row."""
 
 
 def default_slices(cold_item_max=5, short_history_max=20):
@@ -37,7 +42,7 @@ class Entry:
     test_result: dict  # protocol -> metric -> value (RecBole's evaluator)
     per_user: dict  # protocol -> field -> array [n]
     user_metrics: dict  # protocol -> metric -> array [n]
-    stage_of: Optional[str] = None  # a first stage: the model whose LLM reranker it feeds
+    stage_of: Optional[str] = None  # a derived row (first stage, LLM alone): the run whose checkpoint it scores
 
 
 def _user_metrics(per_user, test_result):
@@ -84,12 +89,13 @@ def run_labels(results):
 
 
 def build_entries(results):
-    """An Entry per run, and one more per run that carries a first stage (named ``<model> (first stage)``)."""
+    """An Entry per run, and one more per derived result the run carries (``DERIVED_ROWS``: ``<model> (first stage)``,
+    ``<model> (LLM alone)``)."""
     entries = []
     for result, label in zip(results, run_labels(results)):
         parts = [(label, "test_result", "per_user", None)]
-        if "first_stage_result" in result:
-            parts.append((label + FIRST_STAGE, "first_stage_result", "first_stage_per_user", label))
+        parts += [(label + suffix, scores, users, label) for suffix, (scores, users) in DERIVED_ROWS.items()
+                  if scores in result]
         for model, scores, users, stage_of in parts:
             per_user = {p: {k: as_numpy(v) for k, v in fields.items()} for p, fields in result.get(users, {}).items()}
             seed = int(result.get("seed", 0))  # older callers record no seed

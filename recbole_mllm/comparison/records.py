@@ -1,8 +1,8 @@
 """One run on disk: ``record.json`` (what the tables need) and ``per_user.npz`` (the per-user data).
 
 So runs made by separate processes (one GPU job per model and seed) can be compared afterwards.
-``per_user.npz`` holds one array per ``<part>/<protocol>/<field>``, ``part`` being ``per_user`` or
-``first_stage_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
+``per_user.npz`` holds one array per ``<part>/<protocol>/<field>``, ``part`` being ``per_user``,
+``first_stage_per_user`` or ``llm_alone_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
 ``record.json`` holds a whole record.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 from recbole_mllm.comparison.metrics import as_numpy
 from recbole_mllm.fileio import atomic_write
 
-_ARRAY_PARTS = ("per_user", "first_stage_per_user")
+_ARRAY_PARTS = ("per_user", "first_stage_per_user", "llm_alone_per_user")
 _NOT_SAVED = (*_ARRAY_PARTS, "config")
 
 

@@ -5,7 +5,7 @@ import io
 import json
 from pathlib import Path
 
-from recbole_mllm.comparison.analysis import FIRST_STAGE, analyse, is_plugin_model, run_label
+from recbole_mllm.comparison.analysis import FIRST_STAGE, LLM_ALONE, analyse, is_plugin_model, run_label
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -92,10 +92,14 @@ def notes(analysis):
     for protocol, model in analysis.best.items():
         kind = "the best baseline" if not is_plugin_model(model) else "the best model (no baseline ran)"
         lines.append(f"[{protocol}] reference: {model}, {kind} by mean validation score (best_valid_score).")
-    for model in dict.fromkeys(e.model for e in analysis.entries if e.stage_of):
-        parent = model[: -len(FIRST_STAGE)]
-        lines.append(f"{model}: the {parent} checkpoint ranked by its first stage alone; its reference is {parent}, "
-                     "so its delta is minus what the LLM reranker adds.")
+    for entry in {e.model: e for e in analysis.entries if e.stage_of}.values():
+        model, parent = entry.model, entry.stage_of
+        if model.endswith(FIRST_STAGE):
+            lines.append(f"{model}: the {parent} checkpoint ranked by its first stage alone; its reference is {parent}, "
+                         "so its delta is minus what the LLM reranker adds.")
+        elif model.endswith(LLM_ALONE):
+            lines.append(f"{model}: the {parent} checkpoint ranked by its LLM's score alone (late fusion off); its "
+                         f"reference is {parent}, so its delta is minus what the chosen late fusion adds.")
     return lines
 
 

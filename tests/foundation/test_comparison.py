@@ -188,6 +188,22 @@ def test_first_stage_row_is_compared_with_its_llm_model():
     assert row["p_value"] == pytest.approx(wilcoxon(_ndcg(first_ranks), _ndcg(llm_ranks), zero_method="wilcox").pvalue)
 
 
+def test_llm_alone_row_is_compared_with_its_fused_model_and_survives_the_record(tmp_path):
+    rng = np.random.default_rng(4)
+    fused_ranks, first_ranks, alone_ranks = (rng.integers(1, 14, 30) for _ in range(3))
+    fused, first, alone = (_run("MLLMSRec", 7, r) for r in (fused_ranks, first_ranks, alone_ranks))
+    fused.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
+                 llm_alone_result=alone["test_result"], llm_alone_per_user=alone["per_user"])
+    save_record(fused, tmp_path / "run")
+    loaded = load_record(tmp_path / "run")
+    rows = analyse([_run("SASRec", 7, rng.integers(1, 14, 30)), loaded]).rows
+    assert [r["model"] for r in rows] == ["SASRec", "MLLMSRec", "MLLMSRec (first stage)", "MLLMSRec (LLM alone)"]
+    row = rows[3]
+    assert row["reference"] == "MLLMSRec"
+    assert row["delta"] == pytest.approx(_ndcg(alone_ranks).mean() - _ndcg(fused_ranks).mean())
+    assert row["p_value"] == pytest.approx(wilcoxon(_ndcg(alone_ranks), _ndcg(fused_ranks), zero_method="wilcox").pvalue)
+
+
 def test_slices_by_hand_with_their_p_value_on_the_same_users(tmp_path):
     slices = dict(train_count=[1, 10, 3, 50, 2, 4], history=[5, 30, 25, 10, 3, 40])
     base = _run("SASRec", 1, [2, 2, 2, 2, 2, 2], **slices)

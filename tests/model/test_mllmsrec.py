@@ -927,3 +927,26 @@ def test_a_bad_late_fusion_grid_is_refused_naming_the_key(mllm_config, grid):
     config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=grid))
     with pytest.raises(ValueError, match="late_fusion_grid"):
         MLLMSRecSettings.from_config(config)
+
+
+def test_under_late_fusion_every_evaluation_also_reports_the_llm_alone_and_the_run_records_it(mllm_config):
+    from recbole_mllm.comparison import per_user_metrics
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    model.use_fusion_weight(2.0)
+    trainer.evaluate(test_data["full"], load_best_model=False)
+    with model.scoring(fusion_weight=0.0):
+        expected = trainer.evaluate(test_data["full"], load_best_model=False)
+    assert trainer.last_llm_alone_result is None  # the LLM alone is what it just scored: nothing beside it
+    model.use_fusion_weight(2.0)
+    trainer.evaluate(test_data["full"], load_best_model=False)
+    assert dict(trainer.last_llm_alone_result) == dict(expected)
+
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_weight=2.0))
+    for part, per_user in (("test_result", "per_user"), ("first_stage_result", "first_stage_per_user"),
+                           ("llm_alone_result", "llm_alone_per_user")):  # each per-user record is its own evaluation's
+        for protocol, metrics in result[part].items():
+            values = per_user_metrics(result[per_user][protocol]["topk"], ["ndcg"], [10])
+            assert values["ndcg@10"].mean() == pytest.approx(metrics["ndcg@10"], abs=1e-4)

@@ -207,6 +207,11 @@ class MLLMSRec(FusedSASRec):
         self.scorer.fusion_weight = float(weight)
 
     @property
+    def fusion_weight(self):
+        """The late-fusion weight predictions use now (0: the LLM's score alone)."""
+        return self.scorer.fusion_weight
+
+    @property
     def uses_llm(self):
         """Whether predictions go through the LLM reranker (False inside ``scoring(encoder_only=True)``)."""
         return not self.scorer.encoder_only

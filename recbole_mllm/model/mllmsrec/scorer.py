@@ -123,8 +123,12 @@ class TwoStageScorer:
         """Inside the block, an identical (users, positions, candidates) block is scored by the LLM once.
 
         For passes over the same data with the same weights that differ only in ``fusion_weight``
-        (``scripts/score_fusion_eval.py``); the remembered scores are dropped at the end of the block.
+        (``scripts/score_fusion_eval.py``, the trainer's late-fusion choice and LLM-alone report); the remembered
+        scores are dropped at the end of the outermost block (a nested block shares its scores).
         """
+        if self._memo is not None:
+            yield
+            return
         self._memo = {}
         try:
             yield
