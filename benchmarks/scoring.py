@@ -3,8 +3,11 @@
 naive: every candidate's full prompt (its user's part, then its own part) in its own left-padded row, one
 plain forward without cache, --naive_batch candidates per forward. ours: ``LoRARanker.score`` for all
 --users x --candidates at once (user parts run once, block attention masks). Both read the Yes and No
-rows of the output layer in float32, so the printed difference is the layouts' alone. A last row per
-model times a training step of ours (loss + backward, the packed layout; --train_candidates).
+rows of the output layer in float32, so the printed difference is the layouts' alone. list: one prompt per
+user, its part and then one short line per candidate (--list_item_tokens, e.g. "(C) a title"), scored in one forward
+by the logits of the candidates' option tokens (``LoRARanker.list_logits``, LlamaRec's verbalizer); its scores are
+another model of the task, so only its speed is compared. A last row per model times a training step of ours
+(loss + backward, the packed layout; --train_candidates).
 
 The LLMs have random weights built from a config (speed does not depend on weight values; no
 download) and read random token ids, one soft embedding per prompt part. Prompt parts are 80-120%
@@ -44,7 +47,8 @@ MODELS = {  # name: (model class, config)
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=1000, max_position_embeddings=1024)),
 }
-TINY = dict(models=["tiny"], user_tokens=40, candidate_tokens=20, users=2, memory_case=[0, 0], repeats=1)
+TINY = dict(models=["tiny"], user_tokens=40, candidate_tokens=20, list_item_tokens=6, users=2, memory_case=[0, 0],
+            repeats=1)
 
 
 def parse_args(argv=None):
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--user_tokens", type=int, default=300, help="mean tokens of a user part")
     parser.add_argument("--candidate_tokens", type=int, default=150, help="mean tokens of a candidate part")
     parser.add_argument("--naive_batch", type=int, default=256, help="candidates per forward of the naive path")
+    parser.add_argument("--list_item_tokens", type=int, default=16,
+                        help="mean tokens of one candidate's line in the list path's prompt (0: no list row)")
     parser.add_argument("--memory_case", type=int, nargs=2, default=[40, 101], metavar=("USERS", "CANDIDATES"),
                         help="peak memory of ours at this size too (CUDA only; 0 0: skip)")
     parser.add_argument("--train_candidates", type=int, default=4,
@@ -100,6 +106,15 @@ def naive_scores(ranker, users, candidates, owner, batch):
         logits = ranker.output_logits(hidden[:, -1], [ranker.yes_id, ranker.no_id])
         scores.append(logits[:, 0] - logits[:, 1])
     return torch.cat(scores)
+
+
+def list_prompts(users, owner, mean_length, ranker, generator):
+    """The list path's prompts: each user's part, then one line of ~``mean_length`` tokens per candidate of that user."""
+    lines = prompt_parts(len(owner), mean_length, ranker, generator)
+    prompts = [joined([(users.ids[u], users.soft[u])] + [(lines.ids[c], lines.soft[c])
+                                                          for c in (owner == u).nonzero().squeeze(1).tolist()])
+               for u in range(len(users.ids))]
+    return PromptBatch(*zip(*prompts))
 
 
 def model_flops(ranker, query_tokens, pairs):
@@ -168,6 +183,12 @@ def compare(name, ranker, n_users, per_user, args, generator):
     batch = synthetic_batch(ranker, n_users, per_user, args, generator)
     paths = {"naive": lambda: naive_scores(ranker, *batch, args.naive_batch), "ours": lambda: ranker.score(*batch)}
     work, _ = workload(*batch)
+    if args.list_item_tokens:
+        prompts = list_prompts(batch[0], batch[2], args.list_item_tokens, ranker, generator)
+        options = list(range(10, 10 + per_user))  # one option token per listed candidate
+        paths["list"] = lambda: ranker.list_logits(prompts, options)
+        lengths = [len(ids) for ids in prompts.ids]
+        work["list"] = (sum(lengths), sum(n * (n + 1) // 2 for n in lengths))
     scores, seconds, size = {}, {}, f"{n_users}x{per_user}"
     for path, fn in paths.items():
         try:
@@ -177,10 +198,13 @@ def compare(name, ranker, n_users, per_user, args, generator):
             torch.cuda.empty_cache()
             continue
         report(name, size, path, seconds[path], batch, model_flops(ranker, *work[path]), peak, args)
-    if len(scores) == 2:
+    if "ours" in scores and "naive" in scores:
         difference = (scores["ours"] - scores["naive"]).abs().max().item()
         print(f"{'':13} {size:>9} speed-up {seconds['naive'] / seconds['ours']:.2f}x; equal scores: "
               f"max |ours - naive| = {difference:.3g} (score std {scores['naive'].std().item():.3g})")
+    if "list" in seconds and "naive" in seconds:
+        print(f"{'':13} {size:>9} list speed-up {seconds['naive'] / seconds['list']:.2f}x (its scores are another "
+              "model's: speed only)")
 
 
 @torch.no_grad()

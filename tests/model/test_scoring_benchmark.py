@@ -15,6 +15,8 @@ def test_tiny_benchmark_prints_equal_scores(monkeypatch, capsys):
     assert re.search(r"^tiny +2x100 ours ", out, re.MULTILINE), out
     differences = [float(d) for d in re.findall(r"max \|ours - naive\| = (\S+)", out)]
     assert len(differences) == 2 and max(differences) < 1e-4, out
+    speed_ups = [float(x) for x in re.findall(r"list speed-up ([\d.]+)x", out)]  # the list-wise layout's row and ratio
+    assert re.search(r"^tiny +2x100 list ", out, re.MULTILINE) and len(speed_ups) == 2 and min(speed_ups) > 0, out
 
 
 def test_tiny_benchmark_times_a_checkpointed_training_step_alone(monkeypatch, capsys):

@@ -243,6 +243,18 @@ class LoRARanker(nn.Module):
         loss = -log_probs.gather(1, targets.view(-1, 1)).mean()
         return loss, log_probs[:, self.yes_id] - log_probs[:, self.no_id]
 
+    def list_logits(self, prompts: PromptBatch, option_ids):
+        """List-wise scoring (LlamaRec's verbalizer): float32 logits ``[N, K]`` of the ``K`` option tokens ``option_ids``
+        (e.g. the index letters of the listed candidates) at the last position of each whole prompt, one forward per
+        prompt (left-padded, causal). A candidate's score then depends on the list it is in: the caller fixes the list
+        (the first stage's top-K in its order), never the target. Under autograd the logits train, e.g. by cross-entropy
+        towards the target's option."""
+        embeds, mask = self.embed(prompts)
+        hidden = self.llm.get_base_model().get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=False).last_hidden_state
+        return self.output_logits(hidden[:, -1], list(option_ids))
+
     def trainable_state_dict(self):
         """Only the LoRA adapter tensors (the base model is frozen and identified by its hash)."""
         return {k: v for k, v in self.state_dict().items() if "lora_" in k}

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from recbole_mllm.model.mllmsrec.prompting import PieceTokenizer, assemble, build_layout
-from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
+from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch, joined
 from recbole_mllm.stages.prompts import load_prompt
 from tests.mllm.mllm_tiny import tiny_llama_config, tiny_tokenizer
 
@@ -193,3 +193,28 @@ def test_v2_ties_the_rank_to_the_soft_tokens_so_dropping_the_rank_alone_is_refus
     assert "retrieval_rank" not in _fields_and_slots(build_layout(v2, tiny_tokenizer(), use_soft_tokens=False).target)
     with pytest.raises(ValueError, match="ranker_use_rank: False needs a prompt whose rank has a line of its own"):
         build_layout(v2, tiny_tokenizer(), use_rank=False)
+
+
+def test_list_logits_are_each_prompts_own_last_position_logits_and_train_the_adapters(setup):
+    tokenizer, layout, ranker = setup
+    users, cands, owner = _batches(setup, n_users=3, per_user=2)
+    lists = [joined([(users.ids[u], users.soft[u])] + [(cands.ids[c], cands.soft[c]) for c in (owner == u).nonzero().squeeze(1).tolist()])
+             for u in range(3)]  # one prompt per user: its part, then its candidates' parts (different lengths)
+    prompts = PromptBatch(*zip(*lists))
+    options = [5, 7, 11]
+    with torch.no_grad():
+        batched = ranker.list_logits(prompts, options)
+        alone = torch.cat([ranker.list_logits(PromptBatch([ids], [soft]), options) for ids, soft in lists])
+    assert batched.shape == (3, 3) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)  # left padding changes nothing
+    head = ranker.llm.get_base_model().get_output_embeddings().weight
+    hidden = ranker.llm.get_base_model().get_decoder()(inputs_embeds=ranker.embed(PromptBatch([lists[0][0]], [lists[0][1]]))[0],
+                                                       use_cache=False).last_hidden_state[:, -1]
+    torch.testing.assert_close(batched[0], (hidden.float() @ head[options].float().T)[0], atol=1e-4, rtol=1e-4)
+    ranker.train()
+    loss = torch.nn.functional.cross_entropy(ranker.list_logits(prompts, options), torch.tensor([0, 2, 1]))
+    loss.backward()
+    ranker.eval()
+    grads = [p.grad for name, p in ranker.named_parameters() if "lora_" in name]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    ranker.zero_grad(set_to_none=True)
