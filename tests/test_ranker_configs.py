@@ -13,7 +13,7 @@ def _config(tmp_path, *files):
                   config_dict={"data_path": str(tmp_path)})
 
 
-@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested"])
+@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested", "listwise"])
 def test_a_ranker_yaml_overrides_no_key_of_the_tuned_encoder(name):
     ranker = yaml.safe_load((properties_dir() / "ranker" / f"{name}.yaml").read_text())
     assert ranker and not set(ranker) & set(yaml.safe_load(TUNED.read_text()))

@@ -950,3 +950,65 @@ def test_under_late_fusion_every_evaluation_also_reports_the_llm_alone_and_the_r
         for protocol, metrics in result[part].items():
             values = per_user_metrics(result[per_user][protocol]["topk"], ["ndcg"], [10])
             assert values["ndcg@10"].mean() == pytest.approx(metrics["ndcg@10"], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def listwise(tmp_path_factory):
+    """``ranker_scoring: listwise`` with the packaged list prompt, its options written without the leading space: the
+    tiny test tokenizer splits " A" into a space and a letter, where SmolLM2's has one token per " A" ... " Z"."""
+    from recbole_mllm.stages.prompts import load_prompt
+
+    text = "".join(f"[{name}]\n{body}\n" for name, body in load_prompt("ranker", "list_v1").sections.items())
+    path = tmp_path_factory.mktemp("prompts") / "ranker_list_test.txt"
+    path.write_text(text.replace("[options]\n {option}", "[options]\n{option}"), encoding="utf-8")
+    return dict(ranker_scoring="listwise", ranker_prompt=str(path))
+
+
+@pytest.mark.parametrize("check", [test_predict_ignores_candidate_order_and_block_position,
+                                   test_sampled_and_full_ranking_are_the_same_two_stage_scores,
+                                   test_scores_read_neither_the_target_nor_its_time])
+def test_the_listwise_ranker_keeps_the_scoring_invariants(mllm_config, listwise, check):
+    check(dict(mllm_config, **listwise))
+
+
+def test_the_listwise_ranker_trains_and_tests_end_to_end(mllm_config, listwise):
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, **listwise))
+    for metrics in (*result["test_result"].values(), *result["first_stage_result"].values()):
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+
+
+def test_a_listwise_list_is_the_first_stage_top_k_in_order_and_trains_towards_the_targets_letter(mllm_config, listwise):
+    config, model, _ = _model_and_data(dict(mllm_config, **listwise))
+    (u1, t1), (u2, t2) = sorted(model.prompts.summaries)[:2]  # positions whose user summaries are cached
+    uids, ts = [u1, u2], [t1, t2]
+    user_states = torch.randn(2, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    top = model.scorer.catalogue_scores(user_states, uids, ts).topk(model.rerank_top_k, dim=1).indices
+    seen = {}
+
+    def list_logits(prompts, options):
+        seen["prompts"], seen["options"] = prompts, options
+        return torch.arange(len(options), dtype=torch.float32).repeat(len(prompts.ids), 1).requires_grad_()
+
+    model.ranker.list_logits = list_logits
+    targets = [int(top[0, 3]), int(top[1, 0])]  # the 4th and the 1st item of their lists
+    loss = model.llm_scores(uids, ts, user_states, torch.tensor(targets), torch.tensor([0, 1]), torch.tensor([1, 1]))
+    logits = torch.arange(model.rerank_top_k, dtype=torch.float32).repeat(2, 1)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor([3, 0])).item())
+    assert seen["options"] == model.prompts.layout.option_ids[:model.rerank_top_k]
+    tokenizer = model.backend.tokenizer
+    text = tokenizer.decode(seen["prompts"].ids[0])
+    titles = [model.context.item_text[i] for i in top[0].tolist()]
+    found = [text.find(tokenizer.decode(model.prompts.tokenize(title, config["ranker_item_text_tokens"]))) for title in titles]
+    assert all(f >= 0 for f in found) and found == sorted(found)  # every listed item, in the encoder's order
+    scores = model.llm_scores(uids, ts, user_states, top[0, [4, 0]], torch.tensor([0, 0]))  # log-softmax of the letters
+    torch.testing.assert_close(scores, logits[0].log_softmax(-1)[[4, 0]])
+
+
+def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_config, listwise):
+    from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
+
+    with pytest.raises(ValueError, match=r"ranker_prompt: list_v1"):
+        _model_and_data(dict(mllm_config, ranker_scoring="listwise"))
+    config, _ = _config_and_dataset(dict(mllm_config, **listwise, ranker_train_candidates="sampled"))
+    with pytest.raises(ValueError, match="ranker_train_candidates: 'sampled'"):
+        MLLMSRecSettings.from_config(config)

@@ -13,8 +13,9 @@ TRAINER_KEYS = {"eval_batch_size", "epochs", "train_batch_size", "ranker_train_b
 ENCODER_TRAINING_KEYS = {"encoder_warmup_epochs", "encoder_warmup_cache", "encoder_warmup_stopping_step",
                          "encoder_warmup_batch_size", "encoder_frozen_after_warmup"}
 """The trainer's warm-up keys."""
-READ_ELSEWHERE = {"ranker_prompt", "ranker_train_candidates"}
-"""Read by ``MLLMSRec.prepare`` (the template file) and by ``TrainingCandidates`` (with the split rules)."""
+READ_ELSEWHERE = {"ranker_prompt"}
+"""Read by ``MLLMSRec.prepare`` (the template file); ``ranker_train_candidates`` is a setting (checked against
+``ranker_scoring``) that ``TrainingCandidates`` reads too, with the split rules."""
 
 
 def _declared():
@@ -37,6 +38,9 @@ def test_the_yaml_defaults_make_valid_settings():
 @pytest.mark.parametrize("change, message", [
     ({"lora_target_modules": []}, "lora_target_modules"),
     ({"ranker_hard_negatives": 10, "ranker_train_negatives": 9}, "ranker_hard_negatives"),
+    ({"ranker_scoring": "pairwise"}, "ranker_scoring"),
+    ({"ranker_scoring": "listwise", "rerank_top_k": 30}, "rerank_top_k"),
+    ({"ranker_scoring": "listwise", "ranker_residual": True}, "ranker_residual"),
 ])
 def test_inconsistent_settings_are_one_error_naming_the_key(change, message):
     with pytest.raises(ValueError, match=message):

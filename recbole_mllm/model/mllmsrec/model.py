@@ -48,8 +48,8 @@ from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.context import RankerContext, build_histories, build_item_material
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
-from recbole_mllm.model.mllmsrec.prompting import build_layout
-from recbole_mllm.model.mllmsrec.ranker import LoRARanker
+from recbole_mllm.model.mllmsrec.prompting import build_layout, build_list_layout
+from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 from recbole_mllm.model.stage_inputs import read_stage_inputs
@@ -118,14 +118,17 @@ class MLLMSRec(FusedSASRec):
         self.inputs_identity = {"stage_caches": inputs.cache_keys, "template": template.identity(),
                                 "switches": settings.switches, "recent_items": settings.ranker_recent_items,
                                 "field_tokens": field_tokens}
-        layout = build_layout(template, self.backend.tokenizer, settings.ranker_use_cot, settings.ranker_use_soft_tokens,
-                              settings.ranker_use_rank)
+        self.listwise = settings.ranker_scoring == "listwise"  # one lettered list per user, scored by its letters
+        layout = (build_list_layout(template, self.backend.tokenizer, self.rerank_top_k, settings.ranker_use_cot,
+                                    settings.ranker_use_soft_tokens) if self.listwise else
+                  build_layout(template, self.backend.tokenizer, settings.ranker_use_cot, settings.ranker_use_soft_tokens,
+                               settings.ranker_use_rank))
         self.prompts = PromptParts(self.context, inputs.user_summaries, layout, self.backend.tokenizer, field_tokens,
                                    settings.ranker_recent_items, settings.ranker_use_summaries, self.n_items - 1,
                                    config["dataset"])
+        answer_ids = layout.option_ids[:1] * 2 if self.listwise else (layout.yes_id, layout.no_id)  # listwise: unread
         self.ranker = LoRARanker(self.backend.model, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
-                                 list(settings.lora_target_modules), layout.yes_id, layout.no_id,
-                                 settings.gradient_checkpointing)
+                                 list(settings.lora_target_modules), *answer_ids, settings.gradient_checkpointing)
         self.image_projector = None
         if settings.ranker_use_images and inputs.images is not None:  # read_stage_inputs encoded them (and warned when it could not)
             features, logits, has_image = inputs.images
@@ -255,6 +258,8 @@ class MLLMSRec(FusedSASRec):
 
     def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
         """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
+        if self.listwise:
+            return self._list_scores(uids, ts, user_states, candidates, owner, labels)
         ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner, uids, ts) if self.prompts.has_retrieval_rank
                  else [None] * len(candidates))
         item_states = self.encoder.item_states(candidates)  # [C H]
@@ -273,6 +278,48 @@ class MLLMSRec(FusedSASRec):
         pointwise, log_odds = self.ranker.loss_and_scores(users, targets, owner, labels)
         encoder_scores = (user_states[owner] * item_states).sum(-1).float()  # each candidate's first-stage score
         return pointwise + list_cross_entropy(encoder_scores + self.residual_gate * log_odds, owner, labels)
+
+    def _list_scores(self, uids, ts, user_states, candidates, owner, labels=None):
+        """List-wise ranker (``ranker_scoring: listwise``): each user row's list is its first-stage top ``rerank_top_k``
+        (the scorer's catalogue scores and mask, in the encoder's order: never anything of the target), one prompt per
+        row, and a listed item's score is the log-probability of its letter among the list's letters.
+
+        Scoring (``labels`` None): the score of ``candidates[c]`` in row ``owner[c]``'s list, so an item's score is
+        the same whichever block asks for it. Training (``labels``): cross-entropy towards each row's positive
+        (label 1) among its list; the negatives given beside it are not read, the list is.
+        """
+        catalogue = self.scorer.catalogue_scores(user_states.detach(), uids, ts)
+        top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
+        lists = [[item for item, score in zip(items, scores) if score != float("-inf")]
+                 for items, scores in zip(top.indices.tolist(), top.values.tolist())]
+        device = user_states.device
+        flat = torch.tensor([item for listed in lists for item in listed], dtype=torch.long, device=device)
+        item_tokens = self.item_projection(self.encoder.item_states(flat)).unsqueeze(1)  # [sum K, 1, H']
+        user_tokens = self.user_projection(user_states).unsqueeze(1)  # [U 1 H']
+        recent_tokens = self._recent_tokens(uids, ts, device) if self.use_recent_states else [None] * len(uids)
+        prompts, start = [], 0
+        for k, (uid, t) in enumerate(zip(uids, ts)):
+            prompts.append(self.prompts.list_prompt(uid, t, user_tokens[k], lists[k],
+                                                    item_tokens[start:start + len(lists[k])], recent_tokens[k]))
+            start += len(lists[k])
+        n_options = top.indices.shape[1]
+        logits = self.ranker.list_logits(PromptBatch(*zip(*prompts)), self.prompts.layout.option_ids[:n_options])
+        lengths = torch.tensor([len(listed) for listed in lists], device=logits.device)
+        logits = logits.masked_fill(torch.arange(n_options, device=logits.device) >= lengths[:, None], -torch.inf)
+        position = {(k, item): j for k, listed in enumerate(lists) for j, item in enumerate(listed)}
+        pairs = [(row, position.get((row, item))) for row, item in zip(owner.tolist(), candidates.tolist())]
+        if labels is not None:
+            chosen = [pair for pair, label in zip(pairs, labels.tolist()) if label > 0 and pair[1] is not None]
+            if not chosen:  # no positive inside its list: nothing to train on (top_k keeps only rows whose target is)
+                return logits.sum() * 0
+            rows, targets = (torch.tensor(x, device=logits.device) for x in zip(*chosen))
+            return nn.functional.cross_entropy(logits[rows], targets)
+        log_probs = logits.log_softmax(-1)
+        floor = log_probs[torch.isfinite(log_probs)].min() - 1 if torch.isfinite(log_probs).any() else log_probs.new_zeros(())
+        rows = torch.tensor([row for row, _ in pairs], device=logits.device)
+        columns = torch.tensor([j if j is not None else 0 for _, j in pairs], device=logits.device)
+        listed = torch.tensor([j is not None for _, j in pairs], device=logits.device)
+        return torch.where(listed, log_probs[rows, columns], floor)  # an item tied out of the list: below every listed one
 
     # ------------------------------------------------------------------ what MLLMSRecTrainer asks of the model
     def llm_rows(self, interaction):

@@ -7,8 +7,8 @@ Only the user's interactions before the target position ``t`` reach a user part.
 
 from __future__ import annotations
 
-from recbole_mllm.model.mllmsrec.prompting import PieceTokenizer, PromptLayout, SoftSlot, assemble
-from recbole_mllm.model.mllmsrec.ranker import PromptBatch
+from recbole_mllm.model.mllmsrec.prompting import OPTION_LETTERS, PieceTokenizer, PromptLayout, SoftSlot, assemble
+from recbole_mllm.model.mllmsrec.ranker import PromptBatch, joined
 
 
 class PromptParts:
@@ -31,7 +31,8 @@ class PromptParts:
         self.tokenize = PieceTokenizer(tokenizer)
         self.field_tokens, self.recent_count = field_tokens, recent_count
         self.use_summaries, self.catalog_size, self.dataset_name = use_summaries, catalog_size, dataset_name
-        self.has_retrieval_rank = any(p.kind == "field" and p.value == "retrieval_rank" for p in layout.target)
+        self.has_retrieval_rank = any(p.kind == "field" and p.value == "retrieval_rank"
+                                      for p in getattr(layout, "target", ()))  # a ListLayout has none: order is rank
 
     def summary(self, uid, t):
         """The user's preference summary at ``t``; a missing one is an error, never a silent "unknown" in the prompt."""
@@ -75,6 +76,18 @@ class PromptParts:
         soft = {"item_state": (slots.get("item_state"), item_token), "match_state": (slots.get("match_state"), match_token),
                 "image": (slots.get("image"), image_tokens)}
         return ids, {name: value for name, value in soft.items() if value[0]}
+
+    def list_prompt(self, uid, t, user_token, items, item_tokens, recent_tokens=None):
+        """A list-wise prompt ``(ids, soft)`` (``ListLayout``): the user's part, one lettered line per item of ``items``
+        in order with its soft token (``item_tokens[k]`` ``[1, H]``), then the question and the answer cue."""
+        parts = [self.user_part(uid, t, user_token, recent_tokens)]
+        for k, item in enumerate(items):
+            ids, slots = assemble(self.layout.line, {"option": OPTION_LETTERS[k], "item_text": self.context.item_text[item],
+                                                     "user_id": self.context.user_tokens[uid]},
+                                  {"item_state": 1}, self.tokenize, self.field_tokens)
+            parts.append((ids, {"item_state": (slots["item_state"], item_tokens[k])} if slots.get("item_state") else {}))
+        parts.append((assemble(self.layout.tail, {}, {}, self.tokenize, self.field_tokens)[0], {}))
+        return joined(parts)
 
     def batch(self, uids, ts, owner, candidates, user_tokens, item_tokens, match_tokens, image_tokens, ranks,
               recent_tokens=None):

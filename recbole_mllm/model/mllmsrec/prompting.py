@@ -85,22 +85,72 @@ def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tok
     if not split:
         raise ValueError("the tokenizer's chat template dropped the user message; cannot build ranker prompts")
 
-    def pieces(text):
-        out = []
-        for i, part in enumerate(_PIECE.split(text)):
-            if i % 2 == 0:
-                if part:
-                    out.append(PromptPiece("const", tokenizer(part, add_special_tokens=False).input_ids))
-            else:
-                out.append(PromptPiece("soft" if part in SOFT_MARKERS else "field", part))
-        return out
-
     yes = tokenizer(template.sections["yes"].strip("\n"), add_special_tokens=False).input_ids
     no = tokenizer(template.sections["no"].strip("\n"), add_special_tokens=False).input_ids
     if not yes or not no or yes[0] == no[0]:
         raise ValueError(f"the answers {template.sections['yes']!r} / {template.sections['no']!r} do not start "
                          f"with distinct tokens in this tokenizer")
-    return PromptLayout(pieces(user_text), pieces(target_text), yes[0], no[0])
+    return PromptLayout(_pieces(user_text, tokenizer), _pieces(target_text, tokenizer), yes[0], no[0])
+
+
+def _pieces(text, tokenizer):
+    """Constant token ids, fields and soft slots of one rendered part, in order."""
+    out = []
+    for i, part in enumerate(_PIECE.split(text)):
+        if i % 2 == 0:
+            if part:
+                out.append(PromptPiece("const", tokenizer(part, add_special_tokens=False).input_ids))
+        else:
+            out.append(PromptPiece("soft" if part in SOFT_MARKERS else "field", part))
+    return out
+
+
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""The options of a list-wise prompt: the letter of each listed item, in list order."""
+
+
+@dataclass
+class ListLayout:
+    """A list-wise prompt as piece lists: the user part, one candidate line, the tail after the list (the question,
+    the end of the user turn and the answer cue), and the token id of each option letter."""
+
+    user: list = field(default_factory=list)
+    line: list = field(default_factory=list)
+    tail: list = field(default_factory=list)
+    option_ids: list = field(default_factory=list)
+
+
+def build_list_layout(template: PromptTemplate, tokenizer, n_options: int, use_cot=True,
+                      use_soft_tokens=True) -> ListLayout:
+    """Render a list-wise ``template`` (sections ``line``, ``question``, ``options``) into a :class:`ListLayout` for
+    lists of at most ``n_options`` items (``rerank_top_k``), each option scored by the first token of its answer."""
+    missing = [name for name in ("system", "user", "line", "question", "assistant", "options")
+               if name not in template.sections]
+    if missing:
+        raise ValueError(f"ranker_scoring: listwise needs a list prompt (ranker_prompt: list_v1); {template.name!r} has "
+                         f"no [{'], ['.join(missing)}] section")
+    if not 1 <= n_options <= len(OPTION_LETTERS):
+        raise ValueError(f"rerank_top_k: a list-wise prompt letters at most {len(OPTION_LETTERS)} items, got {n_options}")
+    user, line, question = (_section(template, name, use_cot, use_soft_tokens, True)
+                            for name in ("user", "line", "question"))
+    if not use_soft_tokens:  # a line keeps its item, without the item's soft token
+        line = line.replace(" " + _SENTINEL.format("item_state"), "")
+    first, second = _SENTINEL.format(_SPLIT), _SENTINEL.format(_SPLIT + "_tail")
+    messages = [{"role": "system", "content": template.sections["system"]},
+                {"role": "user", "content": f"{user}\n{first}{line}\n{second}{question}"}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat += template.sections["assistant"]
+    user_text, split, rest = chat.partition(first)
+    line_text, split_tail, tail_text = rest.partition(second)
+    if not split or not split_tail:
+        raise ValueError("the tokenizer's chat template dropped the user message; cannot build ranker prompts")
+    option_ids = [tokenizer(template.sections["options"].strip("\n").format(option=letter),
+                            add_special_tokens=False).input_ids[:1] for letter in OPTION_LETTERS[:n_options]]
+    if any(not ids for ids in option_ids) or len({ids[0] for ids in option_ids}) < n_options:
+        raise ValueError(f"the options {template.sections['options']!r} do not start with distinct tokens for the "
+                         f"letters A to {OPTION_LETTERS[n_options - 1]} in this tokenizer")
+    return ListLayout(_pieces(user_text, tokenizer), _pieces(line_text, tokenizer), _pieces(tail_text, tokenizer),
+                      [ids[0] for ids in option_ids])
 
 
 @dataclass(frozen=True)

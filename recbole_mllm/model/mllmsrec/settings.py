@@ -16,9 +16,15 @@ def _help(text):
     return field(metadata={"help": text})
 
 
+RANKER_SCORING = ("pointwise", "listwise")
+"""Values of ``ranker_scoring``."""
+
+
 @dataclass(frozen=True)
 class MLLMSRecSettings:
     rerank_top_k: int = _help("the LLM scores an item only within the encoder's catalogue top-K for the user")
+    ranker_scoring: str = _help("pointwise (a Yes/No prompt per candidate) or listwise (one lettered list per user)")
+    ranker_train_candidates: str = _help("the LLM's training lists: top_k (as tested) or sampled")
     encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
     ranker_use_images: bool = _help("target item image as projected visual tokens")
     ranker_use_summaries: bool = _help("temporal preference summary in the prompt")
@@ -57,6 +63,15 @@ class MLLMSRecSettings:
         if self.late_fusion_grid is not None and (not self.late_fusion_grid or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.late_fusion_grid)):
             raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
+        if self.ranker_scoring not in RANKER_SCORING:
+            raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(RANKER_SCORING)}")
+        if self.ranker_scoring == "listwise":
+            clashes = {"ranker_train_candidates": self.ranker_train_candidates != "top_k",
+                       "ranker_residual": self.ranker_residual, "rerank_top_k": not 1 <= self.rerank_top_k <= 26}
+            if any(clashes.values()):
+                raise ValueError(f"ranker_scoring: listwise trains on the lists it ranks and letters at most 26 items; "
+                                 f"it needs ranker_train_candidates: top_k, ranker_residual: False and rerank_top_k <= 26 "
+                                 f"(got {', '.join(k + ': ' + repr(getattr(self, k)) for k, bad in clashes.items() if bad)})")
         if self.ranker_hard_negatives > self.ranker_train_negatives:
             raise ValueError(f"ranker_hard_negatives ({self.ranker_hard_negatives}) is more than ranker_train_negatives "
                              f"({self.ranker_train_negatives}), the negatives they are part of")
