@@ -48,3 +48,12 @@ def test_a_key_missing_from_the_config_is_an_error_not_a_silent_default():
     del config["rerank_top_k"]
     with pytest.raises(KeyError, match="rerank_top_k"):
         MLLMSRecSettings.from_config(config)
+
+
+def test_unset_eval_batch_and_checkpointing_follow_the_device_and_a_value_wins():
+    settings = MLLMSRecSettings.from_config(_declared())
+    assert settings.ranker_eval_batch_size is None and settings.gradient_checkpointing is None
+    assert settings.candidates_per_forward("cuda") == 512 and settings.candidates_per_forward("cpu") == 32
+    assert not settings.checkpoints("cuda") and settings.checkpoints("cpu")
+    chosen = MLLMSRecSettings.from_config({**_declared(), "ranker_eval_batch_size": 7, "gradient_checkpointing": False})
+    assert chosen.candidates_per_forward("cpu") == 7 and not chosen.checkpoints("cpu")

@@ -125,7 +125,7 @@ class MLLMSRec(FusedSASRec):
                                    config["dataset"])
         self.ranker = LoRARanker(self.backend.model, settings.lora_rank, settings.lora_alpha, settings.lora_dropout,
                                  list(settings.lora_target_modules), layout.yes_id, layout.no_id,
-                                 settings.gradient_checkpointing)
+                                 settings.checkpoints(config["device"]))
         self.image_projector = None
         if settings.ranker_use_images and inputs.images is not None:  # read_stage_inputs encoded them (and warned when it could not)
             features, logits, has_image = inputs.images
@@ -136,7 +136,7 @@ class MLLMSRec(FusedSASRec):
         # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
         self.residual_gate = nn.Parameter(torch.zeros(())) if settings.ranker_residual else None
         self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["mask_history"],
-                                     settings.ranker_eval_batch_size, settings.late_fusion_weight,
+                                     settings.candidates_per_forward(config["device"]), settings.late_fusion_weight,
                                      residual=settings.ranker_residual)
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
