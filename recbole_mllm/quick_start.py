@@ -7,6 +7,7 @@ evaluator, and one test per protocol in ``test_protocols``. Unlike
 ``recbole.quick_start`` this imports no ray and runs no thop pass over the model.
 """
 
+import gc
 import hashlib
 import os
 import time
@@ -180,8 +181,11 @@ def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd
     if seeds and any(arg.startswith("--seed=") for arg in cmd_args or []):
         raise ValueError("give either --seed or --seeds, not both")
     seed_dicts = [{"seed": seed} for seed in seeds] if seeds else [{}]
-    results = [run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved)
-               for m in models for seed_dict in seed_dicts]
+    results = []
+    for m in models:
+        for seed_dict in seed_dicts:
+            results.append(run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved))
+            gc.collect()  # a run's trainer and model hold each other (optimizer hooks): freed here, before the next builds
     config = results[0]["config"]
     stamp = distributed.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
     output_dir = os.path.join(config["output_dir"], f"{config['dataset']}-{stamp}")
