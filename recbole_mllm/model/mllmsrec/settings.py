@@ -46,8 +46,7 @@ class MLLMSRecSettings:
     lora_alpha: int = _help("LoRA alpha")
     lora_dropout: float = _help("LoRA dropout")
     lora_target_modules: tuple = _help("modules of the LLM that get LoRA adapters")
-    gradient_checkpointing: Optional[bool] = _help("recompute the LLM's activations in backward (scores unchanged; "
-                                                   "None: by device)")
+    gradient_checkpointing: bool = _help("recompute the LLM's activations in backward (scores unchanged)")
 
     @classmethod
     def from_config(cls, config):
@@ -68,14 +67,6 @@ class MLLMSRecSettings:
         if self.ranker_eval_batch_size is not None:
             return int(self.ranker_eval_batch_size)
         return GPU_RANKER_EVAL_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_RANKER_EVAL_BATCH_SIZE
-
-    def checkpoints(self, device) -> bool:
-        """``gradient_checkpointing``, or when it is None: on a CPU, off on a GPU (``device``: the model's). On a 2-core
-        CPU (float32) six LoRA steps of the quick start (up to 4 rows of 5 candidates) peaked at 7.1 GB of RSS keeping
-        every layer's activations and at 2.6 GB recomputing them, for 21% more time (docs/performance.md)."""
-        if self.gradient_checkpointing is not None:
-            return bool(self.gradient_checkpointing)
-        return torch.device(device).type != "cuda"
 
     @property
     def switches(self):
