@@ -11,6 +11,7 @@ import gc
 import hashlib
 import os
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from logging import getLogger
 
@@ -135,21 +136,23 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
 
     record = {"test_result": {}, "fingerprints": {}, "per_user": {}}
     collector.recording = True
-    for protocol, loader in test_data.items():
-        collector.evaluations.clear()
-        record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
-                                                                show_progress=config["show_progress"]))
-        record["fingerprints"][protocol] = protocol_fingerprint(loader)
-        record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
-        logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
-        first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
-        if first_stage is not None:                                        # scored by its first stage alone
-            record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
-            record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
-                collector.evaluations[1], item_train_count, history_length)
-        seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
-        if seen_share is not None:
-            record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
+    reuse = getattr(model, "reuse_llm_scores", nullcontext)  # MLLMSRec: an item scored once per user and position
+    with reuse():
+        for protocol, loader in test_data.items():
+            collector.evaluations.clear()
+            record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
+                                                                    show_progress=config["show_progress"]))
+            record["fingerprints"][protocol] = protocol_fingerprint(loader)
+            record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
+            logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
+            first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
+            if first_stage is not None:                                        # scored by its first stage alone
+                record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
+                record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
+                    collector.evaluations[1], item_train_count, history_length)
+            seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
+            if seen_share is not None:
+                record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
     collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 

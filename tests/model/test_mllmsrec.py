@@ -278,6 +278,29 @@ def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
     assert 0 < len(calls) <= batches  # three LLM-scored passes per protocol, one LLM pass each
 
 
+def test_test_protocols_score_an_item_for_a_user_once_and_as_without_reuse(mllm_config):
+    """Inside ``reuse_llm_scores`` (``quick_start.run``'s tests) full ranking scores only the items uni100 did not,
+    and every protocol's metrics are those of scoring it alone."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(mllm_config)
+    trainer, scored = MLLMSRecTrainer(config, model), []
+    llm_scores = model.llm_scores
+
+    def counted(uids, ts, user_states, candidates, owner, labels=None):
+        scored.extend((uids[o], ts[o], c) for o, c in zip(owner.tolist(), candidates.tolist()))
+        return llm_scores(uids, ts, user_states, candidates, owner, labels)
+
+    model.llm_scores = counted
+    alone = {p: dict(trainer.evaluate(loader, load_best_model=False)) for p, loader in test_data.items()}
+    each = len(scored)
+    scored.clear()
+    with model.reuse_llm_scores():
+        reused = {p: dict(trainer.evaluate(loader, load_best_model=False)) for p, loader in test_data.items()}
+    assert reused == alone
+    assert len(scored) == len(set(scored)) < each  # uni100's reranked items were among full ranking's
+
+
 def test_evaluation_also_reports_the_encoder_alone(mllm_config):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
