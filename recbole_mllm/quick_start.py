@@ -7,9 +7,11 @@ evaluator, and one test per protocol in ``test_protocols``. Unlike
 ``recbole.quick_start`` this imports no ray and runs no thop pass over the model.
 """
 
+import gc
 import hashlib
 import os
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from logging import getLogger
 
@@ -139,26 +141,28 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     if fusion_selection is not None:
         record["late_fusion_selection"] = fusion_selection
     collector.recording = True
-    for protocol, loader in test_data.items():
-        collector.evaluations.clear()
-        record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
-                                                                show_progress=config["show_progress"]))
-        record["fingerprints"][protocol] = protocol_fingerprint(loader)
-        record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
-        logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
-        first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
-        if first_stage is not None:                                        # scored by its first stage alone
-            record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
-            record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
-                collector.evaluations[1], item_train_count, history_length)
-        llm_alone = getattr(trainer, "last_llm_alone_result", None)  # under late fusion: the LLM's score alone
-        if llm_alone is not None:
-            record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
-            record.setdefault("llm_alone_per_user", {})[protocol] = per_user_record(
-                collector.evaluations[-1], item_train_count, history_length)
-        seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
-        if seen_share is not None:
-            record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
+    reuse = getattr(model, "reuse_llm_scores", nullcontext)  # MLLMSRec: an item scored once per user and position
+    with reuse():
+        for protocol, loader in test_data.items():
+            collector.evaluations.clear()
+            record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
+                                                                    show_progress=config["show_progress"]))
+            record["fingerprints"][protocol] = protocol_fingerprint(loader)
+            record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
+            logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
+            first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
+            if first_stage is not None:                                        # scored by its first stage alone
+                record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
+                record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
+                    collector.evaluations[1], item_train_count, history_length)
+            llm_alone = getattr(trainer, "last_llm_alone_result", None)  # under late fusion: the LLM's score alone
+            if llm_alone is not None:
+                record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
+                record.setdefault("llm_alone_per_user", {})[protocol] = per_user_record(
+                    collector.evaluations[-1], item_train_count, history_length)
+            seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
+            if seen_share is not None:
+                record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
     collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
@@ -190,8 +194,11 @@ def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd
     if seeds and any(arg.startswith("--seed=") for arg in cmd_args or []):
         raise ValueError("give either --seed or --seeds, not both")
     seed_dicts = [{"seed": seed} for seed in seeds] if seeds else [{}]
-    results = [run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved)
-               for m in models for seed_dict in seed_dicts]
+    results = []
+    for m in models:
+        for seed_dict in seed_dicts:
+            results.append(run(m, dataset, config_file_list, {**(config_dict or {}), **seed_dict}, cmd_args, saved))
+            gc.collect()  # a run's trainer and model hold each other (optimizer hooks): freed here, before the next builds
     config = results[0]["config"]
     stamp = distributed.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
     output_dir = os.path.join(config["output_dir"], f"{config['dataset']}-{stamp}")

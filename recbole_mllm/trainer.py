@@ -100,6 +100,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
       collaborative signal from the first LLM step and the first stage of full ranking is a good retriever;
     * gradient accumulation (``gradient_accumulation_steps``) and bfloat16 autocast on GPU
       (``enable_amp``; RecBole's own autocast would pick float16);
+    * with the encoder frozen, the LLM's rows of a step run forward and backward ``ranker_train_rows_per_forward`` at
+      a time (the step's gradient is the sum of theirs), so a step keeps the activations of those rows only;
     * only trainable parameters in the optimizer; checkpoints hold only trained tensors (the model's
       ``state_dict``) plus the base model's identity, and resume through ``compat.load_checkpoint``;
     * the first stage's recall is logged after every full-ranking evaluation, and with ``report_first_stage``
@@ -109,7 +111,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
 
     It reads the model only through methods: RecBole's contract (``calculate_loss``, ``predict``,
     ``full_sort_predict``, ``other_parameter``/``load_other_parameter``) and MLLMSRec's trainer interface
-    (``encoder_loss``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
+    (``encoder_loss``, ``loss_parts``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
     ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``use_fusion_weight``/``fusion_weight``/
     ``reuse_llm_scores``; ``model/mllmsrec/model.py``).
     """
@@ -129,6 +131,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         self.last_llm_alone_result = None  # under late fusion, the same evaluation with the LLM's score alone
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
         self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
+        rows = config["ranker_train_rows_per_forward"]
+        self.rows_per_forward = int(rows) if rows is not None else (None if self.device.type == "cuda" else 1)
 
     def _build_optimizer(self, **kwargs):
         kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
@@ -158,15 +162,29 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
             if distributed.active():  # RecBole's DDP path: every rank's gradients are averaged in backward
                 self.set_reduce_hook()
                 sync_loss = self.sync_grad_loss()
-            with self._autocast():
-                loss = loss_func(interaction.to(self.device)) + sync_loss
-            self._check_nan(loss)
-            if loss.requires_grad:  # a frozen encoder and no LLM row in the batch: nothing to train on it
-                (loss / self.accumulation_steps).backward()
-            total_loss += loss.item()
+            parts = self._loss_parts(interaction.to(self.device), loss_func)
+            while True:
+                with self._autocast():
+                    part = next(parts, None)
+                if part is None:
+                    break
+                loss, sync_loss = part + sync_loss, 0.0
+                self._check_nan(loss)
+                if loss.requires_grad:  # a frozen encoder and no LLM row in the batch: nothing to train on it
+                    (loss / self.accumulation_steps).backward()
+                total_loss += loss.item()
             if (batch_idx + 1) % self.accumulation_steps == 0 or batch_idx + 1 == len(train_data):
                 self._step()
         return total_loss
+
+    def _loss_parts(self, interaction, loss_func):
+        """The step's loss as parts to backpropagate one by one, each computed when asked for: in a joint epoch of a
+        frozen encoder on one process the LLM's rows ``rows_per_forward`` at a time (``loss_parts``; the activations of
+        one part alive at a time, the step's gradient their sum), else the whole loss. Under torchrun every rank
+        backpropagates once per step (its gradient hooks reduce across ranks)."""
+        if self.joint_rows is not None and loss_func == self.model.calculate_loss and not distributed.active():
+            return self.model.loss_parts(interaction, self.rows_per_forward)
+        return (loss_func(interaction) for _ in range(1))
 
     def _step(self):
         """Clip and apply the summed gradients, or skip the update when any is inf/NaN (as AMP's GradScaler does).

@@ -24,7 +24,7 @@ from recbole.utils import ModelType, set_color
 
 from recbole_mllm.data.atomic_check import check_atomic_files
 from recbole_mllm.data.dataloader import FixedCandidateEvalDataLoader, HistoryMaskedFullSortEvalDataLoader, seeded
-from recbole_mllm.data.histories import internal_histories
+from recbole_mllm.data.histories import internal_histories, user_histories
 from recbole_mllm.data.split import user_split
 from recbole_mllm.data.windows import select_window_rows
 
@@ -59,6 +59,12 @@ def create_dataset(config):
 FULL_PROTOCOLS = ("full", "full_unmasked")
 """Full-ranking protocols: ``full`` masks each user's history when ``mask_history`` is on (the field's protocol),
 ``full_unmasked`` never does (RecBole's sequential full ranking, for continuity with unmasked numbers)."""
+
+
+def histories_or_dataset(config, histories):
+    """``histories``, or those of ``create_dataset(config)`` (``data.user_histories``) when None (``config`` is then a
+    RecBole ``Config``)."""
+    return histories if histories is not None else user_histories(create_dataset(config))
 
 
 def parse_protocol(mode):

@@ -31,7 +31,7 @@ class FusedSASRec(SequentialRecommender):
     def prepare(cls, config, dataset, histories=None):
         """The constructor's prepared parts, read from the stage caches before the model is built
         (``quick_start.build_model``): ``{"item_content": [n_items F]}``, the encoder's item content."""
-        return {"item_content": read_encoder_item_content(config, dataset)}
+        return {"item_content": read_encoder_item_content(config, dataset, histories)}
 
     def __init__(self, config, dataset, item_content=None):
         """``item_content``: the encoder's item content ``[n_items F]`` (``prepare``); the constructor opens no file."""

@@ -60,14 +60,16 @@ def _read(config, read):
                               f"builds missing stages first (run_missing_stages: True)") from None
 
 
-def read_encoder_item_content(config, dataset):
+def read_encoder_item_content(config, dataset, histories=None):
     """The encoder's item content ``[n_items, d]`` in RecBole's item-id order (row 0, padding, zero): the item-fusion
     embeddings, or another encoder of the same items (``encoder_item_content``, ``model/item_content.py``).
 
-    The cache is found by the backend's identity alone (``describe_backend``): no LLM weights are loaded.
+    The cache is found by the backend's identity alone (``describe_backend``): no LLM weights are loaded. ``histories``
+    (the un-split ones) give its items under ``item_fusion_items: interacted``; None rebuilds the dataset then.
     """
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, describe_backend(config)))
+    summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, describe_backend(config),
+                                                                   histories))
     if check_item_content(config) == "fused":
         return embeddings
     table = _item_table(config)
@@ -97,21 +99,21 @@ def read_stage_inputs(config, dataset, histories=None) -> StageInputs:
     backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
     user_tokens = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
-    summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, backend))
+    if histories is None:  # un-split histories (the model only receives the train split)
+        histories = user_histories(create_dataset(config))
+    summaries, embeddings = _read(config, lambda: load_item_fusion(config, item_tokens, backend, histories))
     image_field, image_dir = _image_location(config)
     fields = text_fields(config, table)
     embeddings = read_item_content(config, item_tokens, embeddings, summaries, table, fields,
                                    image_field, image_dir)  # what the encoder reads (the fused embeddings by default)
 
-    if histories is None:  # un-split histories (the model only receives the train split)
-        histories = user_histories(create_dataset(config))
     requests = [(token, t) for token, history in histories.items() for t in needed_positions(len(history.items), config)]
     texts = _read(config, lambda: load_user_summaries(config, requests, backend, histories))
     uid = {token: i for i, token in enumerate(user_tokens)}
     user_summaries = {(uid[token], t): text for (token, t), text in zip(requests, texts)}
     profile_by_token = user_profiles(config)
     profiles = [profile_by_token.get(token, "unknown") for token in user_tokens]
-    cache_keys = {"item_fusion": item_fusion_cache(config, backend).path.name,
+    cache_keys = {"item_fusion": item_fusion_cache(config, backend, histories).path.name,
                   "user_profile": user_profile_cache(config, backend, histories).path.name}
     images = None
     if config["ranker_use_images"] and getattr(backend, "projector", None) is None:

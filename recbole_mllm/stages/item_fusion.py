@@ -26,6 +26,8 @@ Config keys (a RecBole-style mapping: ``config[key]``, missing or None means the
         RecBole's ``saved/`` checkpoints (not next to the data, which may be read-only, e.g. ml-100k).
     item_fusion_prompt (str): template version (``v1`` -> ``prompts/item_fusion_v1.txt``) or a .txt path.
     item_fusion_max_new_tokens (int): longest summary, in tokens.
+    item_fusion_items (str): ``all`` (every row of the ``.item`` file) or ``interacted`` (the items left in the
+        users' histories after RecBole's filters; the command line then builds the dataset to find them).
     stage_batch_size (int or None): requests per generation / embedding batch (None: 512 on a GPU, 16 on a CPU).
     stage_no_repeat_ngram_size (int): greedy decoding never repeats an n-gram of this size (0: off).
     stage_shard_size (int): items per cache shard (the unit of resume and of multi-process work).
@@ -88,14 +90,16 @@ def _shard_compute(config: Mapping, plan: ItemFusionPlan, backend: MultimodalLM)
     return compute
 
 
-def run_item_fusion(config: Mapping, backend: Optional[MultimodalLM] = None, progress: bool = True) -> StageCache:
+def run_item_fusion(config: Mapping, backend: Optional[MultimodalLM] = None, progress: bool = True,
+                    histories: Optional[Mapping] = None) -> StageCache:
     """Build (or finish, or just verify) the item fusion cache of ``config``; returns it, complete.
 
-    Idempotent: shards already done are kept, so calling it again costs only the checksum checks.
+    Idempotent: shards already done are kept, so calling it again costs only the checksum checks. ``histories``
+    (``data.user_histories``) give the items under ``item_fusion_items: interacted``; None builds the dataset.
     """
     item_images(config)  # an image name outside the image folder is refused before the model loads
     backend = backend if backend is not None else load_backend(config)
-    plan = item_fusion_plan(config, backend)
+    plan = item_fusion_plan(config, backend, histories)
     cache = plan.cache.build(_shard_compute(config, plan, backend), progress=progress)
     if cache.is_complete():
         stats = cache.summary()

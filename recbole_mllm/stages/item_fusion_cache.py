@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
+from recbole_mllm.data.utils import histories_or_dataset
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.stages.cache import StageCache
 from recbole_mllm.stages.backend_identity import BackendIdentity, describe_backend
@@ -30,7 +31,7 @@ STAGE = "item_fusion"
 DEFAULTS = {
     **STAGE_DEFAULTS,
     **declared("item_fusion_prompt", "item_fusion_max_new_tokens", "item_text_fields", "item_image_field",
-               "item_image_dir"),
+               "item_image_dir", "item_fusion_items"),
     **{key: RECBOLE_DATASET_DEFAULTS[key] for key in ("data_path", "ITEM_ID_FIELD", "field_separator", "seq_separator",
                                                       "encoding")},
 }
@@ -42,6 +43,9 @@ _NONE_MEANS_NONE = {"item_text_fields", "item_image_field", "mllm_dtype"}
 """Keys where an explicit None is a choice (every field, no image, backend's dtype), not 'use the default'."""
 
 _PROMPT_FIELDS = {"system": [], "image": ["item_text"], "text_only": ["item_text"], "field": ["label", "value"]}
+
+ITEM_SCOPES = ("all", "interacted")
+"""Values of ``item_fusion_items`` (see :func:`fused_items`)."""
 
 
 def setting(config: Mapping, key: str):
@@ -87,6 +91,23 @@ def render_item_text(row: Mapping, fields: Sequence[tuple[str, str]], table: Ite
     return "\n".join(lines)
 
 
+def fused_items(config: Mapping, table: ItemTable, histories: Optional[Mapping] = None) -> list:
+    """The item tokens item fusion summarises, the cache's keys: every row of the ``.item`` file (``item_fusion_items:
+    all``; one cache serves every filter and split), or the items of the users' histories after RecBole's filters
+    (``interacted``; ``histories`` as ``data.user_histories`` gives them, None builds the dataset). The same items give
+    the same cache either way."""
+    scope = setting(config, "item_fusion_items")
+    if scope not in ITEM_SCOPES:
+        raise ValueError(f"item_fusion_items: {scope!r} is none of {', '.join(ITEM_SCOPES)}")
+    if scope == "all":
+        return list(table.rows)
+    items = {item for history in histories_or_dataset(config, histories).values() for item in history.items}
+    unknown = sorted(items - set(table.rows))
+    if unknown:
+        raise ValueError(f"{len(unknown)} item(s) of the histories are not in {table.path}, e.g. {unknown[:5]}")
+    return [token for token in table.rows if token in items]
+
+
 @dataclass
 class ItemFusionPlan:
     """What one configuration reads and where it writes: the item rows, prompt pieces, decoding and the cache."""
@@ -110,8 +131,10 @@ def item_images(config: Mapping) -> tuple[ItemTable, Optional[str], Path]:
     return table, image_field, image_dir
 
 
-def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdentity]) -> ItemFusionPlan:
-    """The plan of ``config``: its item rows, prompt and cache (``backend`` gives the identity; nothing loads)."""
+def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdentity],
+                     histories: Optional[Mapping] = None) -> ItemFusionPlan:
+    """The plan of ``config``: its item rows, prompt and cache (``backend`` gives the identity; nothing loads);
+    ``histories`` give the items under ``item_fusion_items: interacted`` (:func:`fused_items`)."""
     dataset, dataset_dir = dataset_location(config)
     table, image_field, image_dir = item_images(config)
     template = load_prompt(STAGE, setting(config, "item_fusion_prompt")).require(_PROMPT_FIELDS)
@@ -130,29 +153,38 @@ def item_fusion_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdenti
                    "id_field": table.id_field, "seq_separator": setting(config, "seq_separator"),
                    "field_separator": setting(config, "field_separator"), "encoding": setting(config, "encoding")},
     }
-    cache = StageCache(setting(config, "stage_cache_dir"), STAGE, manifest, keys=list(table.rows),
+    cache = StageCache(setting(config, "stage_cache_dir"), STAGE, manifest, keys=fused_items(config, table, histories),
                        shard_size=int(setting(config, "stage_shard_size")),
                        command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
     return ItemFusionPlan(cache, table, fields, template, image_dir, generation)
 
 
-def item_fusion_cache(config: Mapping, backend: Union[MultimodalLM, BackendIdentity]) -> StageCache:
-    """The cache for this configuration and backend, built or not (nothing is generated here)."""
-    return item_fusion_plan(config, backend).cache
+def item_fusion_cache(config: Mapping, backend: Union[MultimodalLM, BackendIdentity],
+                      histories: Optional[Mapping] = None) -> StageCache:
+    """The cache for this configuration and backend, built or not (nothing is generated here); ``histories`` as for
+    :func:`item_fusion_plan`."""
+    return item_fusion_plan(config, backend, histories).cache
 
 
 def load_item_fusion(config: Mapping, item_tokens: Sequence[str],
-                     backend: Union[MultimodalLM, BackendIdentity, None] = None) -> tuple[list[str], torch.Tensor]:
+                     backend: Union[MultimodalLM, BackendIdentity, None] = None,
+                     histories: Optional[Mapping] = None) -> tuple[list[str], torch.Tensor]:
     """Summaries and embeddings ``[len(item_tokens), H]`` aligned with ``item_tokens``.
 
     Pass ``dataset.field2id_token[ITEM_ID_FIELD]`` to get rows indexed by RecBole's item ids; its
     ``[PAD]`` entry gets an empty text and a zero vector. Raises ``StageCacheError`` naming the
-    command to run when the cache for this configuration is not built.
+    command to run when the cache for this configuration is not built; ``histories`` as for :func:`item_fusion_plan`.
     """
     backend = backend if backend is not None else describe_backend(config)  # a key needs no weights
     item_tokens = [str(t) for t in item_tokens]  # numpy str_ from field2id_token
     real = [t for t in item_tokens if t != "[PAD]"]
-    texts, embeddings, _ = item_fusion_cache(config, backend).load_aligned(real)
+    cache = item_fusion_cache(config, backend, histories)
+    outside = sorted(set(real) - set(cache.keys)) if setting(config, "item_fusion_items") != "all" else []
+    if outside:  # an item RecBole loads from the .item file without any interaction
+        raise ValueError(f"{len(outside)} item(s) asked for are not among the items item fusion summarises "
+                         f"(item_fusion_items: {setting(config, 'item_fusion_items')}), e.g. {outside[:5]}; "
+                         f"item_fusion_items: all summarises every row of the .item file")
+    texts, embeddings, _ = cache.load_aligned(real)
     row = {token: i for i, token in enumerate(real)}
     out = torch.zeros(len(item_tokens), embeddings.shape[1])
     for i, token in enumerate(item_tokens):

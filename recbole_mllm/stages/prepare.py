@@ -14,13 +14,14 @@ import logging
 from typing import Mapping, Optional, Sequence
 
 from recbole_mllm import distributed
+from recbole_mllm.data.utils import histories_or_dataset
 from recbole_mllm.stages.backend_identity import describe_backend
 from recbole_mllm.stages.cache import StageCache, StageCacheError
 from recbole_mllm.stages.common import load_backend
 from recbole_mllm.stages.item_fusion import run_item_fusion
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache
 from recbole_mllm.stages.user_profile import run_user_profile
-from recbole_mllm.stages.user_profile_cache import histories_or_dataset, user_profile_cache
+from recbole_mllm.stages.user_profile_cache import user_profile_cache
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,13 @@ def required_stages(model_class) -> tuple:
 
 def _cache(stage: str, config: Mapping, backend, histories) -> StageCache:
     if stage == "item_fusion":
-        return item_fusion_cache(config, backend)
+        return item_fusion_cache(config, backend, histories)
     return user_profile_cache(config, backend, histories)
 
 
 def _run(stage: str, config: Mapping, backend, histories) -> StageCache:
     if stage == "item_fusion":
-        return run_item_fusion(config, backend)
+        return run_item_fusion(config, backend, histories=histories)
     return run_user_profile(config, backend, histories)
 
 
@@ -53,7 +54,7 @@ def prepare_stages(config: Mapping, stages: Sequence[str], histories: Optional[M
     """Make every cache of ``stages`` complete for ``config``, or raise a ``StageCacheError`` naming its command.
 
     ``histories`` (``data.histories.user_histories`` of the dataset before its split) spares building the
-    dataset again for the user stage. The caches are found by the backend's identity alone, so a run whose
+    dataset again for the user stage (and for item fusion under ``item_fusion_items: interacted``). The caches are found by the backend's identity alone, so a run whose
     caches are built never loads the backend here.
     """
     stages = [stage for stage in STAGES if stage in stages]

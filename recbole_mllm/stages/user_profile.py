@@ -82,12 +82,11 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from recbole_mllm.data.utils import histories_or_dataset
 from recbole_mllm.mllm.base import ChatRequest, MultimodalLM
 from recbole_mllm.stages.cache import ShardOutput, StageCache
 from recbole_mllm.stages.common import load_backend, stage_config, stage_main
-from recbole_mllm.stages.item_fusion_cache import load_item_fusion
-from recbole_mllm.stages.user_profile_cache import (DEFAULTS, STAGE, UserProfilePlan, WindowRule, histories_or_dataset,
-                                                    user_profile_plan)
+from recbole_mllm.stages.user_profile_cache import DEFAULTS, STAGE, UserProfilePlan, WindowRule, user_profile_plan
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +128,8 @@ class _ShardCompute:
 
     def _load_item_summaries(self) -> dict:
         if self.item_summaries is None:  # only when there is work: a finished cache needs no item cache
-            tokens = sorted(self.plan.item_texts)
-            texts, _ = load_item_fusion(self.config, tokens, self.backend)
+            tokens = sorted({item for history in self.plan.histories.values() for item in history.items})
+            texts, _, _ = self.plan.item_cache.load_aligned(tokens)
             self.item_summaries = {t: " ".join(s.split()) for t, s in zip(tokens, texts)}
         return self.item_summaries
 
@@ -223,7 +222,7 @@ def summary_chain(config: Mapping, user: str, windows: int, backend: Optional[Mu
     histories = histories_or_dataset(config, histories)
     if user not in histories:
         raise KeyError(f"user {user!r} is not in the dataset {config['dataset']}")
-    plan = user_profile_plan(config, backend, {user: histories[user]})
+    plan = user_profile_plan(config, backend, {user: histories[user]}, item_histories=histories)
     plan.rule = WindowRule(plan.rule.size, plan.rule.step, 0, plan.rule.partial_first)
     ends = [plan.rule.size + k * plan.rule.step for k in range(windows)]
     ends = [c for c in ends if c <= len(histories[user].items)]

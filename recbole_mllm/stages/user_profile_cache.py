@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from recbole_mllm.data.histories import user_histories
+from recbole_mllm.data.utils import histories_or_dataset
 from recbole_mllm.data.split import held_out_count, needed_positions
 from recbole_mllm.fileio import canonical_json, sha256_file
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
@@ -118,6 +118,7 @@ class UserProfilePlan:
     profiles: dict
     item_texts: dict  # raw item token -> "Title: ...; Year: ..."
     generation: GenerationConfig  # the decoding the cache is keyed with
+    item_cache: StageCache  # the item fusion cache whose summaries the window prompts quote
 
 
 def _histories_sha256(histories: Mapping) -> str:
@@ -135,8 +136,10 @@ def _time_normalised(config: Mapping) -> bool:
 
 
 def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdentity],
-                      histories: Mapping) -> UserProfilePlan:
-    """The plan of ``config`` for ``histories``: rule, clock, prompt, texts and cache (nothing is generated)."""
+                      histories: Mapping, item_histories: Optional[Mapping] = None) -> UserProfilePlan:
+    """The plan of ``config`` for ``histories``: rule, clock, prompt, texts and cache (nothing is generated).
+    ``item_histories`` (default ``histories``) are the whole dataset's, which give the items of the item fusion cache
+    under ``item_fusion_items: interacted`` when ``histories`` are a part of them."""
     dataset, folder = dataset_location(config)
     rule = WindowRule.from_config(config)
     clock = Clock(str(setting(config, "user_time_format")))
@@ -157,6 +160,7 @@ def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdent
         raise ValueError(f"{len(unknown)} item(s) of the histories are not in {table.path}, e.g. {unknown[:5]}")
     profiles = user_profiles(config)
     generation = generation_config(config, "user_summary_max_new_tokens")
+    item_cache = item_fusion_cache(config, backend, histories if item_histories is None else item_histories)
     user_file = folder / f"{dataset}.user"
     inter_file = folder / f"{dataset}.inter"
     manifest = {
@@ -168,7 +172,7 @@ def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdent
                     "user_file_sha256": sha256_file(user_file) if user_file.is_file() else None,
                     "histories_sha256": _histories_sha256(histories), "n_users": len(histories),
                     "n_interactions": sum(len(h.items) for h in histories.values())},
-        "item_fusion": {"cache": item_fusion_cache(config, backend).key_hash},
+        "item_fusion": {"cache": item_cache.key_hash},
         "params": {"window_size": rule.size, "window_step": rule.step, "max_windows": rule.max_windows,
                    "partial_first": rule.partial_first, "leave_out": held_out_count(config),
                    "train_targets_per_user": int(setting(config, "llm_train_targets_per_user")),
@@ -181,16 +185,7 @@ def user_profile_plan(config: Mapping, backend: Union[MultimodalLM, BackendIdent
     cache = StageCache(setting(config, "stage_cache_dir"), STAGE, manifest, keys=summary_keys(histories, config),
                        shard_size=int(setting(config, "user_shard_size")), group_by_first=True,
                        command=f"python -m recbole_mllm.stages.{STAGE} --dataset={dataset}")
-    return UserProfilePlan(cache, histories, rule, clock, template, profiles, item_texts, generation)
-
-
-def histories_or_dataset(config: Mapping, histories: Optional[Mapping]) -> Mapping:
-    """``histories``, or those of ``create_dataset(config)`` when None (``config`` is then a RecBole ``Config``)."""
-    if histories is not None:
-        return histories
-    from recbole_mllm.data import create_dataset  # deferred: RecBole's dataset module is heavy
-
-    return user_histories(create_dataset(config))
+    return UserProfilePlan(cache, histories, rule, clock, template, profiles, item_texts, generation, item_cache)
 
 
 def user_profile_cache(config: Mapping, backend: Union[MultimodalLM, BackendIdentity],

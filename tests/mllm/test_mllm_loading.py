@@ -135,7 +135,8 @@ def test_hub_probe_goes_through_a_proxy(monkeypatch, no_proxy):
 
 
 def test_auto_dtype_is_bfloat16_only_where_it_is_computed_natively(tmp_path, monkeypatch):
-    """``mllm_dtype: auto``: bfloat16 on a GPU and on a CPU with AMX or AVX-512-BF16 flags, float32 on other CPUs."""
+    """``mllm_dtype: auto``: bfloat16 on a GPU and on a CPU with AMX or AVX-512-BF16 flags that torch's kernels may use
+    (capability AVX512), float32 on other CPUs."""
     import torch
 
     from recbole_mllm.mllm import hf_chat
@@ -143,8 +144,9 @@ def test_auto_dtype_is_bfloat16_only_where_it_is_computed_natively(tmp_path, mon
     avx2, amx = tmp_path / "avx2", tmp_path / "amx"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16\n")
-    assert not hf_chat.cpu_has_native_bf16(str(avx2)) and hf_chat.cpu_has_native_bf16(str(amx))
-    assert not hf_chat.cpu_has_native_bf16(str(tmp_path / "absent"))
+    assert not hf_chat.cpu_has_native_bf16(str(avx2), "AVX512") and hf_chat.cpu_has_native_bf16(str(amx), "AVX512")
+    assert not hf_chat.cpu_has_native_bf16(str(tmp_path / "absent"), "AVX512")
+    assert not hf_chat.cpu_has_native_bf16(str(amx), "AVX2")  # torch held to AVX2 (ATEN_CPU_CAPABILITY=avx2)
     for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
         monkeypatch.setattr(hf_chat, "cpu_has_native_bf16", lambda native=native: native)
         assert hf_chat.resolve_dtype("auto", torch.device("cpu")) == expected

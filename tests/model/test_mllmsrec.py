@@ -278,6 +278,29 @@ def test_score_fusion_script_scores_the_llm_once_per_protocol(mllm_config):
     assert 0 < len(calls) <= batches  # three LLM-scored passes per protocol, one LLM pass each
 
 
+def test_test_protocols_score_an_item_for_a_user_once_and_as_without_reuse(mllm_config):
+    """Inside ``reuse_llm_scores`` (``quick_start.run``'s tests) full ranking scores only the items uni100 did not,
+    and every protocol's metrics are those of scoring it alone."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(mllm_config)
+    trainer, scored = MLLMSRecTrainer(config, model), []
+    llm_scores = model.llm_scores
+
+    def counted(uids, ts, user_states, candidates, owner, labels=None):
+        scored.extend((uids[o], ts[o], c) for o, c in zip(owner.tolist(), candidates.tolist()))
+        return llm_scores(uids, ts, user_states, candidates, owner, labels)
+
+    model.llm_scores = counted
+    alone = {p: dict(trainer.evaluate(loader, load_best_model=False)) for p, loader in test_data.items()}
+    each = len(scored)
+    scored.clear()
+    with model.reuse_llm_scores():
+        reused = {p: dict(trainer.evaluate(loader, load_best_model=False)) for p, loader in test_data.items()}
+    assert reused == alone
+    assert len(scored) == len(set(scored)) < each  # uni100's reranked items were among full ranking's
+
+
 def test_evaluation_also_reports_the_encoder_alone(mllm_config):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
@@ -513,7 +536,7 @@ def test_top_k_training_lists_put_the_label_on_the_target_among_its_top_k(mllm_c
     model.train()
     calls = []
 
-    def llm_scores(uids, ts, user_states, candidates, owner, labels=None):
+    def llm_scores(uids, ts, user_states, candidates, owner, labels=None, weights=(1.0, 1.0)):
         calls.append((uids, ts, user_states.detach(), candidates, owner, labels))
         return user_states.sum() * 0
 
@@ -555,6 +578,38 @@ def test_a_frozen_encoder_stays_as_warmed_up_while_the_llm_trains(mllm_config):
     assert any(not torch.equal(lora[k], v) for k, v in states["lora"].items())  # the LLM's adapters did train
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_step_in_parts_of_one_row_has_the_loss_and_gradient_of_the_whole_step(mllm_config, residual):
+    """``loss_parts``: with the encoder frozen, the LLM's rows one at a time, each part backpropagated before the next
+    is computed, add up to ``calculate_loss`` and its gradient (no LoRA dropout, so neither draws anything there);
+    the trainer asks for parts of one row on a CPU."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, dataset = _config_and_dataset(dict(mllm_config, ranker_residual=residual, lora_dropout=0.0, rerank_top_k=8,
+                                               ranker_train_negatives=3))
+    model, train_data, _, _ = split_and_build_model(config, dataset)
+    model.freeze_encoder()
+    model.train()
+    batch = next(b for b in train_data if len(model.llm_rows(b)[1]) > 1)
+
+    def loss_and_gradients(parts):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same negatives
+        total, count = 0.0, 0
+        for part in parts():
+            part.backward()
+            total, count = total + part.item(), count + 1
+        return total, count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, one, whole_grads = loss_and_gradients(lambda: [model.calculate_loss(batch)])
+    split, parts, split_grads = loss_and_gradients(lambda: model.loss_parts(batch, rows_per_part=1))
+    assert one == 1 and parts == len(model.llm_rows(batch)[1]) and split == pytest.approx(whole, rel=1e-5)
+    assert whole_grads.keys() == split_grads.keys() and any("lora_B" in n for n in whole_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, atol=1e-6, rtol=1e-4)
+    assert MLLMSRecTrainer(config, model).rows_per_forward == 1  # the tests' device is the CPU
+
+
 @pytest.mark.parametrize("rule", ["top_k", "sampled"])
 def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule, caplog):
     """With the encoder frozen, the other rows train nothing: the joint epochs read the LLM's rows alone, by the
@@ -580,7 +635,7 @@ def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(
     assert warm_up is train_data and joint.step == 3
     scored = {}  # {uid: [t]} of the rows whose loss reaches the LLM in a pass over every training row
 
-    def llm_scores(uids, ts, user_states, candidates, owner, labels=None):
+    def llm_scores(uids, ts, user_states, candidates, owner, labels=None, weights=(1.0, 1.0)):
         for u, t in zip(uids, ts):
             scored.setdefault(u, []).append(t)
         return user_states.sum() * 0

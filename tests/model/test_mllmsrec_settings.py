@@ -7,8 +7,9 @@ from dataclasses import fields
 from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 from recbole_mllm.properties_path import properties_dir
 
-TRAINER_KEYS = {"eval_batch_size", "epochs", "train_batch_size", "ranker_train_batch_size", "learning_rate",
-                "clip_grad_norm", "stopping_step", "gradient_accumulation_steps", "enable_amp", "report_first_stage"}
+TRAINER_KEYS = {"eval_batch_size", "epochs", "train_batch_size", "ranker_train_batch_size", "ranker_train_rows_per_forward",
+                "learning_rate", "clip_grad_norm", "stopping_step", "gradient_accumulation_steps", "enable_amp",
+                "report_first_stage"}
 """RecBole's trainer keys (and MLLMSRecTrainer's) the model YAML sets for MLLMSRec's joint epochs."""
 ENCODER_TRAINING_KEYS = {"encoder_warmup_epochs", "encoder_warmup_cache", "encoder_warmup_stopping_step",
                          "encoder_warmup_batch_size", "encoder_frozen_after_warmup"}
@@ -52,3 +53,10 @@ def test_a_key_missing_from_the_config_is_an_error_not_a_silent_default():
     del config["rerank_top_k"]
     with pytest.raises(KeyError, match="rerank_top_k"):
         MLLMSRecSettings.from_config(config)
+
+
+def test_an_unset_eval_batch_follows_the_device_and_a_value_wins():
+    settings = MLLMSRecSettings.from_config(_declared())
+    assert settings.ranker_eval_batch_size is None
+    assert settings.candidates_per_forward("cuda") == 512 and settings.candidates_per_forward("cpu") == 32
+    assert MLLMSRecSettings.from_config({**_declared(), "ranker_eval_batch_size": 7}).candidates_per_forward("cpu") == 7

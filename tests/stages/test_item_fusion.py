@@ -217,3 +217,23 @@ def test_the_stage_batch_size_defaults_to_the_device_it_runs_on():
     assert stage_batch_size({"device": "cpu"}) == CPU_STAGE_BATCH_SIZE == 16
     assert stage_batch_size({"device": "cuda"}) == GPU_STAGE_BATCH_SIZE == 512
     assert stage_batch_size({"device": "cuda", "stage_batch_size": 8}) == 8  # a given value wins on every device
+
+
+def test_interacted_items_only_and_the_same_cache_for_the_same_items(toy):
+    from recbole_mllm.data.histories import UserHistory
+
+    histories = {"u1": UserHistory(["0010", "0007"], [1.0, 2.0]), "u2": UserHistory(["0010"], [1.0])}
+    scoped = {**toy, "item_fusion_items": "interacted"}
+    backend = FakeBackend()
+    cache = run_item_fusion(scoped, backend, progress=False, histories=histories)
+    assert cache.keys == ["0007", "0010"] and len(backend.requests) == 2  # the other five are never prompted
+    assert cache.path != item_fusion_cache(toy, backend).path
+    texts, _ = load_item_fusion(scoped, ["[PAD]", "0010"], backend, histories)
+    run_item_fusion(toy, backend, progress=False)
+    assert texts == ["", load_item_fusion(toy, ["0010"], backend)[0][0]]  # the same summary as from every item
+    every = {f"u{i}": UserHistory([token], [1.0]) for i, token in enumerate(item_fusion_cache(toy, backend).keys)}
+    assert item_fusion_cache(scoped, backend, every).path == item_fusion_cache(toy, backend).path
+    with pytest.raises(ValueError, match="item_fusion_items: interacted"):
+        load_item_fusion(scoped, ["0042"], backend, histories)
+    with pytest.raises(ValueError, match="item_fusion_items"):
+        item_fusion_cache({**toy, "item_fusion_items": "some"}, backend)

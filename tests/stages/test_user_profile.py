@@ -14,6 +14,7 @@ from recbole_mllm.data import UserHistory, create_dataset, user_histories
 from recbole_mllm.stages import item_fusion, user_profile
 from recbole_mllm.stages.cache import StageCacheError
 from recbole_mllm.stages.prompts import load_prompt
+from recbole_mllm.stages.item_fusion import run_item_fusion
 from recbole_mllm.stages.user_profile import run_user_profile
 from recbole_mllm.stages.item_fusion_cache import item_fusion_cache, load_item_fusion
 from recbole_mllm.stages.user_profile_cache import _PROMPT_FIELDS, open_user_summaries, user_profile_cache
@@ -99,6 +100,17 @@ def test_stage_from_recbole_config_keys_are_raw_tokens(toy):
     # filters change histories: another cache, never the old one
     unfiltered = recbole_config(toy, item_inter_num_interval="[0,inf)")
     assert user_profile_cache(unfiltered, backend).path != cache.path
+
+
+def test_interacted_items_from_a_recbole_config_feed_the_user_stage(toy):
+    config = recbole_config(toy, item_fusion_items="interacted")
+    backend = EchoBackend()
+    items = run_item_fusion(config, backend, progress=False)  # the stage builds the filtered dataset to find its items
+    assert items.keys == ["x1", "x2", "x3", "x4", "x5"]  # 'rare' (one interaction) filtered out, never prompted
+    cache = run_user_profile(config, backend, progress=False)
+    manifest = json.loads((cache.path / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["item_fusion"]["cache"] == items.key_hash
+    assert open_user_summaries(config, backend).texts([("B-2", 3)])[0].endswith("saw x3,x4")
 
 
 def test_prompt_reads_profile_dates_gaps_and_item_summaries(toy):

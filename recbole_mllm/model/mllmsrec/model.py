@@ -139,7 +139,7 @@ class MLLMSRec(FusedSASRec):
         # ranker_residual: score = encoder score + gate * LLM log-odds, the gate at 0 so step 0 is the first stage
         self.residual_gate = nn.Parameter(torch.zeros(())) if settings.ranker_residual else None
         self.scorer = TwoStageScorer(self.encoder, histories, self.rerank_top_k, config["mask_history"],
-                                     settings.ranker_eval_batch_size, settings.late_fusion_weight,
+                                     settings.candidates_per_forward(config["device"]), settings.late_fusion_weight,
                                      residual=settings.ranker_residual)
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
         self.late_fusion_grid = settings.late_fusion_grid  # weights the trainer tries on validation (None: keep the one given)
@@ -256,10 +256,12 @@ class MLLMSRec(FusedSASRec):
             start += len(items)
         return out
 
-    def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None):
-        """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``)."""
+    def llm_scores(self, uids, ts, user_states, candidates, owner, labels=None, weights=(1.0, 1.0)):
+        """Ranker scores of ``candidates[c]`` for user row ``owner[c]`` (or the SFT loss with ``labels``: its pointwise
+        mean over the candidates and, under ``ranker_residual``, its mean over the lists, scaled by ``weights``; the
+        list-wise ranker's loss is a mean over the lists)."""
         if self.listwise:
-            return self._list_scores(uids, ts, user_states, candidates, owner, labels)
+            return self._list_scores(uids, ts, user_states, candidates, owner, labels, weights[1])
         ranks = (self.scorer.retrieval_ranks(user_states, candidates, owner, uids, ts) if self.prompts.has_retrieval_rank
                  else [None] * len(candidates))
         item_states = self.encoder.item_states(candidates)  # [C H]
@@ -274,19 +276,21 @@ class MLLMSRec(FusedSASRec):
             scores = self.ranker.score(users, targets, owner)
             return scores if self.residual_gate is None else self.residual_gate * scores
         if self.residual_gate is None:
-            return self.ranker.loss(users, targets, owner, labels)
+            return weights[0] * self.ranker.loss(users, targets, owner, labels)
         pointwise, log_odds = self.ranker.loss_and_scores(users, targets, owner, labels)
         encoder_scores = (user_states[owner] * item_states).sum(-1).float()  # each candidate's first-stage score
-        return pointwise + list_cross_entropy(encoder_scores + self.residual_gate * log_odds, owner, labels)
+        return (weights[0] * pointwise
+                + weights[1] * list_cross_entropy(encoder_scores + self.residual_gate * log_odds, owner, labels))
 
-    def _list_scores(self, uids, ts, user_states, candidates, owner, labels=None):
+    def _list_scores(self, uids, ts, user_states, candidates, owner, labels=None, weight=1.0):
         """List-wise ranker (``ranker_scoring: listwise``): each user row's list is its first-stage top ``rerank_top_k``
         (the scorer's catalogue scores and mask, in the encoder's order: never anything of the target), one prompt per
         row, and a listed item's score is the log-probability of its letter among the list's letters.
 
         Scoring (``labels`` None): the score of ``candidates[c]`` in row ``owner[c]``'s list, so an item's score is
         the same whichever block asks for it. Training (``labels``): cross-entropy towards each row's positive
-        (label 1) among its list; the negatives given beside it are not read, the list is.
+        (label 1) among its list, scaled by ``weight`` (the share of the step's lists in this call); the negatives given
+        beside it are not read, the list is.
         """
         catalogue = self.scorer.catalogue_scores(user_states.detach(), uids, ts)
         top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
@@ -313,7 +317,7 @@ class MLLMSRec(FusedSASRec):
             if not chosen:  # no positive inside its list: nothing to train on (top_k keeps only rows whose target is)
                 return logits.sum() * 0
             rows, targets = (torch.tensor(x, device=logits.device) for x in zip(*chosen))
-            return nn.functional.cross_entropy(logits[rows], targets)
+            return weight * nn.functional.cross_entropy(logits[rows], targets)  # weight: this part's share of the lists
         log_probs = logits.log_softmax(-1)
         floor = log_probs[torch.isfinite(log_probs)].min() - 1 if torch.isfinite(log_probs).any() else log_probs.new_zeros(())
         rows = torch.tensor([row for row, _ in pairs], device=logits.device)
@@ -359,6 +363,16 @@ class MLLMSRec(FusedSASRec):
     train_positions_warmup_only = True  # train_positions: all trains the warm-up on windows; the LLM keeps RecBole's rows
 
     def calculate_loss(self, interaction):
+        return sum(self.loss_parts(interaction))
+
+    def loss_parts(self, interaction, rows_per_part=None):
+        """``calculate_loss`` in parts that add up to it: the LLM's loss over ``rows_per_part`` of its rows at a time
+        (None: all in one part), the first part with the encoder's loss.
+
+        With the encoder frozen no two parts share a graph, so a trainer that backpropagates each part before asking
+        for the next keeps one part's activations (``MLLMSRecTrainer``); the training lists and their negatives are
+        drawn for all rows first, as in one part. An encoder that trains feeds every part: one part then.
+        """
         user_states = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         all_scores = self.encoder.full_scores(user_states)
         if self.encoder_frozen:
@@ -366,23 +380,30 @@ class MLLMSRec(FusedSASRec):
         else:
             loss = self.encoder_loss_weight * nn.functional.cross_entropy(all_scores, interaction[self.POS_ITEM_ID])
         if not self.uses_llm:
-            return loss
+            yield loss
+            return
         uids, targets = interaction[self.USER_ID].tolist(), interaction[self.POS_ITEM_ID].tolist()
         rows, ts = self.candidates.llm_rows(interaction, self.positions)
-        if not rows:
-            return loss
-        if self.candidates.rule == "top_k":  # the lists evaluation reranks: the scorer's catalogue scores and history rule
+        if rows and self.candidates.rule == "top_k":  # the lists evaluation reranks: the scorer's catalogue, history rule
             catalogue = self.scorer.catalogue_scores(user_states[rows].detach(), [uids[r] for r in rows], ts)
             kept, candidates, owner, labels = self.candidates.from_top_k(catalogue, [targets[r] for r in rows])
             rows, ts = [rows[k] for k in kept], [ts[k] for k in kept]
-            if not rows:
-                return loss
-        else:
+        elif rows:
             candidates, owner, labels = self.candidates.for_rows(uids, targets, rows, all_scores)
+        if not rows:
+            yield loss
+            return
+        step = rows_per_part if rows_per_part and self.encoder_frozen else len(rows)
         device = user_states.device
-        return loss + self.llm_scores([uids[r] for r in rows], ts, user_states[rows],
-                                      torch.tensor(candidates, device=device), torch.tensor(owner, device=device),
-                                      torch.tensor(labels, device=device))
+        for start in range(0, len(rows), step):
+            end = min(start + step, len(rows))
+            part = [c for c, o in enumerate(owner) if start <= o < end]  # owner: rows' list indices, in order
+            scores = self.llm_scores([uids[r] for r in rows[start:end]], ts[start:end], user_states[rows[start:end]],
+                                     torch.tensor([candidates[c] for c in part], device=device),
+                                     torch.tensor([owner[c] - start for c in part], device=device),
+                                     torch.tensor([labels[c] for c in part], device=device),
+                                     weights=(len(part) / len(candidates), (end - start) / len(rows)))
+            yield loss + scores if start == 0 else scores
 
     @torch.no_grad()
     def llm_trained_rows(self, interaction, rows, ts):

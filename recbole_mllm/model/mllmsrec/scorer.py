@@ -67,7 +67,7 @@ class TwoStageScorer:
         self.fusion_weight = float(fusion_weight or 0.0)
         self.encoder_only = False  # the first stage alone (the trainer's warm-up and first-stage report)
         self.recall = FirstStageRecall(rerank_top_k)
-        self._memo = None  # LLM scores by (users, positions, candidates) while reuse_llm_scores() is on
+        self._memo = None  # LLM scores by (user, position, item, history mask) while reuse_llm_scores() is on
 
     # ------------------------------------------------------------------ the first stage
     @torch.no_grad()
@@ -120,11 +120,14 @@ class TwoStageScorer:
     # ------------------------------------------------------------------ the second stage
     @contextmanager
     def reuse_llm_scores(self):
-        """Inside the block, an identical (users, positions, candidates) block is scored by the LLM once.
+        """Inside the block, the LLM scores an item for a user at a position (under one history mask) once.
 
-        For passes over the same data with the same weights that differ only in ``fusion_weight``
-        (``scripts/score_fusion_eval.py``, the trainer's late-fusion choice and LLM-alone report); the remembered
-        scores are dropped at the end of the outermost block (a nested block shares its scores).
+        A score depends on the user, the position and the item alone (the prompt's rank is the catalogue's under the
+        mask; a list-wise prompt's list is the catalogue's top-K under it), so with the weights fixed it can be reused:
+        by passes over the same data that differ only in ``fusion_weight`` (``scripts/score_fusion_eval.py``, the
+        trainer's late-fusion choice and LLM-alone report), and by a run's test protocols (``quick_start.run``), whose
+        sampled candidates inside the encoder's top-K are among those full ranking reranks. The remembered scores are
+        dropped at the end of the outermost block (a nested block shares them).
         """
         if self._memo is not None:
             yield
@@ -136,13 +139,23 @@ class TwoStageScorer:
             self._memo = None
 
     def score_blocks(self, uids, ts, user_states, candidates, owner, llm_scores):
-        """LLM scores in chunks of whole users, at most ``candidates_per_forward`` candidates each."""
+        """LLM scores in chunks of whole users, at most ``candidates_per_forward`` candidates each; inside
+        ``reuse_llm_scores`` only of the candidates not scored before."""
         if self._memo is None:
             return self._score_blocks(uids, ts, user_states, candidates, owner, llm_scores)
-        key = (tuple(uids), tuple(ts), candidates.cpu().numpy().tobytes())
-        if key not in self._memo:
-            self._memo[key] = self._score_blocks(uids, ts, user_states, candidates, owner, llm_scores)
-        return self._memo[key]
+        keys = [(uids[o], ts[o], c, self.mask_history) for o, c in zip(owner.tolist(), candidates.tolist())]
+        first = {}  # each key not scored yet, at its first place in the block (a sampled block may repeat an item)
+        for k, key in enumerate(keys):
+            if key not in self._memo:
+                first.setdefault(key, k)
+        new = list(first.values())
+        if new:
+            new = torch.tensor(new, device=candidates.device)
+            users, local = torch.unique(owner[new], return_inverse=True)
+            scores = self._score_blocks([uids[u] for u in users.tolist()], [ts[u] for u in users.tolist()],
+                                        user_states[users], candidates[new], local, llm_scores)
+            self._memo.update((keys[k], score) for k, score in zip(new.tolist(), scores.tolist()))
+        return torch.tensor([self._memo[key] for key in keys], device=user_states.device)
 
     def _score_blocks(self, uids, ts, user_states, candidates, owner, llm_scores):
         scores = torch.empty(len(candidates), device=user_states.device)
