@@ -98,7 +98,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
 
     Returns the run record ``recbole_mllm.comparison`` reads: ``model``, ``label`` (its row in the tables:
     ``run_label``, else the model's name), ``dataset``, ``seed``,
-    ``best_valid_score``, ``best_valid_result``, ``test_result`` (protocol -> metrics), ``fingerprints``
+    ``best_valid_score`` (None when no epoch was validated, e.g. ``eval_step: 0``), ``best_valid_result``,
+    ``test_result`` (protocol -> metrics), ``fingerprints``
     (protocol -> candidate hash), ``per_user`` (protocol -> RecBole's ``rec.topk`` rows with user ids,
     targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``,
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
@@ -166,7 +167,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         **record,
         "valid_metric": config["valid_metric"].lower(),
         "valid_metric_bigger": config["valid_metric_bigger"],
-        "best_valid_score": best_valid_score,
+        "best_valid_score": best_valid_score if best_valid_result is not None else None,  # None: never validated
         "best_valid_result": dict(best_valid_result or {}),
         "epochs": len(trainer.train_loss_dict),
         "train_seconds": train_seconds,

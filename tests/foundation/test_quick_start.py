@@ -21,6 +21,12 @@ def test_baseline_trains_and_tests_under_every_protocol(model, tiny_data):
     assert result["epochs"] == 1
 
 
+def test_a_run_that_never_validates_tests_its_last_epoch_and_records_no_valid_score(tiny_data):
+    results, output_dir = run_comparison(["SASRec"], "tiny", config_dict=dict(tiny_data, eval_step=0))
+    assert results[0]["best_valid_score"] is None and results[0]["best_valid_result"] == {}
+    assert set(results[0]["test_result"]) == {"uni100", "full"} and Path(output_dir, "comparison.csv").is_file()
+
+
 def test_a_finished_runs_memory_is_released_before_the_next_model(monkeypatch, tiny_data):
     """``run_comparison`` releases each run's memory before the next model: its trainer-model cycle is collected and,
     with glibc, the freed heap is handed back to the system."""
