@@ -63,6 +63,18 @@ def protocol_fingerprint(eval_data):
     return digest.hexdigest()[:16]
 
 
+def release_memory():
+    """Free what a finished part of a run held: a run's trainer and model hold each other (optimizer hooks), so only
+    the cycle collector frees them; and glibc keeps freed heap memory in the process (on the quick start 2.3 GB of RSS
+    after MLLMSRec's run, which SASRec's would have carried, and 1.8 GB after the stages in bfloat16), which
+    ``malloc_trim`` hands back where there is glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc (macOS, Windows, musl): nothing to hand back this way
+        pass
+
+
 def split_and_build_model(config, dataset):
     """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
     seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
@@ -76,6 +88,8 @@ def split_and_build_model(config, dataset):
     train_data, valid_data, test_data = data_preparation(config, dataset,
                                                          window_rows=trains_on_windows(model_class, config))
     prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
+    if stages:
+        release_memory()  # what building a stage held (its LLM, its batches) before the model loads its own
     model = build_model(config, train_data._dataset, histories)
     use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     return model, train_data, valid_data, test_data
@@ -174,17 +188,6 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         "peak_gpu_memory_gb": peak_gb,
         "config": config,
     }
-
-
-def release_memory():
-    """Free what a finished run held: its trainer and model hold each other (optimizer hooks), so only the cycle
-    collector frees them; and glibc keeps freed heap memory in the process (after MLLMSRec's run on the quick start,
-    2.3 GB of RSS that SASRec's run would have carried), which ``malloc_trim`` hands back where there is glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):  # not glibc (macOS, Windows, musl): nothing to hand back this way
-        pass
 
 
 def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd_args=None, saved=True, seeds=None):
