@@ -21,6 +21,36 @@ def test_baseline_trains_and_tests_under_every_protocol(model, tiny_data):
     assert result["epochs"] == 1
 
 
+def test_a_run_that_never_validates_tests_its_last_epoch_and_records_no_valid_score(tiny_data):
+    results, output_dir = run_comparison(["SASRec"], "tiny", config_dict=dict(tiny_data, eval_step=0))
+    assert results[0]["best_valid_score"] is None and results[0]["best_valid_result"] == {}
+    assert set(results[0]["test_result"]) == {"uni100", "full"} and Path(output_dir, "comparison.csv").is_file()
+
+
+def test_a_finished_runs_memory_is_released_before_the_next_model(monkeypatch, tiny_data):
+    """``run_comparison`` releases each run's memory before the next model: its trainer-model cycle is collected and,
+    with glibc, the freed heap is handed back to the system."""
+    import platform
+
+    import psutil
+    import torch
+
+    from recbole_mllm import quick_start
+
+    released = []
+    monkeypatch.setattr(quick_start, "release_memory", lambda: released.append(1))
+    run_comparison(["SASRec", "GRU4Rec"], "tiny", config_dict=tiny_data)
+    assert len(released) == 2
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        process = psutil.Process()
+        held = [torch.ones(256) for _ in range(200_000)]  # ~200 MB in blocks below glibc's mmap threshold
+        before = process.memory_info().rss
+        del held
+        quick_start.release_memory()
+        assert process.memory_info().rss < before - 100 * 2**20
+
+
 def test_comparison_uses_identical_candidates_and_writes_three_files(tiny_data):
     results, output_dir = run_comparison(["SASRec", "BERT4Rec"], "tiny", config_dict=tiny_data)
     assert results[0]["fingerprints"] == results[1]["fingerprints"]
