@@ -154,3 +154,30 @@ def test_an_unreadable_state_is_a_one_line_error_naming_the_file(sasrec):
     with pytest.raises(run_state.RunStateError, match=f"cannot read the run state {path}.*resume_training=False") as error:
         run("SASRec", "tiny", config_dict=sasrec)
     assert "\n" not in str(error.value)
+
+
+def test_a_run_waits_while_an_identical_run_holds_its_state(sasrec, monkeypatch):
+    """Two identical runs started together take turns: the second trains nothing before the first lets go."""
+    import threading
+
+    from filelock import FileLock
+
+    from recbole_mllm.data import create_dataset
+    from recbole_mllm.quick_start import split_and_build_model
+    from recbole_mllm.utils import get_trainer
+
+    config = Config("SASRec", "tiny", config_dict=sasrec)
+    model, train_data, valid_data, _ = split_and_build_model(config, create_dataset(config))
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    path = run_state.state_path(config, model)
+    path.parent.mkdir(parents=True)
+    trained = interrupt_at(monkeypatch, Trainer)
+    holder = FileLock(f"{path}.lock")
+    holder.acquire()  # the first run is training
+    waiting = threading.Thread(target=trainer.fit, args=(train_data, valid_data), kwargs={"saved": False})
+    waiting.start()
+    waiting.join(timeout=2.0)
+    assert waiting.is_alive() and trained == []
+    holder.release()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and trained == [0, 1, 2] and path.is_file()
