@@ -92,8 +92,8 @@ def state_path(config, model):
 
 
 def lock(path):
-    """The lock beside ``path``, held while a run trains from or to it: a second identical run waits and then goes on
-    from where the first left. None under torchrun (the ranks train together)."""
+    """The lock beside ``path``, held while a resuming run trains from and to it: a second identical one waits and then
+    goes on from where the first left. None under torchrun (the ranks train together)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return nullcontext() if distributed.active() else FileLock(f"{path}.lock")
 

@@ -110,9 +110,9 @@ class ResumableTraining:
     def run_state_held(self):
         """The run state's lock held (reentrant: a trainer's own ``fit`` may take it before RecBole's loop does), and
         the run resumed from its state the first time, when ``resume_training`` is on."""
-        if self._run_state_lock is None:
+        if self._run_state_lock is None:  # a run that starts over waits for no other
             self.run_state_file = run_state.state_path(self.config, self.model)
-            self._run_state_lock = run_state.lock(self.run_state_file)
+            self._run_state_lock = run_state.lock(self.run_state_file) if self.resume_training else nullcontext()
         with self._run_state_lock:
             if self.resume_training and not self._resume_checked and run_state.saved(self.run_state_file):
                 self._resume(run_state.load(self.run_state_file, self.device))
