@@ -119,6 +119,7 @@ def save(path, state):
     """Written atomically, so a run stopped while writing leaves the previous epoch's state."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, buffer.getvalue())
 
 
@@ -139,8 +140,8 @@ def set_rng_states(states, loaders):
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
     numpy = states["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    keys = numpy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((numpy["name"], keys, numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     generators = [loader.generator for loader in loaders if getattr(loader, "generator", None)]

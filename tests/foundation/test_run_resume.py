@@ -181,3 +181,8 @@ def test_a_run_waits_while_an_identical_run_holds_its_state(sasrec, monkeypatch)
     holder.release()
     waiting.join(timeout=60)
     assert not waiting.is_alive() and trained == [0, 1, 2] and path.is_file()
+
+
+def test_a_run_that_starts_over_makes_its_state_folder(sasrec):
+    run("SASRec", "tiny", config_dict=dict(sasrec, resume_training=False))
+    assert len(state_files(sasrec)) == 1
