@@ -3,6 +3,7 @@
 metrics, exactly, on the CPU."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,13 +44,12 @@ def rerun(monkeypatch, caplog, model, config_dict, trainer_class=Trainer):
     return result, trained, resumed_lines(caplog)
 
 
-def interrupted_and_rerun(monkeypatch, caplog, model, config_dict, stop_epoch, trainer_class=Trainer):
-    """``model`` stopped as epoch ``stop_epoch`` starts, then run again (:func:`rerun`)."""
+def interrupted(monkeypatch, model, config_dict, stop_epoch, trainer_class=Trainer):
+    """``model`` run on the tiny dataset and stopped as epoch ``stop_epoch`` of its loop starts."""
     with monkeypatch.context() as patch:
         interrupt_at(patch, trainer_class, stop_epoch)
         with pytest.raises(Interrupted):
             run(model, "tiny", config_dict=config_dict)
-    return rerun(monkeypatch, caplog, model, config_dict, trainer_class)
 
 
 def assert_same_run(result, reference):
@@ -82,10 +82,17 @@ def sasrec(tiny_data, tmp_path):
 
 def test_an_interrupted_run_resumes_at_its_next_epoch_and_ends_as_if_never_stopped(sasrec, tmp_path, monkeypatch,
                                                                                      caplog):
-    """Stopped as its third epoch starts, the rerun trains that epoch only; its learning-rate ramp, step counts, best
-    epoch and random generators (shuffling, dropout) go on where they were."""
+    """Stopped as its third epoch starts, the rerun on the next machine (the data and the stage caches carried to other
+    paths, RecBole's checkpoints lost) trains that epoch only; its learning-rate ramp, step counts, best epoch and
+    random generators (shuffling, dropout) go on where they were."""
     reference = run("SASRec", "tiny", config_dict=dict(sasrec, stage_cache_dir=str(tmp_path / "elsewhere")))
-    result, trained, resumed = interrupted_and_rerun(monkeypatch, caplog, "SASRec", sasrec, stop_epoch=2)
+    interrupted(monkeypatch, "SASRec", sasrec, stop_epoch=2)
+    next_machine = tmp_path / "next_machine"
+    moved = dict(sasrec, data_path=str(next_machine / "data"), stage_cache_dir=str(next_machine / "stage_cache"),
+                 checkpoint_dir=str(next_machine / "saved"))
+    shutil.copytree(sasrec["data_path"], moved["data_path"])
+    shutil.copytree(sasrec["stage_cache_dir"], moved["stage_cache_dir"])
+    result, trained, resumed = rerun(monkeypatch, caplog, "SASRec", moved)
     assert trained == [2]
     assert len(resumed) == 1 and "epoch 2 of 3 done" in resumed[0]
     assert_same_run(result, reference)
