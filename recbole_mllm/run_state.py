@@ -125,7 +125,8 @@ def save(path, state):
 
 def rng_states(loaders):
     """Every random generator a training epoch draws from: torch's (CPU, CUDA), numpy's, Python's and each loader's
-    own shuffling generator (RecBole seeds one per loader). numpy's state as tensors, so weights-only loading reads it."""
+    own shuffling generator (RecBole seeds one per loader). numpy's state as tensors, so weights-only loading reads it.
+    The run state keeps a list of them, one per rank (the ranks of a torchrun job are seeded apart)."""
     name, keys, position, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -162,6 +162,7 @@ class ResumableTraining:
                                                  for k, v in self.model.state_dict().items()}}
 
     def _save_run_state(self, epoch, train_data, finished=False):
+        rng = distributed.gather(run_state.rng_states(self._epoch_loaders(train_data)))  # each rank's own (torchrun)
         if not distributed.is_main():
             return
         schedule = getattr(self, "lr_schedule", None)
@@ -174,7 +175,7 @@ class ResumableTraining:
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": dict(self.best_valid_result) if self.best_valid_result is not None else None,
             "train_loss_dict": dict(self.train_loss_dict), "best": self._best_weights,
-            "rng": run_state.rng_states(self._epoch_loaders(train_data))})
+            "rng": rng})
 
     def _resume(self, state):
         self.model.load_state_dict(state["model"])
@@ -186,7 +187,7 @@ class ResumableTraining:
         self.steps_taken, self.cur_step = state["steps_taken"], state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
         self.train_loss_dict = dict(state["train_loss_dict"])
-        self._best_weights, self._pending_rng = state["best"], state["rng"]
+        self._best_weights, self._pending_rng = state["best"], state["rng"][distributed.rank_and_world()[0]]
         self.start_epoch, self.run_finished = state["epoch"] + 1, state["finished"]
         if self._best_weights is not None:
             self._write_best_checkpoint()
