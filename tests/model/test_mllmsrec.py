@@ -1073,8 +1073,9 @@ def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_con
 def test_a_run_interrupted_after_its_first_joint_epoch_resumes_as_if_never_stopped(mllm_config, frozen, monkeypatch,
                                                                                     caplog):
     """Resumed, MLLMSRec skips its encoder warm-up (the state holds the warmed-up encoder), reads its joint rows from
-    that encoder, trains its second joint epoch only and ends with the uninterrupted run's metrics, exactly. The warm-up
-    cache is off: a reused warm-up leaves the random generators where a trained one does not."""
+    that encoder, trains its second joint epoch only and ends with the uninterrupted run's metrics, exactly; run once
+    more, it trains nothing and tests the same. The warm-up cache is off: a reused warm-up leaves the random generators
+    where a trained one does not."""
     from recbole_mllm.trainer import MLLMSRecTrainer
     from tests.foundation.test_run_resume import assert_same_run, interrupted, rerun
 
@@ -1089,3 +1090,6 @@ def test_a_run_interrupted_after_its_first_joint_epoch_resumes_as_if_never_stopp
     reference = run("MLLMSRec", "tiny", config_dict=dict(settings, resume_training=False))
     assert trained == [1, 0, 1] and warm_ups == [1, 1]
     assert_same_run(resumed, reference)
+    again, trained_again, lines = rerun(monkeypatch, caplog, "MLLMSRec", settings, trainer_class=MLLMSRecTrainer)
+    assert trained_again == [] and warm_ups == [1, 1] and "epoch 2 of 2 done" in lines[-1]  # ended: tested only
+    assert_same_run(again, reference)
