@@ -1,15 +1,17 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
+import io
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_mllm import compat, distributed, encoder_warmup_cache, train_positions
+from recbole_mllm import compat, distributed, encoder_warmup_cache, run_state, train_positions
+from recbole_mllm.fileio import atomic_write
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
 
@@ -64,8 +66,9 @@ class LearningRateWarmup:
         optimizer = super()._build_optimizer(**kwargs)
         steps = max(0, int(self.config["lr_warmup_steps"] or 0))
         self.lr_warmup_done = not steps
+        self.lr_schedule = None  # kept for the run state (ResumableTraining): where the ramp stands
         if steps:
-            schedule = torch.optim.lr_scheduler.LambdaLR(
+            schedule = self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: 1.0 if self.lr_warmup_done else min(1.0, (step + 1) / steps))
             optimizer.register_step_post_hook(lambda *_: schedule.step())
         return optimizer
@@ -78,9 +81,136 @@ class LearningRateWarmup:
             group["lr"] = group.get("initial_lr", group["lr"])
 
 
-TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss)
-"""The mixins every trainer gets (``with_training_policies``): one training budget for every compared model, and the
-loss ``train_positions: all`` asks for."""
+class ResumableTraining:
+    """Mixin: a run stopped with its machine continues from its last finished epoch (``run_state``).
+
+    The lent GPU machines are taken back after about 25 minutes, and a long run lost everything it trained. After each
+    finished epoch (and its validation) the run's state is written to ``<stage_cache_dir>/run_state/<hash>.pth``, which
+    travels with the stage caches; with ``resume_training`` an identical run (same config, data and code) reads it and
+    goes on at the next epoch, as if never stopped (random generators included). A run that had ended (all epochs, or
+    early stopping) trains nothing and is tested on its best epoch, whose weights the state carries. RecBole's ``fit``
+    loop runs unchanged: the state of epoch ``e`` is written as epoch ``e + 1`` starts, and once more when the loop ends.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.resume_training = bool(config["resume_training"])
+        self.run_state_file = None  # fit: this run's state file
+        self.run_finished = False  # a resumed run that had ended: fit trains nothing
+        self._run_state_lock = None
+        self._resume_checked = False
+        self._best_weights = None  # the weights RecBole last checkpointed (the best epoch), for the run state
+        self._pending_rng = None  # a resumed run's generators, set as its first epoch starts
+
+    def _epoch_loaders(self, train_data):
+        """The loaders a training epoch of ``fit`` reads (their shuffling generators are part of the state)."""
+        return (train_data,)
+
+    @contextmanager
+    def run_state_held(self):
+        """The run state's lock held (reentrant: a trainer's own ``fit`` may take it before RecBole's loop does), and
+        the run resumed from its state the first time, when ``resume_training`` is on."""
+        if self._run_state_lock is None:  # a run that starts over waits for no other
+            self.run_state_file = run_state.state_path(self.config, self.model)
+            self._run_state_lock = run_state.lock(self.run_state_file) if self.resume_training else nullcontext()
+        with self._run_state_lock:
+            if self.resume_training and not self._resume_checked and run_state.saved(self.run_state_file):
+                self._resume(run_state.load(self.run_state_file, self.device))
+            self._resume_checked = True
+            yield
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        with self.run_state_held():
+            if self.run_finished:
+                self.eval_collector.data_collect(train_data)  # what RecBole's fit collects for the test's metrics
+                return self.best_valid_score, self.best_valid_result
+            with self._saving_each_epoch(train_data):
+                result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            if self.train_loss_dict:
+                self._save_run_state(max(self.train_loss_dict), train_data, finished=True)
+            return result
+
+    @contextmanager
+    def _saving_each_epoch(self, train_data):
+        """RecBole's loop with the state of the epoch before written as each epoch starts (a resumed run's
+        generators set as its first one starts, after whatever ran between ``fit``'s start and it)."""
+        first_epoch, train_epoch = self.start_epoch, self._train_epoch
+        shadowed = self.__dict__.get("_train_epoch")  # a test's stand-in stays in place
+
+        def train_epoch_after_saving(data, epoch_idx, *args, **kwargs):
+            if epoch_idx > first_epoch:
+                self._save_run_state(epoch_idx - 1, train_data)
+            if self._pending_rng is not None:
+                run_state.set_rng_states(self._pending_rng, self._epoch_loaders(train_data))
+                self._pending_rng = None
+            return train_epoch(data, epoch_idx, *args, **kwargs)
+
+        self._train_epoch = train_epoch_after_saving
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                del self._train_epoch
+            else:
+                self._train_epoch = shadowed
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        if distributed.is_main() and "saved_model_file" not in kwargs:
+            self._best_weights = {"epoch": epoch, "other_parameter": self.model.other_parameter(),
+                                  "state_dict": {k: v.detach().to("cpu", copy=True)
+                                                 for k, v in self.model.state_dict().items()}}
+
+    def _save_run_state(self, epoch, train_data, finished=False):
+        rng = distributed.gather(run_state.rng_states(self._epoch_loaders(train_data)))  # each rank's own (torchrun)
+        if not distributed.is_main():
+            return
+        schedule = getattr(self, "lr_schedule", None)
+        run_state.save(self.run_state_file, {
+            "epoch": epoch, "finished": finished, "stopped_early": finished and epoch + 1 < self.epochs,
+            "model": self.model.state_dict(), "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(), "lr_warmup_done": getattr(self, "lr_warmup_done", True),
+            "lr_schedule": schedule.state_dict() if schedule is not None else None,
+            "steps_taken": getattr(self, "steps_taken", 0), "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": dict(self.best_valid_result) if self.best_valid_result is not None else None,
+            "train_loss_dict": dict(self.train_loss_dict), "best": self._best_weights,
+            "rng": rng})
+
+    def _resume(self, state):
+        self.model.load_state_dict(state["model"])
+        self.model.load_other_parameter(state["other_parameter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_warmup_done = state["lr_warmup_done"]
+        if state["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.steps_taken, self.cur_step = state["steps_taken"], state["cur_step"]
+        self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
+        self.train_loss_dict = dict(state["train_loss_dict"])
+        self._best_weights, self._pending_rng = state["best"], state["rng"][distributed.rank_and_world()[0]]
+        self.start_epoch, self.run_finished = state["epoch"] + 1, state["finished"]
+        if self._best_weights is not None:
+            self._write_best_checkpoint()
+        best = f"best valid {self.valid_metric} {self.best_valid_score:.4f}" if self.best_valid_result else "never validated"
+        ended = "; it had stopped early" if state["stopped_early"] else ""
+        self.logger.info(f"resumed {self.run_state_file}: epoch {self.start_epoch} of {self.epochs} done, {best}{ended}")
+
+    def _write_best_checkpoint(self):
+        """The best epoch's weights as RecBole's checkpoint at ``saved_model_file`` (with the resumed optimizer), where
+        testing (``evaluate(load_best_model=True)``, ``quick_start.run``) reads them."""
+        if distributed.is_main():
+            best, buffer = self._best_weights, io.BytesIO()
+            torch.save({"config": self.config, "epoch": best["epoch"], "cur_step": self.cur_step,
+                        "best_valid_score": self.best_valid_score, "state_dict": best["state_dict"],
+                        "other_parameter": best["other_parameter"], "optimizer": self.optimizer.state_dict()},
+                       buffer, pickle_protocol=4)
+            atomic_write(self.saved_model_file, buffer.getvalue())
+        distributed.barrier()
+
+
+TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss, ResumableTraining)
+"""The mixins every trainer gets (``with_training_policies``): one training budget for every compared model, the
+loss ``train_positions: all`` asks for, and runs that survive their machine."""
 
 
 def with_training_policies(trainer_class):
@@ -91,7 +221,7 @@ def with_training_policies(trainer_class):
     return type(trainer_class.__name__, (*missing, trainer_class), {"__doc__": trainer_class.__doc__})
 
 
-class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
+class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Trainer):
     """RecBole's trainer loop with what an LLM ranker needs.
 
     * an encoder warm-up (at most ``encoder_warmup_epochs``, early-stopped on the validation metric after
@@ -202,6 +332,13 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, Trainer):
         self.optimizer.zero_grad()
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        with self.run_state_held():  # resumed first: a resumed run skips the warm-up, its joint rows follow its encoder
+            return self._fit_resumed(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _epoch_loaders(self, train_data):
+        return (train_data,) if self.joint_rows is None else (train_data, self.joint_rows)
+
+    def _fit_resumed(self, train_data, valid_data, verbose, saved, show_progress, callback_fn):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
             self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
             self.steps_taken = 0  # the joint epochs count their own steps

@@ -97,3 +97,18 @@ def test_the_distributed_sampler_of_a_training_loader_takes_the_runs_seed():
     assert seeded(loader, {"seed": 2021}).sampler.seed == 2021  # RecBole's would stay 0 for every seed
     plain = SimpleNamespace(sampler=RandomSampler(range(3)))
     assert seeded(plain, {"seed": 2021}).sampler is plain.sampler
+
+
+def test_the_run_state_keeps_each_ranks_random_generators(two_ranks):
+    """Rank 0 writes the run state of a torchrun job, with every rank's generators (the ranks are seeded apart), so a
+    resumed rank goes on with its own."""
+    import torch
+
+    from recbole_mllm import compat
+
+    root, _ = two_ranks
+    states = [compat.load_weights(path) for path in sorted(root.glob("results.json.cache/run_state/*.pth"))]
+    assert len(states) == 2  # SASRec's and MLLMSRec's
+    for state in states:
+        first, second = state["rng"]
+        assert not torch.equal(first["torch"], second["torch"])

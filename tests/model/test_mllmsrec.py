@@ -1067,3 +1067,29 @@ def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_con
     config, _ = _config_and_dataset(dict(mllm_config, **listwise, ranker_train_candidates="sampled"))
     with pytest.raises(ValueError, match="ranker_train_candidates: 'sampled'"):
         MLLMSRecSettings.from_config(config)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_run_interrupted_after_its_first_joint_epoch_resumes_as_if_never_stopped(mllm_config, frozen, monkeypatch,
+                                                                                    caplog):
+    """Resumed, MLLMSRec skips its encoder warm-up (the state holds the warmed-up encoder), reads its joint rows from
+    that encoder, trains its second joint epoch only and ends with the uninterrupted run's metrics, exactly; run once
+    more, it trains nothing and tests the same. The warm-up cache is off: a reused warm-up leaves the random generators
+    where a trained one does not."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+    from tests.foundation.test_run_resume import assert_same_run, interrupted, rerun
+
+    settings = dict(mllm_config, epochs=2, encoder_warmup_cache=False, encoder_frozen_after_warmup=frozen,
+                    stopping_min_steps=0, resume_training=True)
+    warm_ups = []
+    warm_up = MLLMSRecTrainer._train_encoder
+    monkeypatch.setattr(MLLMSRecTrainer, "_train_encoder", lambda self, *args: warm_ups.append(1) or warm_up(self, *args))
+    interrupted(monkeypatch, "MLLMSRec", settings, stop_epoch=1, trainer_class=MLLMSRecTrainer)
+    resumed, trained, lines = rerun(monkeypatch, caplog, "MLLMSRec", settings, trainer_class=MLLMSRecTrainer)
+    assert trained == [1] and warm_ups == [1] and "epoch 1 of 2 done" in lines[0]
+    reference = run("MLLMSRec", "tiny", config_dict=dict(settings, resume_training=False))
+    assert trained == [1, 0, 1] and warm_ups == [1, 1]
+    assert_same_run(resumed, reference)
+    again, trained_again, lines = rerun(monkeypatch, caplog, "MLLMSRec", settings, trainer_class=MLLMSRecTrainer)
+    assert trained_again == [] and warm_ups == [1, 1] and "epoch 2 of 2 done" in lines[-1]  # ended: tested only
+    assert_same_run(again, reference)
