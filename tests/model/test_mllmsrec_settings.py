@@ -40,7 +40,7 @@ def test_the_yaml_defaults_make_valid_settings():
     ({"lora_target_modules": []}, "lora_target_modules"),
     ({"ranker_hard_negatives": 10, "ranker_train_negatives": 9}, "ranker_hard_negatives"),
     ({"ranker_scoring": "pairwise"}, "ranker_scoring"),
-    ({"ranker_scoring": "listwise", "rerank_top_k": 30}, "rerank_top_k"),
+    ({"ranker_scoring": "listwise", "rerank_top_k": 53}, "rerank_top_k"),
     ({"ranker_scoring": "listwise", "ranker_residual": True}, "ranker_residual"),
 ])
 def test_inconsistent_settings_are_one_error_naming_the_key(change, message):

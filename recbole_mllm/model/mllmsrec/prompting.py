@@ -18,6 +18,7 @@ temporal summaries the preference reads "unknown".
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 
 from recbole_mllm.stages.prompts import PromptTemplate
@@ -105,8 +106,10 @@ def _pieces(text, tokenizer):
     return out
 
 
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-"""The options of a list-wise prompt: the letter of each listed item, in list order."""
+OPTION_LETTERS = string.ascii_uppercase + string.ascii_lowercase
+"""The options of a list-wise prompt: the letter of each listed item, in list order, A to Z and then a to z, so a list
+holds up to 52 items (``rerank_top_k: 50``). Each must start with a token of its own (``build_list_layout`` checks):
+digits do not, "12" is two tokens in SmolLM2's tokenizer, and the verbalizer scores one token per option."""
 
 
 @dataclass
@@ -148,7 +151,7 @@ def build_list_layout(template: PromptTemplate, tokenizer, n_options: int, use_c
                             add_special_tokens=False).input_ids[:1] for letter in OPTION_LETTERS[:n_options]]
     if any(not ids for ids in option_ids) or len({ids[0] for ids in option_ids}) < n_options:
         raise ValueError(f"the options {template.sections['options']!r} do not start with distinct tokens for the "
-                         f"letters A to {OPTION_LETTERS[n_options - 1]} in this tokenizer")
+                         f"options {OPTION_LETTERS[0]} to {OPTION_LETTERS[n_options - 1]} in this tokenizer")
     return ListLayout(_pieces(user_text, tokenizer), _pieces(line_text, tokenizer), _pieces(tail_text, tokenizer),
                       [ids[0] for ids in option_ids])
 

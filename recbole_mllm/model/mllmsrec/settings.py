@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from recbole_mllm.model.mllmsrec.prompting import OPTION_LETTERS
+
 GPU_RANKER_EVAL_BATCH_SIZE, CPU_RANKER_EVAL_BATCH_SIZE = 512, 32
 """``ranker_eval_batch_size: None`` on a GPU and on a CPU. On a 2-core CPU (float32) a full-ranking test of 79 users x 5
 candidates took 135 s and 4.0 GB of RSS in forwards of 512 candidates, 98 s and 1.4 GB in forwards of 32: the
@@ -74,10 +76,12 @@ class MLLMSRecSettings:
             raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(RANKER_SCORING)}")
         if self.ranker_scoring == "listwise":
             clashes = {"ranker_train_candidates": self.ranker_train_candidates != "top_k",
-                       "ranker_residual": self.ranker_residual, "rerank_top_k": not 1 <= self.rerank_top_k <= 26}
+                       "ranker_residual": self.ranker_residual,
+                       "rerank_top_k": not 1 <= self.rerank_top_k <= len(OPTION_LETTERS)}
             if any(clashes.values()):
-                raise ValueError(f"ranker_scoring: listwise trains on the lists it ranks and letters at most 26 items; "
-                                 f"it needs ranker_train_candidates: top_k, ranker_residual: False and rerank_top_k <= 26 "
+                raise ValueError(f"ranker_scoring: listwise trains on the lists it ranks and letters at most "
+                                 f"{len(OPTION_LETTERS)} items; it needs ranker_train_candidates: top_k, ranker_residual: "
+                                 f"False and rerank_top_k <= {len(OPTION_LETTERS)} "
                                  f"(got {', '.join(k + ': ' + repr(getattr(self, k)) for k, bad in clashes.items() if bad)})")
         if self.ranker_hard_negatives > self.ranker_train_negatives:
             raise ValueError(f"ranker_hard_negatives ({self.ranker_hard_negatives}) is more than ranker_train_negatives "
