@@ -13,12 +13,13 @@ under one name, one early-stopping decision for all ranks.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
 
 LONG_WAIT = timedelta(hours=24)
@@ -90,6 +91,19 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def file_lock(path: Path):
+    """The lock beside ``path``, held while one process makes a file the others then reuse (a warmed-up encoder, a
+    run's state); none under torchrun, where the ranks do that work together (a lock would keep one waiting on the
+    others' steps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return nullcontext() if active() else FileLock(f"{path}.lock")
+
+
+def file_exists(path: Path) -> bool:
+    """Whether ``path`` is a file: rank 0's answer on every rank, so all ranks reuse it or none does."""
+    return broadcast(Path(path).is_file())
 
 
 def gather(obj) -> list:

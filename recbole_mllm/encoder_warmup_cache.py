@@ -2,21 +2,18 @@
 
 Runs that differ only in the ranker (the ablation ladder) then share one warm-up, also when they start at once: the
 warm-up runs under a lock beside its file, and a run that waited for it reuses the result. ``MLLMSRecTrainer`` warms
-up; this module names, locks, saves and loads the file.
+up; this module names, saves and loads the file (the lock beside it: ``distributed.file_lock``).
 """
 
 import inspect
-import io
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
-from recbole_mllm import compat, distributed, train_positions
+from recbole_mllm import compat, train_positions
 from recbole_mllm.data import windows
-from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes
+from recbole_mllm.fileio import atomic_output, canonical_json, sha256_bytes
 
 WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_norm", "train_batch_size",
                "gradient_accumulation_steps", "enable_amp", "mllm_dtype", "encoder_warmup_epochs",
@@ -57,18 +54,6 @@ def cache_path(config, model, device_type, code, validated):
     return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
 
 
-def locked(path):
-    """The lock beside ``path``, held while a warm-up is run or reused; none under torchrun, where the ranks warm up
-    together (a lock would keep one waiting on the others' steps)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return nullcontext() if distributed.active() else FileLock(f"{path}.lock")
-
-
-def saved(path):
-    """Whether ``path`` holds a warm-up: rank 0's answer on every rank, so all ranks reuse or all train."""
-    return distributed.broadcast(path.is_file())
-
-
 def load(path, device):
     """``{"encoder": state, "best_score": float, "epochs": int}`` (plain tensors: weights-only loading)."""
     return compat.load_weights(path, map_location=device)
@@ -76,6 +61,5 @@ def load(path, device):
 
 def save(path, encoder_state, best_score, epochs):
     """Written atomically, so a reader never sees half a file."""
-    buffer = io.BytesIO()
-    torch.save({"encoder": encoder_state, "best_score": best_score or float("nan"), "epochs": epochs}, buffer)
-    atomic_write(path, buffer.getvalue())
+    with atomic_output(path) as f:
+        torch.save({"encoder": encoder_state, "best_score": best_score or float("nan"), "epochs": epochs}, f)

@@ -5,22 +5,19 @@ The file holds all a run needs to go on as if never stopped: the epoch, the mode
 warm-up, the step and stopping counters, the best validation so far with the best epoch's weights (RecBole's own
 checkpoint of that epoch is on the machine that was taken back), the loss history and every random generator's state.
 The hash covers what decides a run's course (:func:`run_key`). The trainer mixin ``trainer.ResumableTraining`` writes
-and reads it; this module names, locks, saves and loads the file.
+and reads it; this module names, saves and loads the file (the lock beside it: ``distributed.file_lock``).
 """
 
 import functools
-import io
 import json
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
-from recbole_mllm import compat, distributed
-from recbole_mllm.fileio import atomic_write, canonical_json, sha256_bytes, sha256_file
+from recbole_mllm import compat
+from recbole_mllm.fileio import atomic_output, canonical_json, sha256_bytes, sha256_file
 from recbole_mllm.properties_path import declared
 
 KEYS_NOT_IN_KEY = frozenset({
@@ -91,18 +88,6 @@ def state_path(config, model):
     return Path(folder) / "run_state" / f"{run_key(config, model)}.pth"
 
 
-def lock(path):
-    """The lock beside ``path``, held while a resuming run trains from and to it: a second identical one waits and then
-    goes on from where the first left. None under torchrun (the ranks train together)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return nullcontext() if distributed.active() else FileLock(f"{path}.lock")
-
-
-def saved(path):
-    """Whether ``path`` holds a run state: rank 0's answer on every rank, so all ranks resume or all start over."""
-    return distributed.broadcast(path.is_file())
-
-
 class RunStateError(RuntimeError):
     """A run state that cannot be read, in one line naming the file and how to start over."""
 
@@ -117,10 +102,9 @@ def load(path, device):
 
 def save(path, state):
     """Written atomically, so a run stopped while writing leaves the previous epoch's state."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getvalue())
+    with atomic_output(path) as f:
+        torch.save(state, f)
 
 
 def rng_states(loaders):

@@ -1,6 +1,5 @@
 """Trainers of the plugin's models. ``utils.get_trainer`` finds ``<Model>Trainer`` here first."""
 
-import io
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -11,7 +10,7 @@ from recbole.utils import set_color
 from tqdm import tqdm
 
 from recbole_mllm import compat, distributed, encoder_warmup_cache, run_state, train_positions
-from recbole_mllm.fileio import atomic_write
+from recbole_mllm.fileio import atomic_output
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
 
@@ -112,9 +111,9 @@ class ResumableTraining:
         the run resumed from its state the first time, when ``resume_training`` is on."""
         if self._run_state_lock is None:  # a run that starts over waits for no other
             self.run_state_file = run_state.state_path(self.config, self.model)
-            self._run_state_lock = run_state.lock(self.run_state_file) if self.resume_training else nullcontext()
+            self._run_state_lock = distributed.file_lock(self.run_state_file) if self.resume_training else nullcontext()
         with self._run_state_lock:
-            if self.resume_training and not self._resume_checked and run_state.saved(self.run_state_file):
+            if self.resume_training and not self._resume_checked and distributed.file_exists(self.run_state_file):
                 self._resume(run_state.load(self.run_state_file, self.device))
             self._resume_checked = True
             yield
@@ -199,12 +198,12 @@ class ResumableTraining:
         """The best epoch's weights as RecBole's checkpoint at ``saved_model_file`` (with the resumed optimizer), where
         testing (``evaluate(load_best_model=True)``, ``quick_start.run``) reads them."""
         if distributed.is_main():
-            best, buffer = self._best_weights, io.BytesIO()
-            torch.save({"config": self.config, "epoch": best["epoch"], "cur_step": self.cur_step,
-                        "best_valid_score": self.best_valid_score, "state_dict": best["state_dict"],
-                        "other_parameter": best["other_parameter"], "optimizer": self.optimizer.state_dict()},
-                       buffer, pickle_protocol=4)
-            atomic_write(self.saved_model_file, buffer.getvalue())
+            best = self._best_weights
+            with atomic_output(self.saved_model_file) as f:
+                torch.save({"config": self.config, "epoch": best["epoch"], "cur_step": self.cur_step,
+                            "best_valid_score": self.best_valid_score, "state_dict": best["state_dict"],
+                            "other_parameter": best["other_parameter"], "optimizer": self.optimizer.state_dict()},
+                           f, pickle_protocol=4)
         distributed.barrier()
 
 
@@ -416,11 +415,11 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             self._train_encoder(train_data, valid_data, verbose, show_progress)
             return
         self.warmup_cache = self._warmup_cache_path(self._warmup_validates(valid_data))
-        with encoder_warmup_cache.locked(self.warmup_cache):
+        with distributed.file_lock(self.warmup_cache):
             self._warm_up_or_reuse(train_data, valid_data, verbose, show_progress)
 
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
-        if encoder_warmup_cache.saved(self.warmup_cache):
+        if distributed.file_exists(self.warmup_cache):
             saved = encoder_warmup_cache.load(self.warmup_cache, self.device)
             self.model.load_encoder_state(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
