@@ -224,8 +224,12 @@ def _user_values(entry, protocol, metric, where):
 
 
 def _user_means(runs, protocol, metric, seeds, where):
-    """Each user's ``metric`` averaged over ``seeds``, for the users that every one of those runs evaluated."""
-    frames = [_user_values(e, protocol, metric, where) for e in runs if e.seed in seeds]
+    """Each user's ``metric`` averaged over ``seeds``, for the users that every one of those runs evaluated.
+
+    Summed in seed order, whatever order the records came in: floating-point sums depend on their order, and a user
+    whose two models tie would otherwise differ by 1e-17 in one order and not in another, which Wilcoxon's test counts
+    (the p-value of the same runs changed with the order of the paths given)."""
+    frames = [_user_values(e, protocol, metric, where) for e in sorted(runs, key=lambda e: e.seed) if e.seed in seeds]
     users = functools.reduce(np.intersect1d, [u for u, _ in frames])
     return users, np.mean([v[np.searchsorted(u, users)] for u, v in frames], axis=0)
 
@@ -279,14 +283,16 @@ def add_comparisons(rows, groups, best, metric, slices=None):
 
 
 def pairwise_rows(rows, groups, best, metric):
-    """One row per (row, reference) for every reference of each (model, protocol) row: its own model for a first
-    stage, then every baseline of its protocol (the best model when no baseline ran), never itself."""
+    """One row per (row, reference) for every reference of each (model, protocol) row: its own model for a derived
+    row, and for an LLM alone also its first stage (what the LLM adds over it without fusion); then every baseline of
+    its protocol (the best model when no baseline ran), never itself."""
     index = {(r["model"], r["protocol"]): r for r in rows}
     pairs = []
     for row in rows:
         model, protocol = row["model"], row["protocol"]
         own = groups[(model, protocol)][0].stage_of
-        references = dict.fromkeys(([own] if own else []) + (baselines(groups, protocol) or [best[protocol]]))
+        owns = [own, own + FIRST_STAGE] if own and model == own + LLM_ALONE else [own] if own else []
+        references = dict.fromkeys(owns + (baselines(groups, protocol) or [best[protocol]]))
         pairs += [{"model": model, "protocol": protocol, **_compare(row, index[(r, protocol)], groups, metric, None)}
                   for r in references if r != model and (r, protocol) in index]
     return pairs

@@ -99,7 +99,8 @@ def notes(analysis):
                          "so its delta is minus what the LLM reranker adds.")
         elif model.endswith(LLM_ALONE):
             lines.append(f"{model}: the {parent} checkpoint ranked by its LLM's score alone (late fusion off); its "
-                         f"reference is {parent}, so its delta is minus what the chosen late fusion adds.")
+                         f"reference is {parent}, so its delta is minus what the chosen late fusion adds; the p-value "
+                         f"file also sets it against {parent}{FIRST_STAGE} (what the LLM adds over its first stage).")
     return lines
 
 

@@ -204,6 +204,44 @@ def test_llm_alone_row_is_compared_with_its_fused_model_and_survives_the_record(
     assert row["p_value"] == pytest.approx(wilcoxon(_ndcg(alone_ranks), _ndcg(fused_ranks), zero_method="wilcox").pvalue)
 
 
+def test_the_llm_alone_is_also_tested_against_its_first_stage_in_the_p_value_file():
+    """What the LLM adds over its first stage, fusion aside: the pair (LLM alone, first stage) has its own p-value."""
+    rng = np.random.default_rng(5)
+    fused_ranks, first_ranks, alone_ranks = (rng.integers(1, 14, 30) for _ in range(3))
+    fused, first, alone = (_run("MLLMSRec", 7, r) for r in (fused_ranks, first_ranks, alone_ranks))
+    fused.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
+                 llm_alone_result=alone["test_result"], llm_alone_per_user=alone["per_user"])
+    pairs = analyse([_run("SASRec", 7, rng.integers(1, 14, 30)), fused]).pairs
+    references = {(p["model"], p["reference"]): p for p in pairs}
+    pair = references[("MLLMSRec (LLM alone)", "MLLMSRec (first stage)")]
+    assert pair["delta"] == pytest.approx(_ndcg(alone_ranks).mean() - _ndcg(first_ranks).mean())
+    assert pair["p_value"] == pytest.approx(wilcoxon(_ndcg(alone_ranks), _ndcg(first_ranks), zero_method="wilcox").pvalue)
+    assert ("MLLMSRec (first stage)", "MLLMSRec (LLM alone)") not in references  # each pair once
+
+
+def test_the_p_value_does_not_depend_on_the_order_of_the_runs():
+    """Users whose two models score the same per seed tie in their seed means only when both sums run in one order:
+    0.1 + 0.2 + 0.3 and 0.3 + 0.2 + 0.1 differ in the last bit, and Wilcoxon's test counts such a difference."""
+    from types import SimpleNamespace
+
+    from recbole_mllm.comparison.analysis import paired_p_value
+
+    rng = np.random.default_rng(6)
+    other = rng.random((3, 20))  # users 5..24: differences between the models, per seed
+
+    def entry(seed, values):
+        users = np.arange(25)
+        return SimpleNamespace(seed=seed, per_user={"full": {"user_id": users}},
+                               user_metrics={"full": {"ndcg@10": np.asarray(values, dtype=float)}})
+
+    tied = [[0.1] * 5, [0.2] * 5, [0.3] * 5]  # users 0..4: the same value in both models at each seed
+    ours = [entry(seed, tied[k] + list(other[k])) for k, seed in enumerate((1, 2, 3))]
+    base = [entry(seed, tied[k] + list(other[k] * 0.5)) for k, seed in enumerate((1, 2, 3))]
+    in_order = paired_p_value(ours, base, "full", "ndcg@10")
+    assert paired_p_value(ours, base[::-1], "full", "ndcg@10") == in_order
+    assert paired_p_value(ours[::-1], base, "full", "ndcg@10") == in_order
+
+
 def test_slices_by_hand_with_their_p_value_on_the_same_users(tmp_path):
     slices = dict(train_count=[1, 10, 3, 50, 2, 4], history=[5, 30, 25, 10, 3, 40])
     base = _run("SASRec", 1, [2, 2, 2, 2, 2, 2], **slices)
