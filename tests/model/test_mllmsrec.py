@@ -1059,6 +1059,67 @@ def test_a_listwise_list_is_the_first_stage_top_k_in_order_and_trains_towards_th
     torch.testing.assert_close(scores, logits[0].log_softmax(-1)[[4, 0]])
 
 
+@pytest.mark.parametrize("check", [test_predict_ignores_candidate_order_and_block_position,
+                                   test_scores_read_neither_the_target_nor_its_time])
+def test_shuffled_lists_keep_the_scoring_invariants(mllm_config, listwise, check):
+    check(dict(mllm_config, **listwise, ranker_list_order="shuffled"))
+
+
+def test_a_shuffled_list_is_the_top_k_in_a_seeded_order_and_each_item_is_scored_by_its_own_letter(mllm_config, listwise):
+    """Scoring: the same seed gives the same order for a (user, position) whatever else is in the batch, another seed
+    another order; each candidate's score is its letter's log-probability where the shuffle put it. Training: a fresh
+    order each step, the loss on the target's letter there."""
+    config, model, _ = _model_and_data(dict(mllm_config, **listwise, ranker_list_order="shuffled"))
+    (u1, t1), (u2, t2) = sorted(model.prompts.summaries)[:2]
+    user_states = torch.randn(2, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    top = model.scorer.catalogue_scores(user_states, [u1, u2], [t1, t2]).topk(model.rerank_top_k, dim=1).indices
+    listed = []
+
+    def list_prompt(uid, t, user_token, items, item_tokens, recent_tokens=None):
+        listed.append(list(items))
+        return [0], {}
+
+    def list_logits(prompts, options):  # letter j scores j
+        return torch.arange(len(options), dtype=torch.float32).repeat(len(prompts.ids), 1).requires_grad_()
+
+    model.prompts.list_prompt, model.ranker.list_logits = list_prompt, list_logits
+    scores = model.llm_scores([u1, u2], [t1, t2], user_states, top.flatten(),
+                              torch.arange(2).repeat_interleave(model.rerank_top_k))
+    first, second = listed[0], listed[1]
+    assert sorted(first) == sorted(top[0].tolist()) and first != top[0].tolist()  # shuffled, nothing lost
+    letters = torch.arange(model.rerank_top_k, dtype=torch.float32).log_softmax(-1)
+    expected = [letters[first.index(i)] for i in top[0].tolist()] + [letters[second.index(i)] for i in top[1].tolist()]
+    torch.testing.assert_close(scores, torch.stack(expected))
+    listed.clear()
+    model.llm_scores([u1], [t1], user_states[:1], top[0], torch.zeros(model.rerank_top_k, dtype=torch.long))
+    assert listed == [first]  # the same order alone in its batch
+    model.list_order_seed += 1
+    listed.clear()
+    model.llm_scores([u1], [t1], user_states[:1], top[0], torch.zeros(model.rerank_top_k, dtype=torch.long))
+    assert listed[0] != first
+    target = top[0, 2].item()
+    losses, orders = set(), set()
+    for _ in range(4):  # training: each call its own order, cross-entropy towards the target's letter in it
+        listed.clear()
+        loss = model.llm_scores([u1], [t1], user_states[:1], torch.tensor([target]), torch.tensor([0]), torch.tensor([1]))
+        position = listed[0].index(target)
+        expected = torch.nn.functional.cross_entropy(torch.arange(model.rerank_top_k, dtype=torch.float32)[None],
+                                                     torch.tensor([position]))
+        assert loss.item() == pytest.approx(expected.item())
+        orders.add(tuple(listed[0]))
+    assert len(orders) > 1
+
+
+def test_a_shuffled_order_is_refused_without_lists(mllm_config):
+    from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
+
+    config, _ = _config_and_dataset(dict(mllm_config, ranker_scoring="pointwise", ranker_list_order="shuffled"))
+    with pytest.raises(ValueError, match="ranker_list_order: shuffled orders the list-wise"):
+        MLLMSRecSettings.from_config(config)
+    with pytest.raises(ValueError, match="ranker_list_order' expects str .one of encoder, shuffled., got 'random'"):
+        _config_and_dataset(dict(mllm_config, ranker_list_order="random"))
+
+
 def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_config, listwise):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -119,6 +120,8 @@ class MLLMSRec(FusedSASRec):
                                 "switches": settings.switches, "recent_items": settings.ranker_recent_items,
                                 "field_tokens": field_tokens}
         self.listwise = settings.ranker_scoring == "listwise"  # one lettered list per user, scored by its letters
+        self.list_shuffled = settings.ranker_list_order == "shuffled"  # listwise: no rank readable from the positions
+        self.list_order_seed = int(config["seed"] or 0)
         layout = (build_list_layout(template, self.backend.tokenizer, self.rerank_top_k, settings.ranker_use_cot,
                                     settings.ranker_use_soft_tokens) if self.listwise else
                   build_layout(template, self.backend.tokenizer, settings.ranker_use_cot, settings.ranker_use_soft_tokens,
@@ -284,8 +287,9 @@ class MLLMSRec(FusedSASRec):
 
     def _list_scores(self, uids, ts, user_states, candidates, owner, labels=None, weight=1.0):
         """List-wise ranker (``ranker_scoring: listwise``): each user row's list is its first-stage top ``rerank_top_k``
-        (the scorer's catalogue scores and mask, in the encoder's order: never anything of the target), one prompt per
-        row, and a listed item's score is the log-probability of its letter among the list's letters.
+        (the scorer's catalogue scores and mask, in the encoder's order or shuffled, ``ranker_list_order``: never
+        anything of the target), one prompt per row, and a listed item's score is the log-probability of its letter
+        among the list's letters.
 
         Scoring (``labels`` None): the score of ``candidates[c]`` in row ``owner[c]``'s list, so an item's score is
         the same whichever block asks for it. Training (``labels``): cross-entropy towards each row's positive
@@ -296,6 +300,8 @@ class MLLMSRec(FusedSASRec):
         top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
         lists = [[item for item, score in zip(items, scores) if score != float("-inf")]
                  for items, scores in zip(top.indices.tolist(), top.values.tolist())]
+        if self.list_shuffled:
+            lists = [self._shuffled(listed, uid, t, training=labels is not None) for listed, uid, t in zip(lists, uids, ts)]
         device = user_states.device
         flat = torch.tensor([item for listed in lists for item in listed], dtype=torch.long, device=device)
         item_tokens = self.item_projection(self.encoder.item_states(flat)).unsqueeze(1)  # [sum K, 1, H']
@@ -324,6 +330,14 @@ class MLLMSRec(FusedSASRec):
         columns = torch.tensor([j if j is not None else 0 for _, j in pairs], device=logits.device)
         listed = torch.tensor([j is not None for _, j in pairs], device=logits.device)
         return torch.where(listed, log_probs[rows, columns], floor)  # an item tied out of the list: below every listed one
+
+    def _shuffled(self, items, uid, t, training):
+        """``items`` in an order that says nothing of the encoder's ranking (``ranker_list_order: shuffled``): a fresh
+        one per training step (torch's generator: the run state keeps it), and when scoring a fixed one per (seed,
+        user, position), so an item's score does not depend on the batch that asks for it. Neither reads the target."""
+        order = (torch.randperm(len(items)) if training else
+                 np.random.default_rng([self.list_order_seed, int(uid), int(t)]).permutation(len(items))).tolist()
+        return [items[j] for j in order]
 
     # ------------------------------------------------------------------ what MLLMSRecTrainer asks of the model
     def llm_rows(self, interaction):

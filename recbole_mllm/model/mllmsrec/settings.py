@@ -28,11 +28,15 @@ def _help(text):
 RANKER_SCORING = ("pointwise", "listwise")
 """Values of ``ranker_scoring``."""
 
+LIST_ORDERS = ("encoder", "shuffled")
+"""Values of ``ranker_list_order``."""
+
 
 @dataclass(frozen=True)
 class MLLMSRecSettings:
     rerank_top_k: int = _help("the LLM scores an item only within the encoder's catalogue top-K for the user")
     ranker_scoring: str = _help("pointwise (a Yes/No prompt per candidate) or listwise (one lettered list per user)")
+    ranker_list_order: str = _help("listwise: the listed items in the encoder's order or shuffled (seeded)")
     ranker_train_candidates: str = _help("the LLM's training lists: top_k (as tested) or sampled")
     encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
     ranker_use_images: bool = _help("target item image as projected visual tokens")
@@ -74,6 +78,11 @@ class MLLMSRecSettings:
             raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
         if self.ranker_scoring not in RANKER_SCORING:
             raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(RANKER_SCORING)}")
+        if self.ranker_list_order not in LIST_ORDERS:
+            raise ValueError(f"ranker_list_order: {self.ranker_list_order!r} is none of {', '.join(LIST_ORDERS)}")
+        if self.ranker_list_order != "encoder" and self.ranker_scoring != "listwise":
+            raise ValueError(f"ranker_list_order: {self.ranker_list_order} orders the list-wise ranker's lists; "
+                             f"ranker_scoring: {self.ranker_scoring} has none")
         if self.ranker_scoring == "listwise":
             clashes = {"ranker_train_candidates": self.ranker_train_candidates != "top_k",
                        "ranker_residual": self.ranker_residual,
