@@ -18,7 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture
 def mllm_config(tiny_data, stage_setup):
-    return dict(tiny_data, **stage_setup, encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
+    """The pointwise ranker (``properties/ranker/pointwise.yaml``, without late fusion), which most tests here check;
+    the list-wise tests layer ``listwise`` over it."""
+    return dict(tiny_data, **stage_setup, ranker_scoring="pointwise", late_fusion_grid=None,
+                encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
                 item_title_field="title", item_category_field="genres", user_summary_max_new_tokens=6,
                 user_window_size=4, user_window_step=4, ranker_eval_batch_size=128, rerank_top_k=5, train_batch_size=64,
                 ranker_train_negatives=2, lora_target_modules=["q_proj", "v_proj"], hidden_size=8, inner_size=16)
@@ -1059,11 +1062,24 @@ def test_a_listwise_list_is_the_first_stage_top_k_in_order_and_trains_towards_th
     torch.testing.assert_close(scores, logits[0].log_softmax(-1)[[4, 0]])
 
 
+def test_an_unset_prompt_is_read_as_the_scorings_own_template(mllm_config, monkeypatch):
+    from recbole_mllm.model.mllmsrec import model as mllmsrec_model
+
+    read = []
+    monkeypatch.setattr(mllmsrec_model, "read_stage_inputs",
+                        lambda config, dataset, prompt, histories=None: read.append(prompt))
+    for scoring in ("pointwise", "listwise"):
+        config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, ranker_scoring=scoring, ranker_prompt=None))
+        mllmsrec_model.MLLMSRec.prepare(config, dataset=None)
+    assert read == ["v2", "list_v1"]
+
+
 def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_config, listwise):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 
-    with pytest.raises(ValueError, match=r"ranker_prompt: list_v1"):
-        _model_and_data(dict(mllm_config, ranker_scoring="listwise"))
+    with pytest.raises(ValueError, match=r"ranker_prompt: list_v1") as refused:
+        _model_and_data(dict(mllm_config, ranker_scoring="listwise", ranker_prompt="v2"))  # an explicit prompt wins
+    assert "\n" not in str(refused.value) and "'ranker_v2'" in str(refused.value)
     config, _ = _config_and_dataset(dict(mllm_config, **listwise, ranker_train_candidates="sampled"))
     with pytest.raises(ValueError, match="ranker_train_candidates: 'sampled'"):
         MLLMSRecSettings.from_config(config)

@@ -25,14 +25,15 @@ def _help(text):
     return field(metadata={"help": text})
 
 
-RANKER_SCORING = ("pointwise", "listwise")
-"""Values of ``ranker_scoring``."""
+SCORING_PROMPTS = {"pointwise": "v2", "listwise": "list_v1"}
+"""Values of ``ranker_scoring``, each with its own prompt template: what ``ranker_prompt: None`` means."""
 
 
 @dataclass(frozen=True)
 class MLLMSRecSettings:
     rerank_top_k: int = _help("the LLM scores an item only within the encoder's catalogue top-K for the user")
     ranker_scoring: str = _help("pointwise (a Yes/No prompt per candidate) or listwise (one lettered list per user)")
+    ranker_prompt: Optional[str] = _help("prompt template version or .txt path (None: the scoring's own)")
     ranker_train_candidates: str = _help("the LLM's training lists: top_k (as tested) or sampled")
     encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
     ranker_use_images: bool = _help("target item image as projected visual tokens")
@@ -72,8 +73,8 @@ class MLLMSRecSettings:
         if self.late_fusion_grid is not None and (not self.late_fusion_grid or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.late_fusion_grid)):
             raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
-        if self.ranker_scoring not in RANKER_SCORING:
-            raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(RANKER_SCORING)}")
+        if self.ranker_scoring not in SCORING_PROMPTS:
+            raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(SCORING_PROMPTS)}")
         if self.ranker_scoring == "listwise":
             clashes = {"ranker_train_candidates": self.ranker_train_candidates != "top_k",
                        "ranker_residual": self.ranker_residual,
@@ -92,6 +93,12 @@ class MLLMSRecSettings:
         if self.ranker_eval_batch_size is not None:
             return int(self.ranker_eval_batch_size)
         return GPU_RANKER_EVAL_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_RANKER_EVAL_BATCH_SIZE
+
+    @property
+    def prompt(self) -> str:
+        """The ranker's template: ``ranker_prompt``, or when it is None the scoring's own (``SCORING_PROMPTS``: v2 for
+        pointwise, list_v1 for listwise). The one place ``ranker_prompt: None`` is resolved."""
+        return SCORING_PROMPTS[self.ranker_scoring] if self.ranker_prompt is None else str(self.ranker_prompt)
 
     @property
     def switches(self):
