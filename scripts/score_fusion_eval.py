@@ -46,6 +46,7 @@ def main(argv):
     model, train_data, valid_data, test_data = split_and_build_model(config, create_dataset(config))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.eval_step = 0  # RecBole's fit then skips validating the joint pass; the warm-up validates on its own
+    model.late_fusion_grid = None  # and no weight is chosen on validation: every weight is tested below
     start = time.time()
     trainer.fit(train_data, valid_data, saved=False, show_progress=config["show_progress"])
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0

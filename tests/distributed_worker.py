@@ -60,7 +60,8 @@ def main(data, llm, out):
             "item_fusion_max_new_tokens": 6, "user_summary_max_new_tokens": 6, "user_window_size": 4,
             "user_window_step": 4, "rerank_top_k": 5, "ranker_train_negatives": 2, "ranker_eval_batch_size": 128,
             "lora_target_modules": ["q_proj", "v_proj"], "ranker_train_candidates": "top_k",
-            "encoder_frozen_after_warmup": True, "ranker_residual": True, "ranker_train_batch_size": 4}),
+            "encoder_frozen_after_warmup": True, "ranker_residual": True, "ranker_train_batch_size": 4,
+            "ranker_scoring": "pointwise", "late_fusion_grid": None}),  # the residual gate is pointwise only
     }
     results = {}
     for name, (model, keys) in runs.items():

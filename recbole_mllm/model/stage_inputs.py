@@ -91,10 +91,11 @@ def _image_location(config):
             Path(config["data_path"]) / config_value(config, "item_image_dir", ITEM_DEFAULTS))
 
 
-def read_stage_inputs(config, dataset, histories=None) -> StageInputs:
+def read_stage_inputs(config, dataset, prompt, histories=None) -> StageInputs:
     """Everything the ranker reads from the stages, with the backend it ranks with; ``dataset`` is RecBole's
-    (split) training dataset, ``histories`` the un-split ones (``data.user_histories`` of the whole dataset; None
-    rebuilds the dataset to read them)."""
+    (split) training dataset, ``prompt`` the ranker's template version or file (``MLLMSRecSettings.prompt``),
+    ``histories`` the un-split ones (``data.user_histories`` of the whole dataset; None rebuilds the dataset to read
+    them)."""
     table = _item_table(config)
     backend = load_backend(config)
     item_tokens = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
@@ -125,5 +126,5 @@ def read_stage_inputs(config, dataset, histories=None) -> StageInputs:
     return StageInputs(backend, item_tokens, user_tokens, {t: i for i, t in enumerate(item_tokens)}, table,
                        fields, image_field, image_dir,
                        summaries, embeddings, histories, profiles, user_summaries, cache_keys,
-                       load_prompt("ranker", config["ranker_prompt"]), images)
+                       load_prompt("ranker", prompt), images)
 

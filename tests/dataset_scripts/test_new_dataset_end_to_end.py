@@ -42,7 +42,8 @@ def test_mllmsrec_runs_on_a_csv_release_built_under_a_new_name(tmp_path, monkeyp
         "item_image_field": None, "encoder_warmup_epochs": 1, "epochs": 1, "stage_batch_size": 8,
         "item_fusion_max_new_tokens": 6, "user_summary_max_new_tokens": 6, "user_window_size": 4, "user_window_step": 4,
         "rerank_top_k": 5, "ranker_train_negatives": 2, "lora_target_modules": ["q_proj", "v_proj"],
-        "hidden_size": 8, "inner_size": 16, "train_batch_size": 64, "show_progress": False})
+        "hidden_size": 8, "inner_size": 16, "train_batch_size": 64, "show_progress": False,
+        "ranker_scoring": "pointwise", "late_fusion_grid": None})  # the tiny tokenizer splits the list prompt's " A"
     config = result["config"]
     assert config["load_col"] == {"inter": ["user_id", "item_id", "rating", "timestamp"],
                                   "item": ["item_id", "title", "year", "genres", "image"]}  # not RecBole's ids-only default

@@ -18,7 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture
 def mllm_config(tiny_data, stage_setup):
-    return dict(tiny_data, **stage_setup, encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
+    """The pointwise ranker (``properties/ranker/pointwise.yaml``, without late fusion), which most tests here check;
+    the list-wise tests layer ``listwise`` over it."""
+    return dict(tiny_data, **stage_setup, ranker_scoring="pointwise", late_fusion_grid=None,
+                encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
                 item_title_field="title", item_category_field="genres", user_summary_max_new_tokens=6,
                 user_window_size=4, user_window_step=4, ranker_eval_batch_size=128, rerank_top_k=5, train_batch_size=64,
                 ranker_train_negatives=2, lora_target_modules=["q_proj", "v_proj"], hidden_size=8, inner_size=16)
@@ -1008,15 +1011,11 @@ def test_under_late_fusion_every_evaluation_also_reports_the_llm_alone_and_the_r
 
 
 @pytest.fixture(scope="module")
-def listwise(tmp_path_factory):
-    """``ranker_scoring: listwise`` with the packaged list prompt, its options written without the leading space: the
-    tiny test tokenizer splits " A" into a space and a letter, where SmolLM2's has one token per " A" ... " Z"."""
-    from recbole_mllm.stages.prompts import load_prompt
-
-    text = "".join(f"[{name}]\n{body}\n" for name, body in load_prompt("ranker", "list_v1").sections.items())
-    path = tmp_path_factory.mktemp("prompts") / "ranker_list_test.txt"
-    path.write_text(text.replace("[options]\n {option}", "[options]\n{option}"), encoding="utf-8")
-    return dict(ranker_scoring="listwise", ranker_prompt=str(path))
+def listwise():
+    """``ranker_scoring: listwise`` with the packaged list prompt (``ranker_prompt: None``): the tiny test tokenizer
+    splits " A" into a space and a letter, where SmolLM2's has one token per " A" ... " Z", so its options are scored
+    by the bare letters (``prompting._option_ids``)."""
+    return dict(ranker_scoring="listwise", ranker_prompt=None)
 
 
 @pytest.mark.parametrize("check", [test_predict_ignores_candidate_order_and_block_position,
@@ -1120,11 +1119,24 @@ def test_a_shuffled_order_is_refused_without_lists(mllm_config):
         _config_and_dataset(dict(mllm_config, ranker_list_order="random"))
 
 
+def test_an_unset_prompt_is_read_as_the_scorings_own_template(mllm_config, monkeypatch):
+    from recbole_mllm.model.mllmsrec import model as mllmsrec_model
+
+    read = []
+    monkeypatch.setattr(mllmsrec_model, "read_stage_inputs",
+                        lambda config, dataset, prompt, histories=None: read.append(prompt))
+    for scoring in ("pointwise", "listwise"):
+        config = Config("MLLMSRec", "tiny", config_dict=dict(mllm_config, ranker_scoring=scoring, ranker_prompt=None))
+        mllmsrec_model.MLLMSRec.prepare(config, dataset=None)
+    assert read == ["v2", "list_v1"]
+
+
 def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_config, listwise):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 
-    with pytest.raises(ValueError, match=r"ranker_prompt: list_v1"):
-        _model_and_data(dict(mllm_config, ranker_scoring="listwise"))
+    with pytest.raises(ValueError, match=r"ranker_prompt: list_v1") as refused:
+        _model_and_data(dict(mllm_config, ranker_scoring="listwise", ranker_prompt="v2"))  # an explicit prompt wins
+    assert "\n" not in str(refused.value) and "'ranker_v2'" in str(refused.value)
     config, _ = _config_and_dataset(dict(mllm_config, **listwise, ranker_train_candidates="sampled"))
     with pytest.raises(ValueError, match="ranker_train_candidates: 'sampled'"):
         MLLMSRecSettings.from_config(config)

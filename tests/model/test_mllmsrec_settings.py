@@ -14,9 +14,6 @@ TRAINER_KEYS = {"eval_batch_size", "epochs", "train_batch_size", "ranker_train_b
 ENCODER_TRAINING_KEYS = {"encoder_warmup_epochs", "encoder_warmup_cache", "encoder_warmup_stopping_step",
                          "encoder_warmup_batch_size", "encoder_frozen_after_warmup"}
 """The trainer's warm-up keys."""
-READ_ELSEWHERE = {"ranker_prompt"}
-"""Read by ``MLLMSRec.prepare`` (the template file); ``ranker_train_candidates`` is a setting (checked against
-``ranker_scoring``) that ``TrainingCandidates`` reads too, with the split rules."""
 
 
 def _declared():
@@ -25,7 +22,7 @@ def _declared():
 
 def test_every_model_key_of_the_yaml_is_a_setting_and_no_setting_has_a_second_default():
     names = {f.name for f in fields(MLLMSRecSettings)}
-    assert names == set(_declared()) - TRAINER_KEYS - ENCODER_TRAINING_KEYS - READ_ELSEWHERE
+    assert names == set(_declared()) - TRAINER_KEYS - ENCODER_TRAINING_KEYS
     assert all(f.default is f.default_factory for f in fields(MLLMSRecSettings))  # both MISSING: no default here
     assert all(f.metadata.get("help") for f in fields(MLLMSRecSettings))
 
@@ -60,3 +57,22 @@ def test_an_unset_eval_batch_follows_the_device_and_a_value_wins():
     assert settings.ranker_eval_batch_size is None
     assert settings.candidates_per_forward("cuda") == 512 and settings.candidates_per_forward("cpu") == 32
     assert MLLMSRecSettings.from_config({**_declared(), "ranker_eval_batch_size": 7}).candidates_per_forward("cpu") == 7
+
+
+@pytest.mark.parametrize("scoring, prompt", [("pointwise", "v2"), ("listwise", "list_v1")])
+def test_an_unset_prompt_is_the_scorings_own_and_a_value_wins(scoring, prompt):
+    def prompt_of(value):
+        return MLLMSRecSettings.from_config({**_declared(), "ranker_scoring": scoring, "ranker_prompt": value}).prompt
+
+    assert (prompt_of(None), prompt_of("v3")) == (prompt, "v3")
+
+
+def test_an_unset_prompt_of_shuffled_lists_does_not_call_them_the_encoders_order():
+    from recbole_mllm.stages.prompts import load_prompt
+
+    settings = MLLMSRecSettings.from_config({**_declared(), "ranker_scoring": "listwise", "ranker_list_order": "shuffled",
+                                             "ranker_prompt": None})
+    assert settings.prompt == "list_shuffled_v1"
+    shuffled, ordered = (load_prompt("ranker", name).sections for name in ("list_shuffled_v1", "list_v1"))
+    assert "no particular order" in shuffled["user"] and "most likely first" not in shuffled["user"]
+    assert {k: v for k, v in shuffled.items() if k != "user"} == {k: v for k, v in ordered.items() if k != "user"}

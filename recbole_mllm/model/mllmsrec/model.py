@@ -30,6 +30,10 @@ NOTE (deviations, all configurable):
       stays frozen after it (``encoder_frozen_after_warmup: True``), so its top-K lists, ranks and soft
       tokens are the same in training and at test; the paper trains it jointly with the LLM
       (``encoder_frozen_after_warmup: False``, ``properties/ranker/paper_joint.yaml``).
+    * By default the ranker is list-wise (``ranker_scoring: listwise``, after LlamaRec): one prompt per user lists
+      the encoder's top-K, scored by each letter's log-probability, and the late-fusion weight with the encoder's
+      scores is chosen on validation (``late_fusion_grid``); the paper's Yes/No prompt per candidate is
+      ``ranker_scoring: pointwise`` (``properties/ranker/pointwise.yaml``).
     * Chain-of-thought steps are filled from the stage caches and the history (evolution, target
       analysis, match), so scoring needs no free-running generation.
     * Checkpoints hold only trained tensors (LoRA, projections, encoder, image projector residual) and
@@ -80,7 +84,7 @@ class MLLMSRec(FusedSASRec):
         """The constructor's prepared parts (``quick_start.build_model``): ``{"inputs": StageInputs}``, everything read
         from the stage caches, the LLM backend and the items' image features (``model/stage_inputs.py``);
         ``histories``: the un-split users' histories (``data.user_histories``), None reads them."""
-        return {"inputs": read_stage_inputs(config, dataset, histories)}
+        return {"inputs": read_stage_inputs(config, dataset, MLLMSRecSettings.from_config(config).prompt, histories)}
 
     def __init__(self, config, dataset, inputs=None):
         """``inputs``: the prepared ``StageInputs`` (``prepare``); the constructor opens no file."""

@@ -147,13 +147,23 @@ def build_list_layout(template: PromptTemplate, tokenizer, n_options: int, use_c
     line_text, split_tail, tail_text = rest.partition(second)
     if not split or not split_tail:
         raise ValueError("the tokenizer's chat template dropped the user message; cannot build ranker prompts")
-    option_ids = [tokenizer(template.sections["options"].strip("\n").format(option=letter),
-                            add_special_tokens=False).input_ids[:1] for letter in OPTION_LETTERS[:n_options]]
-    if any(not ids for ids in option_ids) or len({ids[0] for ids in option_ids}) < n_options:
+    option_ids = _option_ids(tokenizer, template.sections["options"].strip("\n"), OPTION_LETTERS[:n_options])
+    if option_ids is None:
         raise ValueError(f"the options {template.sections['options']!r} do not start with distinct tokens for the "
                          f"options {OPTION_LETTERS[0]} to {OPTION_LETTERS[n_options - 1]} in this tokenizer")
     return ListLayout(_pieces(user_text, tokenizer), _pieces(line_text, tokenizer), _pieces(tail_text, tokenizer),
-                      [ids[0] for ids in option_ids])
+                      option_ids)
+
+
+def _option_ids(tokenizer, pattern, letters):
+    """The first token of each option's answer, ``pattern`` (``{option}`` is its letter) tokenized; where those are not
+    distinct (a tokenizer that splits " A" into a space and a letter), the first token of the bare answer (``pattern``
+    without its surrounding spaces); None when neither is."""
+    for text in dict.fromkeys((pattern, pattern.strip())):
+        ids = [tokenizer(text.format(option=letter), add_special_tokens=False).input_ids[:1] for letter in letters]
+        if all(ids) and len({first for first, in ids}) == len(letters):
+            return [first for first, in ids]
+    return None
 
 
 @dataclass(frozen=True)

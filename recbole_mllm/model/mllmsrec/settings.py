@@ -25,8 +25,11 @@ def _help(text):
     return field(metadata={"help": text})
 
 
-RANKER_SCORING = ("pointwise", "listwise")
-"""Values of ``ranker_scoring``."""
+SCORING_PROMPTS = {"pointwise": "v2", "listwise": "list_v1"}
+"""Values of ``ranker_scoring``, each with its own prompt template: what ``ranker_prompt: None`` means."""
+
+SHUFFLED_LIST_PROMPT = "list_shuffled_v1"
+"""``ranker_prompt: None`` of a list-wise ranker whose lists are shuffled: it does not call them the encoder's order."""
 
 LIST_ORDERS = ("encoder", "shuffled")
 """Values of ``ranker_list_order``."""
@@ -36,6 +39,7 @@ LIST_ORDERS = ("encoder", "shuffled")
 class MLLMSRecSettings:
     rerank_top_k: int = _help("the LLM scores an item only within the encoder's catalogue top-K for the user")
     ranker_scoring: str = _help("pointwise (a Yes/No prompt per candidate) or listwise (one lettered list per user)")
+    ranker_prompt: Optional[str] = _help("prompt template version or .txt path (None: the scoring's own)")
     ranker_list_order: str = _help("listwise: the listed items in the encoder's order or shuffled (seeded)")
     ranker_train_candidates: str = _help("the LLM's training lists: top_k (as tested) or sampled")
     encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
@@ -76,8 +80,8 @@ class MLLMSRecSettings:
         if self.late_fusion_grid is not None and (not self.late_fusion_grid or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.late_fusion_grid)):
             raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
-        if self.ranker_scoring not in RANKER_SCORING:
-            raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(RANKER_SCORING)}")
+        if self.ranker_scoring not in SCORING_PROMPTS:
+            raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(SCORING_PROMPTS)}")
         if self.ranker_list_order not in LIST_ORDERS:
             raise ValueError(f"ranker_list_order: {self.ranker_list_order!r} is none of {', '.join(LIST_ORDERS)}")
         if self.ranker_list_order != "encoder" and self.ranker_scoring != "listwise":
@@ -101,6 +105,15 @@ class MLLMSRecSettings:
         if self.ranker_eval_batch_size is not None:
             return int(self.ranker_eval_batch_size)
         return GPU_RANKER_EVAL_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_RANKER_EVAL_BATCH_SIZE
+
+    @property
+    def prompt(self) -> str:
+        """The ranker's template: ``ranker_prompt``, or when it is None the scoring's own (``SCORING_PROMPTS``: v2 for
+        pointwise, list_v1 for listwise; ``SHUFFLED_LIST_PROMPT`` for shuffled lists). The one place ``ranker_prompt:
+        None`` is resolved."""
+        if self.ranker_prompt is not None:
+            return str(self.ranker_prompt)
+        return SHUFFLED_LIST_PROMPT if self.ranker_list_order == "shuffled" else SCORING_PROMPTS[self.ranker_scoring]
 
     @property
     def switches(self):
