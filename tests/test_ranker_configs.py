@@ -14,7 +14,7 @@ def _config(tmp_path, *files):
                   config_dict={"data_path": str(tmp_path)})
 
 
-@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested", "pointwise"])
+@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested", "pointwise", "listwise"])
 def test_a_ranker_yaml_overrides_no_key_of_the_tuned_encoder(name):
     ranker = yaml.safe_load((properties_dir() / "ranker" / f"{name}.yaml").read_text())
     assert ranker and not set(ranker) & set(yaml.safe_load(TUNED.read_text()))
@@ -36,14 +36,18 @@ def test_paper_joint_restores_the_papers_joint_fine_tuning(tmp_path):
     assert (config["encoder_warmup_epochs"], config["encoder_warmup_stopping_step"]) == (20, 3)
 
 
-def test_the_defaults_rank_list_wise_with_fusion_chosen_on_validation(tmp_path):
-    settings = MLLMSRecSettings.from_config(_config(tmp_path))
-    assert (settings.ranker_scoring, settings.ranker_prompt, settings.prompt) == ("listwise", None, "list_v1")
-    assert settings.late_fusion_grid == (0, 0.3, 1, 3, 10) and _config(tmp_path)["epochs"] == 4
+def test_the_defaults_rank_pointwise_and_the_list_wise_candidate_fuses_on_validation(tmp_path):
+    defaults = MLLMSRecSettings.from_config(_config(tmp_path))
+    assert (defaults.ranker_scoring, defaults.ranker_prompt, defaults.prompt) == ("pointwise", None, "v2")
+    assert defaults.late_fusion_grid is None and _config(tmp_path)["epochs"] == 2
+    config = _config(tmp_path, properties_dir() / "ranker" / "listwise.yaml")
+    listwise = MLLMSRecSettings.from_config(config)
+    assert (listwise.ranker_scoring, listwise.prompt, listwise.late_fusion_grid) == ("listwise", "list_v1", (0, 0.3, 1, 3, 10))
+    assert config["epochs"] == 4
 
 
 @pytest.mark.parametrize("name", ["pointwise", "paper_joint", "train_as_tested"])
-def test_the_pointwise_configurations_rank_as_the_defaults_did_before_list_wise(tmp_path, name):
+def test_the_pointwise_configurations_rank_as_the_defaults_do(tmp_path, name):
     config = _config(tmp_path, properties_dir() / "ranker" / f"{name}.yaml")
     settings = MLLMSRecSettings.from_config(config)  # paper_joint's sampled lists: a list-wise ranker refuses them
     assert (settings.ranker_scoring, settings.prompt, settings.late_fusion_grid) == ("pointwise", "v2", None)
