@@ -36,7 +36,6 @@ have no demographics). Items whose metadata is missing keep their interactions w
 
 import ast
 import gzip
-import html
 import http.client
 import json
 import re
@@ -55,18 +54,20 @@ if __package__:
     from .atomic_files import INTER_FIELDS, TIE_SEED, number, tie_key, write_atomic_file, write_dataset_yaml
     from .cli import argument_parser, run_main, run_script
     from .errors import InputError, LineErrors, check_input_file, compression_of
+    from .interactions import k_core
     from .images import (find_images, image_paths, is_clean_jpeg, normalise_image, remove_stale_images,
                          write_missing_images)
     from .stats import dataset_stats, row_counts
-    from .text import clean_text, label_token
+    from .text import label_token, markup_text
 else:  # run as a script: python dataset_scripts/amazon.py
     from atomic_files import INTER_FIELDS, TIE_SEED, number, tie_key, write_atomic_file, write_dataset_yaml
     from cli import argument_parser, run_main, run_script
     from errors import InputError, LineErrors, check_input_file, compression_of
+    from interactions import k_core
     from images import (find_images, image_paths, is_clean_jpeg, normalise_image, remove_stale_images,
                         write_missing_images)
     from stats import dataset_stats, row_counts
-    from text import clean_text, label_token
+    from text import label_token, markup_text
 
 ITEM_FIELDS = [
     ("item_id", "token"), ("title", "token_seq"), ("brand", "token"), ("categories", "token_seq"),
@@ -76,7 +77,6 @@ RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
 MAX_IMAGE_BYTES = 32 * 2**20  # a larger answer is no product image
 NO_NETWORK_AFTER = 8  # consecutive connection failures, with no success yet, that mean "no network"
 USER_AGENT = "recbole_mllm-dataset-scripts (+urllib)"
-_TAG = re.compile(r"<[^>]+>")
 _META_ID = re.compile(r"""['"](parent_asin|asin)['"]\s*:\s*['"]([^'"]+)['"]""")
 
 
@@ -150,19 +150,6 @@ def read_reviews(path, errors):
     return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
 
 
-def k_core(inter, k):
-    """Iteratively drop users and items with fewer than ``k`` interactions until none is left."""
-    if k <= 1:
-        return inter
-    while True:
-        user_counts = inter["user_id"].map(inter["user_id"].value_counts())
-        item_counts = inter["item_id"].map(inter["item_id"].value_counts())
-        keep = (user_counts >= k) & (item_counts >= k)
-        if keep.all():
-            return inter
-        inter = inter[keep]
-
-
 def filter_interactions(inter, min_rating, k, duplicates="drop", tie_seed=TIE_SEED):
     """Rating threshold, then one interaction per (user, item) (the earliest; ``duplicates="keep"``:
     every review), then k-core. ``counts["duplicates"]`` is the number of repeated reviews either way.
@@ -187,11 +174,6 @@ def filter_interactions(inter, min_rating, k, duplicates="drop", tie_seed=TIE_SE
 
 
 # ---------------------------------------------------------------------------------------- items
-def _text(value):
-    """Plain one-line text of a string or list of strings; HTML entities and tags removed."""
-    if isinstance(value, (list, tuple)):
-        value = " ".join(str(v) for v in value if v)
-    return clean_text(_TAG.sub(" ", html.unescape(str(value)))) if value else ""
 
 
 def _categories(record):
@@ -199,7 +181,7 @@ def _categories(record):
     for key in ("categories", "category"):
         for value in record.get(key) or []:
             labels.extend(value if isinstance(value, (list, tuple)) else [value])  # 2014: list of paths
-    tokens = (label_token(_text(label)) for label in labels if label)
+    tokens = (label_token(markup_text(label)) for label in labels if label)
     return list(dict.fromkeys(t for t in tokens if t))
 
 
@@ -222,12 +204,12 @@ def _image_urls(record):
 def item_record(record, max_description_words):
     """The text fields and image URLs of one metadata record, whatever its vintage."""
     details = record.get("details") if isinstance(record.get("details"), dict) else {}
-    description = _text(record.get("description")) or _text(record.get("features") or record.get("feature"))
+    description = markup_text(record.get("description")) or markup_text(record.get("features") or record.get("feature"))
     if max_description_words > 0:
         description = " ".join(description.split(" ")[:max_description_words])
     return {
-        "title": _text(record.get("title")),
-        "brand": _text(record.get("brand") or record.get("store") or details.get("Brand")),
+        "title": markup_text(record.get("title")),
+        "brand": markup_text(record.get("brand") or record.get("store") or details.get("Brand")),
         "categories": " ".join(_categories(record)),
         "description": description,
         "urls": _image_urls(record),

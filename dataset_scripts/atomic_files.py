@@ -66,8 +66,7 @@ DATASET_YAML = """\
 # {interactions:,} interactions, {users:,} users, {items:,} items.
 # repeated (user, item) pairs kept: {repeated} of {interactions} interactions
 #   (interactions whose item the user had before; at 0, masking a user's earlier items in full ranking hides no target)
-# a user's same-timestamp interactions: ordered by a seeded hash of (user, item), not by item id (--tie-seed {tie_seed})
-
+{ties}
 # Atomic File Format
 field_separator: "\\t"           # (str) Separator of different columns in atomic files.
 seq_separator: " "              # (str) Separator inside token_seq fields: title words, labels (inner spaces as _).
@@ -75,8 +74,8 @@ seq_separator: " "              # (str) Separator inside token_seq fields: title
 # Basic Information
 USER_ID_FIELD: user_id          # (str) Field name of user ID feature.
 ITEM_ID_FIELD: item_id          # (str) Field name of item ID feature.
-RATING_FIELD: rating            # (str) Field name of rating feature.
-TIME_FIELD: timestamp           # (str) Field name of timestamp feature (Unix seconds).
+RATING_FIELD: {rating:<17} # (str) Field name of rating feature{rating_note}.
+TIME_FIELD: timestamp           # (str) Field name of timestamp feature ({time_meaning}).
 
 # Selectively Loading
 load_col:                       # (dict) The suffix of atomic files: (list) field names to be loaded.
@@ -93,22 +92,40 @@ normalize_all: False            # (bool) Whether or not to normalize all the flo
 
 # Prompt fields (the plugin's models)
 item_title_field: title         # (str) .item field with the item's title.
-item_category_field: {category:<10} # (str) .item field with the item's categories.
-item_image_field: image         # (str) .item field with the image file name under images/.
-"""
+item_category_field: {category:<10} # (str) .item field with the item's categories{category_note}.
+item_image_field: {image:<13} # (str) .item field with the image file name under images/{image_note}.
+{time_format}"""
 
 
-def write_dataset_yaml(build, script, description, files, category_field, stats):
+POSITIONS_TIME_FORMAT = (
+    "user_time_format: none          # (str: unix_s | unix_ms | none) The timestamps are positions, not Unix times: "
+    "prompts say 'interaction 3', never a date.\n"
+)
+
+
+def write_dataset_yaml(build, script, description, files, category_field, stats, positions=False):
     """``<name>.yaml`` beside the atomic files: the RecBole keys that load them, so a dataset built under a
     name the plugin ships no YAML for still loads its timestamps, text and images (not RecBole's ids-only default).
 
-    ``files``: ``{suffix: fields}`` of the atomic files written (fields as ``(name, type)``). The repeated (user,
-    item) pairs and the tie seed go in as comments (``stats``' ``repeated_pairs``, ``tie_seed``): the YAML's keys
-    are checked against the declared ones, and neither is a setting.
+    ``files``: ``{suffix: fields}`` of the atomic files written (fields as ``(name, type)``); without a ``rating``
+    or ``image`` field the YAML names none (``~``), and ``category_field=None`` names no category field.
+    ``positions``: the timestamps are each item's position in its user's sequence, so the YAML sets the plugin's
+    ``user_time_format: none`` (no dates in prompts). The repeated (user, item) pairs and the tie seed (where
+    ``stats`` has one) go in as comments (``stats``' ``repeated_pairs``, ``tie_seed``): the YAML's keys are checked
+    against the declared ones, and neither is a setting.
     """
-    load_col = "".join(f"    {suffix}: [{', '.join(n for n, _ in fields)}]\n" for suffix, fields in files.items())
-    text = DATASET_YAML.format(name=build.name, description=description, script=script, load_col=load_col,
-                               category=category_field, interactions=stats["interactions"], users=stats["users"],
-                               items=stats["items"], repeated=stats["repeated_pairs"], tie_seed=stats["tie_seed"])
+    fields = {suffix: [n for n, _ in columns] for suffix, columns in files.items()}
+    load_col = "".join(f"    {suffix}: [{', '.join(names)}]\n" for suffix, names in fields.items())
+    rating, image = "rating" in fields["inter"], "image" in fields["item"]
+    ties = ("# a user's same-timestamp interactions: ordered by a seeded hash of (user, item), not by item id "
+            f"(--tie-seed {stats['tie_seed']})\n") if "tie_seed" in stats else ""
+    text = DATASET_YAML.format(
+        name=build.name, description=description, script=script, load_col=load_col, ties=ties,
+        rating="rating", rating_note="" if rating else "; none loaded: the source has no ratings",
+        time_meaning="the item's position in the user's sequence: 0, 1, 2, ..." if positions else "Unix seconds",
+        category=category_field or "~", category_note="" if category_field else " (none: the source has none)",
+        image="image" if image else "~", image_note="" if image else " (none: the source has no images)",
+        time_format=POSITIONS_TIME_FORMAT if positions else "", interactions=stats["interactions"],
+        users=stats["users"], items=stats["items"], repeated=stats["repeated_pairs"])
     with atomic_output(build.dir / f"{build.name}.yaml", "w", encoding="utf-8") as f:
         f.write(text)

@@ -18,7 +18,8 @@ else:  # run as a script: python dataset_scripts/<script>.py
 
 RECBOLE_BUNDLED = ("ml-100k",)  # RecBole sets data_path to its own copy of these (Config._set_default_parameters)
 DUPLICATE_CHOICES = {
-    "drop": "keep one (MovieLens: of identical rating lines; Amazon: of a user's reviews of one item, the earliest)",
+    "drop": "keep one (MovieLens: of identical rating lines; Amazon: of a user's reviews of one item, the earliest; "
+            "sequences: of an item repeated in a user's sequence, the first)",
     "keep": "keep every one as an interaction of its own",
 }
 
@@ -40,8 +41,11 @@ def run_main(main, argv=None):
         raise SystemExit(2) from None
 
 
-def argument_parser(doc, example_name, images_help):
-    """A parser described by the script's docstring, with the arguments every converter has."""
+def argument_parser(doc, example_name, images_help=None, ties=True):
+    """A parser described by the script's docstring, with the arguments every converter has.
+
+    ``--images`` only with an ``images_help``; ``--tie-seed`` only where interactions can share a timestamp (``ties``).
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     parser.add_argument(
         "--output",
@@ -52,7 +56,8 @@ def argument_parser(doc, example_name, images_help):
     parser.add_argument(
         "--name", required=True, help=f"dataset name, e.g. {example_name} (file prefix; properties/dataset/<name>.yaml)"
     )
-    parser.add_argument("--images", type=Path, default=None, help=images_help)
+    if images_help is not None:
+        parser.add_argument("--images", type=Path, default=None, help=images_help)
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     parser.add_argument(
@@ -62,6 +67,8 @@ def argument_parser(doc, example_name, images_help):
         help=f"repeated interactions: {'; '.join(f'{k}: {v}' for k, v in DUPLICATE_CHOICES.items())} "
         "(counted in the summary either way)",
     )
+    if not ties:
+        return parser
     parser.add_argument(
         "--tie-seed", "--tie_seed", dest="tie_seed", type=int, default=TIE_SEED,
         help="a user's interactions with the same timestamp are ordered by a hash of (this seed, user, item), not by "
@@ -86,7 +93,8 @@ def run_script(args, inputs, script, convert, ignored=()):
     Every argument except ``--output``, ``--force`` and ``ignored`` (settings that cannot change the
     result, such as the number of download workers) is part of the fingerprint.
     """
-    if args.images is not None and not args.images.is_dir():
+    images = getattr(args, "images", False)  # False: the converter writes no images
+    if images and not images.is_dir():
         raise InputError(args.images, "is not a folder (--images)")
     if args.name in RECBOLE_BUNDLED:
         raise InputError(args.name, "is a dataset RecBole bundles and reads from its own copy whatever --data_path says "
@@ -96,6 +104,7 @@ def run_script(args, inputs, script, convert, ignored=()):
         for k, v in vars(args).items()
         if k not in {"output", "force", "debug", *ignored}
     }
-    outputs = [f"{args.name}.inter", f"{args.name}.item", f"{args.name}.yaml", "images"]
+    outputs = [f"{args.name}.inter", f"{args.name}.item", f"{args.name}.yaml"]
+    outputs += ["images", "missing_images.txt"] if images is not False else []
     build = Build(args.output, args.name, fingerprint(settings, inputs, [script]), outputs)
     return run_build(build, lambda b: convert(args, b), args.force)

@@ -14,7 +14,7 @@ else:  # run as a script: python dataset_scripts/<script>.py
     from stats import print_stats
 
 FINGERPRINT_FILE = ".fingerprint"
-CONVERTERS = ("amazon.py", "movielens.py")  # each build hashes its own converter's source, not the others'
+CONVERTERS = ("amazon.py", "movielens.py", "sequences.py")  # each build hashes its own converter's source, not the others'
 
 
 def shared_code():
@@ -50,7 +50,7 @@ class Build:
         self.dir = Path(output) / name
         self.name = name
         self.fingerprint = fingerprint_value
-        self.outputs = [self.dir / o for o in (*outputs, "stats.json", "missing_images.txt")]
+        self.outputs = [self.dir / o for o in (*outputs, "stats.json")]
 
     def up_to_date(self):
         marker = self.dir / FINGERPRINT_FILE

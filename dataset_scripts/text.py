@@ -4,10 +4,13 @@ RecBole splits a row on tabs and newlines and a ``token_seq`` value on spaces, s
 spaces and a label's inner spaces become ``_``.
 """
 
+import html
 import re
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # tabs, newlines, C0/C1 controls (a latin-1 0x85 is NEL)
 _SPACES = re.compile(r"\s+")
+_TAG = re.compile(r"<[^>]+>")
+_LITERAL_ESCAPE = re.compile(r"\\[nrt]")  # a backslash and n, r or t written out, as some product dumps hold them
 
 
 def clean_text(value):
@@ -15,6 +18,16 @@ def clean_text(value):
     if value is None:
         return ""
     return _SPACES.sub(" ", _CONTROL.sub(" ", str(value))).strip()
+
+
+def markup_text(value):
+    """One line of product text: HTML entities decoded, tags and written-out ``\\n``/``\\t``/``\\r`` removed (as spaces),
+    then :func:`clean_text`. A list or tuple is joined with spaces first."""
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value if v)
+    if not value:
+        return ""
+    return clean_text(_TAG.sub(" ", html.unescape(_LITERAL_ESCAPE.sub(" ", str(value)))))
 
 
 def label_token(value):

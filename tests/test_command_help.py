@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("benchmarks/scoring.py", "(default: [20, 100])"),
     ("dataset_scripts/movielens.py", "(default: drop)"),
     ("dataset_scripts/amazon.py", "seconds per download attempt (default: 20.0)"),
+    ("dataset_scripts/sequences.py", "the titles' column with the title (default: title)"),
 ])
 def test_scripts_answer_help(script, expected, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--help"])

@@ -94,6 +94,12 @@ class Clock:
         gap = "first interaction" if p == 0 else f"{duration_words((ts[p] - ts[p - 1]) / self.scale)} later"
         return f"{month_year(ts[p] / self.scale)}, {gap}"
 
+    def span(self, ts: Sequence[float], lo: int, hi: int) -> str:
+        """Positions [lo, hi) as ``from March 2001 to May 2001`` (the same month twice if so); ``""`` for positions."""
+        if self.format == "none":
+            return ""
+        return f"from {month_year(ts[lo] / self.scale)} to {month_year(ts[hi - 1] / self.scale)}"
+
     def period(self, ts: Sequence[float], lo: int, hi: int) -> str:
         """Positions [lo, hi): ``from March 2001 to May 2001`` or ``in May 2001``."""
         if self.format == "none":

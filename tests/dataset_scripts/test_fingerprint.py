@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from dataset_scripts import amazon, movielens  # noqa: F401 (loads every module a converter runs)
+from dataset_scripts import amazon, movielens, sequences  # noqa: F401 (loads every module a converter runs)
 from dataset_scripts.fingerprint import CONVERTERS, shared_code
 
 

@@ -13,19 +13,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-
 import numpy as np
+
+from recbole_mllm.stages.user_text import Clock
 
 logger = logging.getLogger(__name__)
 
 
 def _readable(value: str, seq_separator: str) -> str:
     return " ".join(value.replace(seq_separator, " ").replace("_", " ").split())
-
-
-def _date(timestamp: float) -> str:
-    return datetime.fromtimestamp(float(timestamp), tz=timezone.utc).strftime("%B %Y")
 
 
 @dataclass
@@ -42,6 +38,7 @@ class RankerContext:
     timestamps: list  # per user: np.ndarray of timestamps
     profiles: list  # per user: profile sentence
     positions: dict = field(default_factory=dict)  # (uid, iid) -> list of positions in the history
+    clock: Clock = field(default_factory=lambda: Clock("unix_s"))  # user_time_format: dates, or positions only
 
     def position(self, uid: int, item_seq, seq_len: int, max_len: int, timestamp: float | None = None) -> int:
         """Number of the user's interactions before a target (``t``), from the model's input sequence alone.
@@ -76,7 +73,8 @@ class RankerContext:
             counts = Counter(c for i in ids for c in self.item_categories[i])
             return ", ".join(c for c, _ in counts.most_common(3)) or "unknown"
 
-        text = f"{len(items)} items from {_date(times[0])} to {_date(times[-1])}; latest {len(recent)}: {top(recent)}"
+        span = self.clock.span(times, 0, len(items))  # "" when the timestamps are positions (no dates)
+        text = f"{len(items)} items{' ' + span if span else ''}; latest {len(recent)}: {top(recent)}"
         return text + (f"; earlier: {top(older)}" if len(older) else "")
 
     def recent_items(self, uid: int, t: int, count: int):

@@ -58,6 +58,7 @@ from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 from recbole_mllm.model.stage_inputs import read_stage_inputs
+from recbole_mllm.stages.user_text import Clock
 
 def list_cross_entropy(scores, owner, labels):
     """Softmax cross-entropy of each list's positive among its candidates (``owner[c]``: the list of ``scores[c]``;
@@ -110,7 +111,8 @@ class MLLMSRec(FusedSASRec):
         histories, timestamps, positions = build_histories(inputs.histories,
                                                            inputs.user_tokens, inputs.item_token2id)
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
-                                     categories, histories, timestamps, inputs.profiles, positions)
+                                     categories, histories, timestamps, inputs.profiles, positions,
+                                     Clock(str(config["user_time_format"] or "unix_s")))
         self.candidates = TrainingCandidates(histories, positions, self.n_items, config, self.USER_ID, self.POS_ITEM_ID)
 
         # define layers (the encoder is FusedSASRec's)
