@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+
 import numpy as np
 
 from recbole_mllm.stages.user_text import Clock

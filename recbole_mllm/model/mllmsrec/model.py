@@ -112,7 +112,7 @@ class MLLMSRec(FusedSASRec):
                                                            inputs.user_tokens, inputs.item_token2id)
         self.context = RankerContext(inputs.item_tokens, inputs.user_tokens, texts, titles, inputs.item_summaries,
                                      categories, histories, timestamps, inputs.profiles, positions,
-                                     Clock(str(config["user_time_format"] or "unix_s")))
+                                     Clock(str(config["user_time_format"])))
         self.candidates = TrainingCandidates(histories, positions, self.n_items, config, self.USER_ID, self.POS_ITEM_ID)
 
         # define layers (the encoder is FusedSASRec's)
