@@ -98,14 +98,18 @@ class Clock:
         """Positions [lo, hi) as ``from March 2001 to May 2001`` (the same month twice if so); ``""`` for positions."""
         if self.format == "none":
             return ""
-        return f"from {month_year(ts[lo] / self.scale)} to {month_year(ts[hi - 1] / self.scale)}"
+        return "from {} to {}".format(*self._months(ts, lo, hi))
 
     def period(self, ts: Sequence[float], lo: int, hi: int) -> str:
         """Positions [lo, hi): ``from March 2001 to May 2001`` or ``in May 2001``."""
         if self.format == "none":
             return f"number {lo + 1} to {hi}"
-        first, last = month_year(ts[lo] / self.scale), month_year(ts[hi - 1] / self.scale)
+        first, last = self._months(ts, lo, hi)
         return f"in {first}" if first == last else f"from {first} to {last}"
+
+    def _months(self, ts: Sequence[float], lo: int, hi: int) -> tuple[str, str]:
+        """Months of the first and last of positions [lo, hi)."""
+        return month_year(ts[lo] / self.scale), month_year(ts[hi - 1] / self.scale)
 
     def end(self, ts: Sequence[float], hi: int) -> str:
         """Where a summary of positions [.., hi) ends."""
