@@ -51,10 +51,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def combined_sha256(files: Iterable[str | os.PathLike], extra: dict | None = None) -> str:
-    """One sha256 over several files (by name and content) plus JSON-able settings that change outputs."""
+    """One sha256 over several files (by name and content) plus JSON-able settings that change outputs.
+
+    Where the files are installed does not count (entries are sorted by name and content, not by path), so a stage
+    cache built on one machine is found on another with the same packages.
+    """
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in files):
-        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    for entry in sorted(f"{Path(p).name}:{file_sha256(p)}\n" for p in files):
+        digest.update(entry.encode())
     if extra:
         digest.update(json.dumps(extra, sort_keys=True).encode())
     return digest.hexdigest()

@@ -391,21 +391,23 @@ class StageCache:
             raise StageCacheError(f"the {self.stage} cache {self.path} is incomplete (an interrupted or unfinished run); "
                                   f"run `{self.command}` to finish it (done shards are kept)")
         raise StageCacheError(f"no {self.stage} cache for this configuration (expected {self.path}); "
-                              f"build it with `{self.command}`.{self._describe_other_caches()}")
+                              f"build it with `{self.command}`.{self.describe_other_caches()}")
 
-    def _describe_other_caches(self) -> str:
-        """How the caches that do exist for this stage differ from the one asked for (stale ones)."""
-        lines = []
+    def describe_other_caches(self) -> str:
+        """How the caches that do exist for this stage differ from the one asked for (stale ones), on one line."""
+        parts = []
         for manifest_path in sorted((self.root / self.stage).glob("*/manifest.json")):
+            if manifest_path.parent == self.path:
+                continue
             try:
                 other = json.loads(manifest_path.read_bytes())
             except ValueError:
                 continue
             differs = sorted(k for k in set(_flatten(other)) | set(_flatten(self.manifest))
                              if _flatten(other).get(k) != _flatten(self.manifest).get(k))
-            lines.append(f"\n  {manifest_path.parent.name}: differs in {', '.join(differs[:8])}"
+            parts.append(f"{manifest_path.parent.name} differs in {', '.join(differs[:8])}"
                          + (" ..." if len(differs) > 8 else ""))
-        return ("\nExisting caches of this stage (built for other settings):" + "".join(lines)) if lines else ""
+        return (" Existing caches of this stage (built for other settings): " + "; ".join(parts)) if parts else ""
 
 
 def _flatten(obj, prefix: str = "") -> dict:

@@ -72,7 +72,7 @@ def prepare_stages(config: Mapping, stages: Sequence[str], histories: Optional[M
         if not config["run_missing_stages"]:
             raise StageCacheError(f"the {stage} cache this run reads is not built (expected {cache.path}); build it "
                                   f"with `{cache.command}` and this run's other --key=value settings, or set "
-                                  f"run_missing_stages: True")
+                                  f"run_missing_stages: True.{cache.describe_other_caches()}")
         logger.info(f"{stage}: cache missing or incomplete, running the stage now")
         backend = backend or load_backend(config)
         built = _run(stage, config, backend, histories)

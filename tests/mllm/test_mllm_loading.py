@@ -62,6 +62,23 @@ def test_combined_hash_covers_settings(tmp_path, monkeypatch):
     assert combined_sha256(files, {"k": 1}) != combined_sha256(files, {"k": 2}) != combined_sha256(files)
 
 
+def test_combined_hash_does_not_depend_on_where_files_are_installed(tmp_path, monkeypatch):
+    """The same files in other folders (another machine's site-packages) give the same key, whatever the order."""
+    monkeypatch.setenv("RECBOLE_MLLM_HOME", str(tmp_path / "home"))
+    here, there = [], []
+    for folder, name, content in [("z_site", "model.gguf", b"w"), ("a_proj", "classes.txt", b"c"), ("m", "v.pth", b"v")]:
+        for root, files in ((tmp_path / "one", here), (tmp_path / "two" / "deeper", there)):
+            # swap the folders' order between the two installs: "z_site" sorts last in one and first in the other
+            path = root / (folder if root.name == "one" else folder[::-1]) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            files.append(path)
+    assert sorted(map(str, here)) != sorted(map(str, there))
+    assert combined_sha256(here, {"k": 1}) == combined_sha256(there, {"k": 1}) == combined_sha256(there[::-1], {"k": 1})
+    (here[0]).write_bytes(b"other weights")
+    assert combined_sha256(here, {"k": 1}) != combined_sha256(there, {"k": 1})
+
+
 def _closed_port() -> int:
     import socket
 

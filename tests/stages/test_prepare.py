@@ -73,6 +73,13 @@ def test_missing_stages_run_in_order_and_built_ones_load_no_backend(stage_config
         prepare_stages(stage_config, ("item_fusion", "user_profile"))
     # the stage the prepare step ran is found where a loaded backend's identity puts it
     assert _caches(stage_config)[0].path == item_fusion_cache(stage_config, load_backend(stage_config)).path
+    built = _caches(stage_config)[0].path.name
+    with monkeypatch.context() as patch:  # other settings: the error names the cache that exists and how it differs
+        patch.setitem(stage_config.final_config_dict, "run_missing_stages", False)
+        patch.setitem(stage_config.final_config_dict, "item_fusion_max_new_tokens", 5)
+        with pytest.raises(StageCacheError, match=rf"{built} differs in generation\.max_new_tokens") as error:
+            prepare_stages(stage_config, ("item_fusion",))
+    assert "\n" not in str(error.value)
 
 
 def test_models_declare_the_stages_they_read():
