@@ -52,12 +52,14 @@ def joined(parts):
     return ids, soft
 
 
-def left_padded(rows, length, fill):
-    """``[N, length]`` long tensor of the lists ``rows``, each right-aligned as ``LoRARanker.embed`` aligns tokens."""
+def left_padded(rows, length, fill, side="left"):
+    """``[N, length]`` long tensor of the lists ``rows``, each right-aligned as ``LoRARanker.embed`` aligns tokens
+    (``side="right"``: left-aligned, the padding after the row)."""
     out = torch.full((len(rows), length), fill, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            out[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+            start = length - len(row) if side == "left" else 0
+            out[i, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
 
@@ -112,19 +114,20 @@ class LoRARanker(nn.Module):
     def hidden_size(self):
         return self.llm.get_input_embeddings().weight.shape[1]
 
-    def embed(self, batch: PromptBatch):
-        """Token embeddings with the soft slots filled in; left-padded ``[N, L, H]`` and mask ``[N, L]``.
+    def embed(self, batch: PromptBatch, padding_side="left"):
+        """Token embeddings with the soft slots filled in; left-padded (or ``padding_side="right"``) ``[N, L, H]``
+        and mask ``[N, L]``.
 
         One embedding lookup and one scatter for the whole batch (no per-row kernels).
         """
         table = self.llm.get_input_embeddings()
         device, dtype = table.weight.device, table.weight.dtype
         length = max(len(ids) for ids in batch.ids)
-        ids = left_padded(batch.ids, length, 0)
-        mask = left_padded([[1] * len(row_ids) for row_ids in batch.ids], length, 0)
+        ids = left_padded(batch.ids, length, 0, padding_side)
+        mask = left_padded([[1] * len(row_ids) for row_ids in batch.ids], length, 0, padding_side)
         rows, cols, values = [], [], []
         for i, (row_ids, soft) in enumerate(zip(batch.ids, batch.soft)):
-            offset = length - len(row_ids)
+            offset = length - len(row_ids) if padding_side == "left" else 0
             for positions, value in soft.values():
                 if positions:
                     rows += [i] * len(positions)
@@ -248,12 +251,18 @@ class LoRARanker(nn.Module):
         (e.g. the index letters of the listed candidates) at the last position of each whole prompt, one forward per
         prompt (left-padded, causal). A candidate's score then depends on the list it is in: the caller fixes the list
         (the first stage's top-K in its order), never the target. Under autograd the logits train, e.g. by cross-entropy
-        towards the target's option."""
-        embeds, mask = self.embed(prompts)
+        towards the target's option.
+
+        The prompts are right-padded and run with no attention mask: under the causal mask alone a token never sees the
+        padding after it, so each row's last real position is that of the prompt run alone, and SDPA may take its
+        fused causal kernel instead of a masked one."""
+        embeds, mask = self.embed(prompts, padding_side="right")
+        rows, length = mask.shape
         hidden = self.llm.get_base_model().get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            inputs_embeds=embeds, position_ids=torch.arange(length, device=embeds.device).expand(rows, length),
             use_cache=False).last_hidden_state
-        return self.output_logits(hidden[:, -1], list(option_ids))
+        last = hidden[torch.arange(rows, device=hidden.device), mask.sum(1) - 1]
+        return self.output_logits(last, list(option_ids))
 
     def trainable_state_dict(self):
         """Only the LoRA adapter tensors (the base model is frozen and identified by its hash)."""

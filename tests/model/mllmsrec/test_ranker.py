@@ -206,7 +206,7 @@ def test_list_logits_are_each_prompts_own_last_position_logits_and_train_the_ada
         batched = ranker.list_logits(prompts, options)
         alone = torch.cat([ranker.list_logits(PromptBatch([ids], [soft]), options) for ids, soft in lists])
     assert batched.shape == (3, 3) and batched.dtype == torch.float32
-    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)  # left padding changes nothing
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)  # padding changes nothing
     head = ranker.llm.get_base_model().get_output_embeddings().weight
     hidden = ranker.llm.get_base_model().get_decoder()(inputs_embeds=ranker.embed(PromptBatch([lists[0][0]], [lists[0][1]]))[0],
                                                        use_cache=False).last_hidden_state[:, -1]
