@@ -120,7 +120,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
     model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
     ``first_stage_per_user`` from the same checkpoint, and for full ranking ``first_stage_seen_share`` (the share of
-    its unmasked top 10 and top 20 that the user had already interacted with); under late fusion also
+    its unmasked top 10 and top 20 that the user had already interacted with) and ``first_stage_recall`` (the share
+    of targets in its top ``rerank_top_k``, 50 and 100, the room a larger list would give); under late fusion also
     ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone).
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
@@ -179,6 +180,9 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
             seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
             if seen_share is not None:
                 record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
+            recall = getattr(trainer, "last_first_stage_recall", None)  # full ranking: targets in its top 20, 50, 100
+            if recall is not None:
+                record.setdefault("first_stage_recall", {})[protocol] = dict(recall)
     collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 

@@ -257,6 +257,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         self.report_first_stage = bool(config["report_first_stage"])
         self.last_first_stage_result = None
         self.last_first_stage_seen_share = None  # full ranking: already-seen items in the unmasked first stage's top-k
+        self.last_first_stage_recall = None  # full ranking: the targets in the first stage's top rerank_top_k, 50, 100
         self.last_llm_alone_result = None  # under late fusion, the same evaluation with the LLM's score alone
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
         self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
@@ -479,6 +480,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         self.last_first_stage_result = self.last_first_stage_seen_share = self.last_llm_alone_result = None
+        self.last_first_stage_recall = None
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
@@ -491,9 +493,10 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             with self._autocast(), self.model.scoring(encoder_only=not self.model.uses_llm, mask_history=masks_history):
                 result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
             if recall.users:
-                self.logger.info(f"stage-1 recall@{recall.k}: {recall.value:.4f} ({recall.users} users); already-seen "
-                                 f"items in the unmasked stage-1 top 10: {recall.seen_share(10):.1%}, top 20: "
-                                 f"{recall.seen_share(20):.1%}")
+                self.last_first_stage_recall = recall.at()
+                self.logger.info(f"stage-1 {', '.join(f'{k}: {v:.4f}' for k, v in self.last_first_stage_recall.items())} "
+                                 f"({recall.users} users); already-seen items in the unmasked stage-1 top 10: "
+                                 f"{recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
                 self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
             if self.report_first_stage and self.model.uses_llm:
                 self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)

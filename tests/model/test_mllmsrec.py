@@ -814,6 +814,26 @@ def test_an_llm_that_keeps_the_encoders_order_scores_as_the_first_stage(mllm_con
         assert dict(result) == dict(trainer.last_first_stage_result), protocol
 
 
+@pytest.mark.parametrize("mask", [True, False])
+def test_first_stage_recall_counts_the_targets_in_its_top_k_as_its_metrics_do(mllm_config, mask):
+    """Full ranking records the first stage's recall at ``rerank_top_k`` (what the LLM can reorder) and at 50 and 100
+    (what a larger list would give), as its own metrics count hits under the loader's history mask."""
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(dict(mllm_config, mask_history=mask, metrics=["Hit"], topk=[5, 10, 20]))
+    assert list(model.first_stage_recall.hits_in_top) == [50, 100]
+    model.first_stage_recall.hits_in_top = {10: 0, 20: 0}  # the tiny catalogue has 30 items: narrower cutoffs
+    trainer = MLLMSRecTrainer(config, model)
+    trainer.evaluate(test_data["full"], load_best_model=False)
+    recall, first_stage = trainer.last_first_stage_recall, trainer.last_first_stage_result
+    assert list(recall) == ["recall@5", "recall@10", "recall@20"]
+    assert [recall[f"recall@{k}"] for k in (5, 10, 20)] == pytest.approx([first_stage[f"hit@{k}"] for k in (5, 10, 20)],
+                                                                          abs=1e-4)
+    assert 0 < recall["recall@5"] < recall["recall@20"] < 1
+    trainer.evaluate(test_data["uni100"], load_best_model=False)  # sampled ranking has no catalogue top-k
+    assert trainer.last_first_stage_recall is None
+
+
 @torch.no_grad()
 def test_scores_read_neither_the_target_nor_its_time(mllm_config):
     """Full ranking's and uni100's scores are the same with the target column permuted across users and the target's

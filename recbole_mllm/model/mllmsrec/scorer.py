@@ -20,21 +20,29 @@ order is the encoder's, below every LLM score (log-odds, kept above ``-RERANK_FL
 
 @dataclass
 class FirstStageRecall:
-    """How often full ranking's targets were in the encoder's top ``k`` (the items the LLM can reorder), and how many
-    of the unmasked top 10 and top 20 the user had already interacted with (what a history mask takes out)."""
+    """How often full ranking's targets were in the encoder's top ``k`` (the items the LLM can reorder) and in its top
+    50 and 100 (the room a larger ``rerank_top_k`` would give), and how many of the unmasked top 10 and top 20 the user
+    had already interacted with (what a history mask takes out)."""
 
     k: int
     hits: int = 0
     users: int = 0
     seen_in_top: dict = field(default_factory=lambda: {10: 0, 20: 0})
+    hits_in_top: dict = field(default_factory=lambda: {50: 0, 100: 0})
 
     def reset(self):
         self.hits = self.users = 0
         self.seen_in_top = dict.fromkeys(self.seen_in_top, 0)
+        self.hits_in_top = dict.fromkeys(self.hits_in_top, 0)
 
     @property
     def value(self):
         return self.hits / self.users if self.users else float("nan")
+
+    def at(self):
+        """``{"recall@k": ...}`` at ``k`` and at the wider cutoffs, in increasing order."""
+        hits = {**self.hits_in_top, self.k: self.hits}
+        return {f"recall@{cutoff}": hits[cutoff] / self.users if self.users else float("nan") for cutoff in sorted(hits)}
 
     def seen_share(self, cutoff):
         """Share of the unmasked first stage's top ``cutoff`` items that are in the user's history before ``t``."""
@@ -218,6 +226,9 @@ class TwoStageScorer:
         # stage-1 recall is measured after scoring and never feeds back into a score
         self.recall.hits += int((top == targets.view(-1, 1)).any(1).sum())
         self.recall.users += len(uids)
+        for cutoff in self.recall.hits_in_top:
+            wide = catalogue.topk(min(cutoff, catalogue.shape[1]), dim=1).indices
+            self.recall.hits_in_top[cutoff] += int((wide == targets.view(-1, 1)).any(1).sum())
         return scores
 
     def _count_seen(self, unmasked, seen_index):
