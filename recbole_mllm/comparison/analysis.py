@@ -197,6 +197,25 @@ def summary_rows(groups):
     return rows
 
 
+def first_stage_rows(results):
+    """One row per (run label, protocol) of the runs that record their first stage's reach in full ranking: the share
+    of targets in its top ``rerank_top_k``, 50 and 100 (``first_stage_recall``) and of already-seen items in its
+    unmasked top 10 and 20 (``first_stage_seen_share``), mean and std over seeds."""
+    values = {}
+    for result in results:
+        for field in ("first_stage_recall", "first_stage_seen_share"):
+            for protocol, shares in (result.get(field) or {}).items():
+                row = values.setdefault((run_label(result), protocol), {})
+                for name, value in shares.items():
+                    row.setdefault(name, []).append(float(value))
+    rows = []
+    for (model, protocol), by_name in values.items():
+        ordered = sorted(by_name, key=lambda n: (n.split("@")[0] != "recall", int(n.split("@")[1])))
+        rows.append({"model": model, "protocol": protocol, **_metric_columns({n: by_name[n] for n in ordered}),
+                     "seeds": max(len(v) for v in by_name.values())})
+    return rows
+
+
 def slice_rows(groups, slices):
     """One row per (model, protocol, slice) with per-user data: slice size, per-user metrics over seeds."""
     rows = []

@@ -5,7 +5,8 @@ import io
 import json
 from pathlib import Path
 
-from recbole_mllm.comparison.analysis import FIRST_STAGE, LLM_ALONE, analyse, is_plugin_model, run_label
+from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, is_plugin_model,
+                                              run_label)
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -168,6 +169,11 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
     markdown = [title, table, "## Slices", slice_table if sliced else "(no per-user data)"]
     if analysis.pairs:
         markdown += [f"## Against every baseline: delta (paired p-value) of {analysis.metric}", pairs_table(analysis)]
+    reach = first_stage_rows(results)
+    if reach:  # what the LLM can reorder: targets in the first stage's top k; seen items in its unmasked top k
+        markdown += ["## First stage reach (full ranking): share of targets in its top k (recall@k), of already-seen "
+                     "items in its unmasked top k (seen@k)",
+                     markdown_table(reach, ["model", "protocol", *_metrics(reach), "seeds"])]
     markdown += notes(analysis)
     files = {
         "comparison.md": "\n\n".join(markdown) + "\n",

@@ -323,3 +323,20 @@ def test_different_candidates_are_refused_unless_descriptive(tmp_path, capsys):
         assert [(r["reference"], r["delta"], r["p_value"]) for r in csv.DictReader(f)] == [("", "", "")] * 2
     assert "Descriptive table" in (tmp_path / "out" / "comparison.md").read_text()
     assert (tmp_path / "out" / "comparison_pvalues.csv").read_text() == "model,protocol,reference,delta,p_value\n"
+
+
+def test_the_first_stage_reach_table_averages_recall_and_seen_shares_over_seeds(tmp_path):
+    runs = [_run("MLLMSRec", 1, [1, 3], protocol="full"), _run("MLLMSRec", 2, [2, 5], protocol="full"),
+            _run("SASRec", 1, [1, 3], protocol="full")]
+    for run, (r20, r50, seen) in zip(runs, [(0.3, 0.5, 0.4), (0.4, 0.6, 0.5)]):
+        run["first_stage_recall"] = {"full": {"recall@100": r50 + 0.1, "recall@20": r20, "recall@50": r50}}
+        run["first_stage_seen_share"] = {"full": {"seen@10": seen, "seen@20": seen / 2}}
+    write_comparison(runs, tmp_path)
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "| model | protocol | recall@20 | recall@50 | recall@100 | seen@10 | seen@20 | seeds |" in markdown
+    assert "| MLLMSRec | full | 0.3500 ± 0.0707 | 0.5500 ± 0.0707 | 0.6500 ± 0.0707 | 0.4500 ± 0.0707 | " \
+           "0.2250 ± 0.0354 | 2 |" in markdown
+    assert "| SASRec | full | " not in markdown.split("## First stage reach")[1]  # a baseline records no first stage
+    saved = find_records([tmp_path / "runs"])  # the records keep the fields: the merge command rebuilds the table
+    assert sorted(load_record(folder).get("first_stage_recall", {}).get("full", {}).get("recall@20", 0)
+                  for folder in saved) == [0, 0.3, 0.4]
