@@ -52,9 +52,9 @@ def joined(parts):
     return ids, soft
 
 
-def left_padded(rows, length, fill, side="left"):
-    """``[N, length]`` long tensor of the lists ``rows``, each right-aligned as ``LoRARanker.embed`` aligns tokens
-    (``side="right"``: left-aligned, the padding after the row)."""
+def padded(rows, length, fill, side="left"):
+    """``[N, length]`` long tensor of the lists ``rows``, the ``fill`` on the ``side`` ``LoRARanker.embed`` pads (left
+    by default: each row right-aligned)."""
     out = torch.full((len(rows), length), fill, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -123,8 +123,8 @@ class LoRARanker(nn.Module):
         table = self.llm.get_input_embeddings()
         device, dtype = table.weight.device, table.weight.dtype
         length = max(len(ids) for ids in batch.ids)
-        ids = left_padded(batch.ids, length, 0, padding_side)
-        mask = left_padded([[1] * len(row_ids) for row_ids in batch.ids], length, 0, padding_side)
+        ids = padded(batch.ids, length, 0, padding_side)
+        mask = padded([[1] * len(row_ids) for row_ids in batch.ids], length, 0, padding_side)
         rows, cols, values = [], [], []
         for i, (row_ids, soft) in enumerate(zip(batch.ids, batch.soft)):
             offset = length - len(row_ids) if padding_side == "left" else 0
@@ -196,8 +196,8 @@ class LoRARanker(nn.Module):
         embeds, _ = self.embed(PromptBatch(*zip(*rows)))
         length, device = embeds.shape[1], embeds.device
         hidden = self.llm.get_base_model().get_decoder()(
-            inputs_embeds=embeds, attention_mask=self._block_mask(left_padded(segments, length, PADDING).to(device)),
-            position_ids=left_padded(positions, length, 0).to(device), use_cache=False).last_hidden_state
+            inputs_embeds=embeds, attention_mask=self._block_mask(padded(segments, length, PADDING).to(device)),
+            position_ids=padded(positions, length, 0).to(device), use_cache=False).last_hidden_state
         row, index = torch.tensor(answer, device=device).T
         padding = length - torch.tensor([len(s) for s in segments], device=device)
         return hidden[row, padding[row] + index]
