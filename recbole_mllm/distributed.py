@@ -12,6 +12,7 @@ under one name, one early-stopping decision for all ranks.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -47,6 +48,7 @@ def start(use_gpu: bool) -> dict:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_gpu else "gloo", timeout=LONG_WAIT)
+        atexit.register(_end)
     rank = dist.get_rank()
     keys = {"single_spec": False, "local_rank": local_rank, "world_size": dist.get_world_size(),
             "nproc": int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())), "offset": rank - local_rank,
@@ -54,6 +56,14 @@ def start(use_gpu: bool) -> dict:
     if rank != 0:
         keys.update(state="error", show_progress=False, verbose=False)
     return keys
+
+
+def _end() -> None:
+    """Destroy the process group ``start`` made before the interpreter tears down: left to the interpreter's exit, its
+    backend's threads can be destroyed while still running, and the process aborts ("terminate called without an
+    active exception") after the run's work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:
