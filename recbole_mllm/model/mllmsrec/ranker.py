@@ -249,7 +249,7 @@ class LoRARanker(nn.Module):
     def list_logits(self, prompts: PromptBatch, option_ids):
         """List-wise scoring (LlamaRec's verbalizer): float32 logits ``[N, K]`` of the ``K`` option tokens ``option_ids``
         (e.g. the index letters of the listed candidates) at the last position of each whole prompt, one forward per
-        prompt (left-padded, causal). A candidate's score then depends on the list it is in: the caller fixes the list
+        prompt (causal). A candidate's score then depends on the list it is in: the caller fixes the list
         (the first stage's top-K in its order), never the target. Under autograd the logits train, e.g. by cross-entropy
         towards the target's option.
 
