@@ -21,7 +21,7 @@ WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_no
                "eval_args", "hidden_size", "inner_size", "n_layers", "n_heads", "hidden_dropout_prob",
                "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "MAX_ITEM_LIST_LENGTH",
                "metrics", "topk", "encoder_item_input", "train_positions", "encoder_warmup_batch_size",
-               "encoder_item_content", "item_content_text_model")
+               "encoder_item_content", "item_content_text_model", "encoder_id_init")
 """Config keys a warmed-up encoder depends on (with the stage caches it reads, the resolved dtype, the device type,
 whether it validated and its code: see :func:`cache_path`); the ranker switches are not among them."""
 

@@ -10,6 +10,10 @@ state (last position of a causal transformer) and item states; ``user_state @ it
 full-catalogue score, trained with cross-entropy like SASRec. It serves twice: its states enter the
 LLM prompt as soft tokens (as LLaRA does with SASRec embeddings), and its scores are the cheap first
 stage of full ranking (retrieve top-K, let the LLM rerank).
+
+``id_init`` chooses where the id embedding starts: SASRec's random normal draw, or (``content``) the item content's
+principal components, so items that read alike start close and the id embedding can refine that rather than learn it
+from interactions alone (the "LLM-initialised embeddings" idea of Harte et al., RecSys 2023).
 """
 
 import torch
@@ -19,6 +23,23 @@ from torch import nn
 
 ITEM_INPUTS = ("id", "id+fused", "fused", "shuffled")
 """Values of ``encoder_item_input``: what represents an item in the encoder (see the module docstring)."""
+
+ID_INITS = ("random", "content")
+"""Values of ``encoder_id_init``: where the id embedding starts (see the module docstring)."""
+
+
+def content_components(content, size, scale):
+    """``[n_items size]``: rows 1.. of ``content`` projected on its first ``size`` principal components (an exact SVD
+    of the centred rows: no random draw), scaled so their standard deviation is ``scale``; row 0 (padding) zero. With
+    fewer components than ``size`` (few items or a narrow content), the last columns are zero."""
+    rows = content[1:].double()
+    rows = rows - rows.mean(0, keepdim=True)
+    _, _, basis = torch.linalg.svd(rows, full_matrices=False)  # [rank F]
+    projected = rows @ basis[:size].T  # [n_items-1 k]
+    projected = projected * (scale / projected.std().clamp(min=1e-12))
+    out = torch.zeros(len(content), size, dtype=torch.float32)
+    out[1:, :projected.size(1)] = projected.float()
+    return out
 
 
 def shuffled_rows(embeddings, seed):
@@ -36,10 +57,15 @@ class FusedSequenceEncoder(nn.Module):
 
     def __init__(self, fused_embeddings, hidden_size, n_layers, n_heads, inner_size, hidden_dropout_prob, max_seq_length,
                  item_input="id+fused", shuffle_seed=0, attn_dropout_prob=None, hidden_act="gelu", layer_norm_eps=1e-12,
-                 initializer_range=0.02):
+                 initializer_range=0.02, id_init="random"):
         super().__init__()
         if item_input not in ITEM_INPUTS:
             raise ValueError(f"encoder_item_input must be one of {ITEM_INPUTS}; got {item_input!r}")
+        if id_init not in ID_INITS:
+            raise ValueError(f"encoder_id_init must be one of {ID_INITS}; got {id_init!r}")
+        if id_init == "content" and item_input == "fused":
+            raise ValueError("encoder_id_init: content initialises the id embedding, and encoder_item_input: fused has "
+                             "none; use id, id+fused or shuffled")
         attn_dropout_prob = hidden_dropout_prob if attn_dropout_prob is None else attn_dropout_prob
         self.initializer_range = initializer_range
         n_items, fused_dim = fused_embeddings.shape
@@ -56,16 +82,20 @@ class FusedSequenceEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(hidden_dropout_prob)
         self.apply(self._init_weights)
+        if id_init == "content":
+            with torch.no_grad():
+                self.item_embedding.weight.copy_(content_components(self.fused, hidden_size, initializer_range))
 
     @classmethod
     def from_config(cls, config, fused_embeddings, max_seq_length):
         """The encoder the config describes: SASRec's keys (``hidden_size``, ``n_layers``, ``n_heads``, ``inner_size``,
-        ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``) and
-        ``encoder_item_input``."""
+        ``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``),
+        ``encoder_item_input`` and ``encoder_id_init``."""
         return cls(fused_embeddings, config["hidden_size"], config["n_layers"], config["n_heads"], config["inner_size"],
                    config["hidden_dropout_prob"], max_seq_length, config["encoder_item_input"], config["seed"],
                    attn_dropout_prob=config["attn_dropout_prob"], hidden_act=config["hidden_act"],
-                   layer_norm_eps=config["layer_norm_eps"], initializer_range=config["initializer_range"])
+                   layer_norm_eps=config["layer_norm_eps"], initializer_range=config["initializer_range"],
+                   id_init=config["encoder_id_init"])
 
     def _init_weights(self, module):
         """SASRec's initialisation: normal weights of std ``initializer_range``, zero biases."""

@@ -7,7 +7,7 @@ import torch
 
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset
-from recbole_mllm.model.sequence_encoder import ITEM_INPUTS, FusedSequenceEncoder, shuffled_rows
+from recbole_mllm.model.sequence_encoder import ITEM_INPUTS, FusedSequenceEncoder, content_components, shuffled_rows
 from recbole_mllm.quick_start import run, split_and_build_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -59,6 +59,62 @@ def test_shuffle_is_fixed_by_its_seed():
 def test_unknown_item_input_is_an_error():
     with pytest.raises(ValueError, match="encoder_item_input must be one of"):
         FusedSequenceEncoder(torch.zeros(3, 2), 4, 1, 1, 8, 0.0, 5, item_input="ids")
+
+
+def _pairwise_distances(rows):
+    return torch.cdist(rows.double(), rows.double())
+
+
+def test_content_init_keeps_the_contents_geometry():
+    """``id_init: content``: with at least as many id dimensions as the centred content has directions, the id rows'
+    pairwise distances are the content rows' times one constant (nothing of the content is lost), the components'
+    standard deviation is ``initializer_range``, padding stays zero, and every other weight is the ``random`` draw."""
+    fused = torch.randn(7, 4) @ torch.randn(4, 5)  # 6 items spanning 4 directions: 5 components, the last one ~0
+    fused[0] = 0
+    torch.manual_seed(0)
+    random = FusedSequenceEncoder(fused, 8, 1, 1, 16, 0.0, 5, item_input="id", initializer_range=0.05)
+    torch.manual_seed(0)
+    content = FusedSequenceEncoder(fused, 8, 1, 1, 16, 0.0, 5, item_input="id", initializer_range=0.05, id_init="content")
+    ids = content.item_embedding.weight.detach()
+    assert torch.equal(ids[0], torch.zeros(8))
+    torch.testing.assert_close(ids[1:, :5].std(), torch.tensor(0.05))  # the components'; the 3 columns past them: 0
+    assert torch.equal(ids[:, 5:], torch.zeros(7, 3))
+    ratio = _pairwise_distances(ids[1:]) / _pairwise_distances(fused[1:]).fill_diagonal_(1)
+    off_diagonal = ratio[~torch.eye(6, dtype=torch.bool)]
+    torch.testing.assert_close(off_diagonal, off_diagonal.mean().expand_as(off_diagonal), rtol=1e-4, atol=0)
+    others = {k: v for k, v in random.state_dict().items() if k != "item_embedding.weight"}
+    assert all(torch.equal(content.state_dict()[k], v) for k, v in others.items())
+
+
+def test_content_init_follows_the_content_the_encoder_reads():
+    """Narrower than the content: the leading components (most of the spread); under ``shuffled`` the permuted rows,
+    so the no-content control stays content-free; an encoder with no id embedding refuses it."""
+    fused = torch.randn(30, 6) * torch.tensor([5.0, 3.0, 1.0, 0.1, 0.1, 0.1])
+    fused[0] = 0
+    two = content_components(fused, 2, 1.0)
+    assert two.shape == (30, 2) and torch.equal(two[0], torch.zeros(2))
+    assert abs(torch.corrcoef(torch.stack([two[1:, 0], fused[1:, 0]]))[0, 1]) > 0.9  # the widest direction first
+    wide = content_components(fused[:4], 8, 1.0)  # 3 items: 3 components (the last ~0 once centred), then zeros
+    assert torch.equal(wide[:, 3:], torch.zeros(4, 5)) and wide[:, 2].abs().max() < 1e-6
+    torch.manual_seed(0)
+    shuffled = FusedSequenceEncoder(fused, 2, 1, 1, 16, 0.0, 5, item_input="shuffled", shuffle_seed=3, id_init="content")
+    torch.testing.assert_close(shuffled.item_embedding.weight.detach(), content_components(shuffled_rows(fused, 3), 2, 0.02))
+    assert not torch.allclose(shuffled.item_embedding.weight.detach(), content_components(fused, 2, 0.02))
+    with pytest.raises(ValueError, match="encoder_item_input: fused has none"):
+        FusedSequenceEncoder(fused, 2, 1, 1, 16, 0.0, 5, item_input="fused", id_init="content")
+    with pytest.raises(ValueError, match="encoder_id_init must be one of"):
+        FusedSequenceEncoder(fused, 2, 1, 1, 16, 0.0, 5, id_init="pca")
+
+
+def test_fusedsasrec_with_content_init_starts_from_its_item_content(tiny_data, stage_setup):
+    """Through the config: ``encoder_id_init: content`` builds the id embedding from the model's own item content."""
+    settings = {**tiny_data, **stage_setup, "encoder_item_input": "id", "encoder_id_init": "content"}
+    config, model, _ = _built("FusedSASRec", settings)
+    expected = content_components(model.encoder.fused, config["hidden_size"], config["initializer_range"])
+    torch.testing.assert_close(model.encoder.item_embedding.weight.detach(), expected)
+    result = run("FusedSASRec", "tiny", config_dict=settings)
+    assert result["config"]["encoder_id_init"] == "content"
+    assert 0.0 <= result["test_result"]["full"]["ndcg@10"] <= 1.0
 
 
 SASREC_SETTINGS = {"encoder_item_input": "id", "loss_type": "CE", "epochs": 4, "eval_step": 1, "seed": 7,
