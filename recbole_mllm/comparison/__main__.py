@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from recbole_mllm.cli import input_error
 from recbole_mllm.comparison.analysis import ComparisonError, default_slices
@@ -26,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        folders = find_records(args.run_dirs)
+        folders = find_records(args.run_dirs, skip=Path(args.output) / "runs")
         results = [load_record(folder) for folder in folders]
         _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
         print(write_comparison(results, args.output, topk=cutoffs or (10,),

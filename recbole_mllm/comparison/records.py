@@ -54,15 +54,26 @@ def load_record(folder):
     return record
 
 
-def find_records(paths):
+def find_records(paths, skip=None):
     """Every folder holding a ``record.json`` at or below each of ``paths``, each once.
 
-    Raises ``FileNotFoundError`` naming the first path below which there is none.
+    ``skip``: a folder whose records are left out unless a path lies at or inside it (the comparison's own
+    ``<output>/runs`` copies, so rerunning ``... outputs/ml-100k-* --output=outputs/ml-100k-comparison`` does not read
+    every run twice); a path holding nothing but those is passed over. Raises ``FileNotFoundError`` naming the first
+    path below which there is none.
     """
+    skip = Path(skip).resolve() if skip is not None else None
     folders = []
     for path in map(Path, paths):
         found = sorted(file.parent.resolve() for file in path.rglob("record.json"))
+        if skip is not None and not path.resolve().is_relative_to(skip):
+            kept = [folder for folder in found if not folder.is_relative_to(skip)]
+            if found and not kept:
+                continue  # the output folder itself, matched by the same pattern as the runs
+            found = kept
         if not found:
             raise FileNotFoundError(f"no run record (record.json) in {path}")
         folders += found
+    if not folders:
+        raise FileNotFoundError(f"no run record (record.json) in {', '.join(map(str, paths))} outside {skip}")
     return list(dict.fromkeys(folders))

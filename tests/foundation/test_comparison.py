@@ -289,6 +289,24 @@ def test_merge_cli_on_two_record_folders(tmp_path, capsys):
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_merge_cli_reruns_with_its_output_inside_the_runs_it_reads(tmp_path, capsys):
+    """``outputs/ml-100k-* --output=outputs/ml-100k-comparison`` (the README's command): the second run must not read
+    the first one's ``runs/`` copies as more runs (that refused them as two runs of one row and seed)."""
+    save_record(_run("SASRec", 1, [2, 3, 4]), tmp_path / "ml-100k-SASRec" / "SASRec-seed1")
+    save_record(_run("MLLMSRec", 1, [1, 1, 5]), tmp_path / "ml-100k-MLLMSRec" / "MLLMSRec-seed1")
+    runs = [str(p) for p in sorted(tmp_path.glob("ml-100k-*"))]
+    out = f"--output={tmp_path / 'ml-100k-comparison'}"
+    assert main([*runs, out]) == 0
+    first = (tmp_path / "ml-100k-comparison" / "comparison.md").read_text()
+    runs = [str(p) for p in sorted(tmp_path.glob("ml-100k-*"))]  # now holds the comparison folder too
+    assert main([*runs, out]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ml-100k-comparison" / "comparison.md").read_text() == first
+    with pytest.raises(FileNotFoundError, match="outside"):  # only the copies, not named themselves: nothing to read
+        find_records([tmp_path / "ml-100k-comparison"], skip=tmp_path / "ml-100k-comparison" / "runs")
+    # the copies are still readable when named themselves
+    assert len(find_records([tmp_path / "ml-100k-comparison" / "runs"], skip=tmp_path / "ml-100k-comparison" / "runs")) == 2
+
+
 def test_merge_cli_names_a_folder_without_records(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), f"--output={tmp_path / 'out'}"]) == 2
