@@ -37,11 +37,11 @@ def main(argv=None):
     epilog = help_text("The shared protocol (properties/overall.yaml); model keys: properties/model/<Model>.yaml.", shared)
     parser = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=HelpFormatter,
                                      allow_abbrev=False)  # --seed=3 is the config key, no abbreviation of --seeds
-    parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare (default SASRec)")
-    parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files; default ml-100k)")
+    parser.add_argument("-m", "--model", default="SASRec", help="model name, or a comma-separated list to compare")
+    parser.add_argument("-d", "--dataset", default="ml-100k", help="dataset name (RecBole atomic files)")
     parser.add_argument("--config_files", default=None, help="YAML config files, separated by spaces or commas")
     parser.add_argument("--seeds", type=parse_seeds, default=None,
-                        help="run every model once per seed, e.g. 2020,2021,2022 (default: the config's seed)")
+                        help="run every model once per seed, e.g. 2020,2021,2022; none: the config's seed")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args, overrides = parser.parse_known_args(argv)
 

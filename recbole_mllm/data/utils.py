@@ -1,6 +1,6 @@
 """Dataset creation and splitting for every model the plugin runs (baselines included).
 
-Differs from ``recbole.data`` in three deliberate ways:
+Differs from ``recbole.data`` in four deliberate ways:
 
 * a dataset is always built from its atomic files; a pickled ``saved/<dataset>-<Class>.pth`` is
   never silently reused (RecBole reuses it even when the files behind it changed);

@@ -10,8 +10,9 @@ measures what the multimodal content adds at equal capacity and tuning.
 
 MLLMSRec subclasses it: its first stage is this model by construction.
 
-NOTE: RecBole's SASRec with ``loss_type: CE`` (cross-entropy over all items), its keys and defaults included
-(``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``); with
+NOTE: RecBole's SASRec with ``loss_type: CE`` (cross-entropy over all items) and SASRec's key names
+(``hidden_dropout_prob``, ``attn_dropout_prob``, ``hidden_act``, ``layer_norm_eps``, ``initializer_range``; the
+defaults are FusedSASRec.yaml's: both dropouts 0.2, where RecBole's SASRec.yaml has 0.5); with
 ``encoder_item_input: id`` it computes SASRec's function from SASRec's initial weights (tests/model/test_fusedsasrec.py).
 """
 

@@ -10,7 +10,7 @@ summary of the poster cues, title and fields. The others are other encoders of t
   for items without one);
 * ``minilm+image``: both, concatenated.
 
-Each matrix is computed once and kept under ``<stage_cache_dir>/item_content/<hash>.safetensors`` (written
+Each matrix is computed once and kept under ``<stage_cache_dir>/item_content/<content>-<hash>.safetensors`` (written
 atomically), the hash covering the texts or image files, the encoder's weights and the device type.
 """
 

@@ -157,7 +157,7 @@ def stage_config(argv: Sequence[str]):
         elif key == "model":
             model = value
         elif key == "config_files":
-            files = value.split()
+            files = value.replace(",", " ").split()  # spaces or commas, as run_recbole_mllm.py
         else:
             overrides.append(arg)
     if not dataset:

@@ -50,7 +50,7 @@ Command line (``torchrun --nproc_per_node=N -m ...`` splits the shards of users 
 
     python -m recbole_mllm.stages.user_profile --dataset=ml-1m-mm [--config_files="a.yaml b.yaml"] [--key=value ...]
 
-It builds the dataset through ``recbole_mllm.config.Config(model=--model, default SASRec)``; keys the
+It builds the dataset through ``recbole_mllm.config.Config(model=--model, default MLLMSRec)``; keys the
 model reads too (``llm_train_targets_per_user``, the window keys) must reach the stage the same way.
 The item fusion cache of the same configuration must be built first.
 

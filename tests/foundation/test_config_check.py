@@ -97,6 +97,14 @@ def test_the_stages_check_ranges_before_anything_loads():
         stage_config(["--dataset=ml-100k", "--stage_shard_size=0"])
 
 
+@pytest.mark.parametrize("key, value", [("encoder_item_input", "ids"), ("encoder_id_init", "pca"),
+                                        ("encoder_warmup_batch_size", 0)])
+def test_encoder_choices_fail_before_any_stage_runs(key, value):
+    """The encoder's strings are checked with the config, not when the model is built after the LLM stages."""
+    with pytest.raises(ConfigKeyError, match=f"'{key}' expects"):
+        check_config([(key, value, "command line")])
+
+
 def test_keys_recbole_and_the_stages_declare_are_known():
     known = known_keys()
     assert {"reg_weight", "n_layers", "stage_shard_size", "user_shard_size", "per_model",

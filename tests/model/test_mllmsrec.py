@@ -709,6 +709,20 @@ def test_freezing_an_encoder_that_was_never_warmed_up_is_refused_before_the_stag
         split_and_build_model(config, dataset)
 
 
+@pytest.mark.parametrize("settings, refusal", [
+    ({"ranker_prompt": "v9"}, "no prompt template 'ranker_v9'"),
+    ({"ranker_scoring": "listwise", "ranker_prompt": "v2", "ranker_train_candidates": "top_k", "ranker_residual": False},
+     "needs a list prompt"),
+    ({"ranker_prompt": "v2", "ranker_use_rank": False}, "ranker_use_rank: False needs")])
+def test_a_ranker_prompt_that_cannot_work_is_refused_before_the_stages_run(mllm_config, monkeypatch, settings, refusal):
+    import recbole_mllm.quick_start as quick_start
+
+    config, dataset = _config_and_dataset(dict(mllm_config, **settings))
+    monkeypatch.setattr(quick_start, "prepare_stages", lambda *a: pytest.fail("the stages ran before the check"))
+    with pytest.raises(ValueError, match=refusal):
+        split_and_build_model(config, dataset)
+
+
 def test_list_cross_entropy_is_each_lists_softmax_loss_of_its_positive():
     from recbole_mllm.model.mllmsrec.model import list_cross_entropy
 

@@ -187,6 +187,9 @@ def test_stage_config_is_the_plugin_config_of_mllmsrec(tmp_path):
     assert config["item_text_fields"] == {"Title": "movie_title", "Year": "release_year"}
     assert Path(config["data_path"]) == tmp_path / "data" / "ml-1m-mm"
     assert Path(stage_config(["--dataset=ml-100k"])["data_path"]).resolve() == ML100K.resolve()
+    other = tmp_path / "b.yaml"
+    other.write_text("stage_batch_size: 3\n")  # commas separate files too, as in run_recbole_mllm.py
+    assert stage_config(["--dataset=ml-100k", f"--config_files={yaml_file},{other}"])["stage_batch_size"] == 3
     with pytest.raises(ValueError, match="--dataset"):
         stage_config(["--mllm=x"])
 

@@ -53,11 +53,12 @@ from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.context import RankerContext, build_histories, build_item_material
 from recbole_mllm.model.mllmsrec.prompt_parts import PromptParts
-from recbole_mllm.model.mllmsrec.prompting import build_layout, build_list_layout
+from recbole_mllm.model.mllmsrec.prompting import build_layout, build_list_layout, check_template
 from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch
 from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
 from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 from recbole_mllm.model.stage_inputs import read_stage_inputs
+from recbole_mllm.stages.prompts import load_prompt
 from recbole_mllm.stages.user_text import Clock
 
 def list_cross_entropy(scores, owner, labels):
@@ -77,8 +78,11 @@ class MLLMSRec(FusedSASRec):
 
     @classmethod
     def check_config(cls, config):
-        """MLLMSRec's settings checked together, before the stages run (``quick_start.split_and_build_model``)."""
-        MLLMSRecSettings.from_config(config)
+        """MLLMSRec's settings and its ranker template checked together, before the stages run
+        (``quick_start.split_and_build_model``)."""
+        settings = MLLMSRecSettings.from_config(config)
+        check_template(load_prompt("ranker", settings.prompt), settings.ranker_scoring == "listwise",
+                       settings.ranker_use_rank)
 
     @classmethod
     def prepare(cls, config, dataset, histories=None):

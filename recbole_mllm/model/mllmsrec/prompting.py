@@ -68,14 +68,30 @@ def _section(template: PromptTemplate, name: str, use_cot: bool, use_soft_tokens
     return re.sub(r"\{([a-z_]+)\}", lambda m: _SENTINEL.format(m.group(1)), text)
 
 
+LIST_SECTIONS = ("system", "user", "line", "question", "assistant", "options")
+"""Sections a list-wise template must have."""
+
+
+def check_template(template: PromptTemplate, listwise: bool, use_rank: bool = True):
+    """The checks of a ranker template that need no tokenizer, so a wrong ``ranker_prompt`` fails with the config
+    (``MLLMSRec.check_config``), before the stages run, as well as when the layout is built."""
+    if listwise:
+        missing = [name for name in LIST_SECTIONS if name not in template.sections]
+        if missing:
+            raise ValueError(f"ranker_scoring: listwise needs a list prompt (ranker_prompt: list_v1); {template.name!r} "
+                             f"has no [{'], ['.join(missing)}] section")
+    elif not use_rank and not any(line.startswith("Retrieval")
+                                  for line in template.sections.get("target", "").splitlines()):
+        raise ValueError("ranker_use_rank: False needs a prompt whose rank has a line of its own (ranker_prompt: v3)")
+
+
 def build_layout(template: PromptTemplate, tokenizer, use_cot=True, use_soft_tokens=True, use_rank=True) -> PromptLayout:
     """Render ``template`` through ``tokenizer``'s chat template into a :class:`PromptLayout`.
 
     ``use_rank=False`` drops the "Retrieval" line (the encoder's rank of the target); a template without one
     (v1, v2: the rank sits in the "Collaborative" line) cannot drop it alone, which is an error.
     """
-    if not use_rank and not any(line.startswith("Retrieval") for line in template.sections["target"].splitlines()):
-        raise ValueError("ranker_use_rank: False needs a prompt whose rank has a line of its own (ranker_prompt: v3)")
+    check_template(template, listwise=False, use_rank=use_rank)
     user = _section(template, "user", use_cot, use_soft_tokens, use_rank)
     target = _section(template, "target", use_cot, use_soft_tokens, use_rank)
     messages = [{"role": "system", "content": template.sections["system"]},
@@ -108,7 +124,7 @@ def _pieces(text, tokenizer):
 
 OPTION_LETTERS = string.ascii_uppercase + string.ascii_lowercase
 """The options of a list-wise prompt: the letter of each listed item, in list order, A to Z and then a to z, so a list
-holds up to 52 items (``rerank_top_k: 50``). Each must start with a token of its own (``build_list_layout`` checks):
+holds up to 52 items (``rerank_top_k`` ≤ 52). Each must start with a token of its own (``build_list_layout`` checks):
 digits do not, "12" is two tokens in SmolLM2's tokenizer, and the verbalizer scores one token per option."""
 
 
@@ -127,11 +143,7 @@ def build_list_layout(template: PromptTemplate, tokenizer, n_options: int, use_c
                       use_soft_tokens=True) -> ListLayout:
     """Render a list-wise ``template`` (sections ``line``, ``question``, ``options``) into a :class:`ListLayout` for
     lists of at most ``n_options`` items (``rerank_top_k``), each option scored by the first token of its answer."""
-    missing = [name for name in ("system", "user", "line", "question", "assistant", "options")
-               if name not in template.sections]
-    if missing:
-        raise ValueError(f"ranker_scoring: listwise needs a list prompt (ranker_prompt: list_v1); {template.name!r} has "
-                         f"no [{'], ['.join(missing)}] section")
+    check_template(template, listwise=True)
     if not 1 <= n_options <= len(OPTION_LETTERS):
         raise ValueError(f"rerank_top_k: a list-wise prompt letters at most {len(OPTION_LETTERS)} items, got {n_options}")
     user, line, question = (_section(template, name, use_cot, use_soft_tokens, True)
