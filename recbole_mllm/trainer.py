@@ -83,9 +83,9 @@ class LearningRateWarmup:
 class ResumableTraining:
     """Mixin: a run stopped with its machine continues from its last finished epoch (``run_state``).
 
-    The lent GPU machines are taken back after about 25 minutes, and a long run lost everything it trained. After each
-    finished epoch (and its validation) the run's state is written to ``<stage_cache_dir>/run_state/<hash>.pth``, which
-    travels with the stage caches; with ``resume_training`` an identical run (same config, data and code) reads it and
+    Rented or shared GPU machines are taken back (spot instances, time-limited slots), and a long run lost everything
+    it trained. After each finished epoch (and its validation) the run's state is written to
+    ``<stage_cache_dir>/run_state/<hash>.pth``, which travels with the stage caches; with ``resume_training`` an identical run (same config, data and code) reads it and
     goes on at the next epoch, as if never stopped (random generators included). A run that had ended (all epochs, or
     early stopping) trains nothing and is tested on its best epoch, whose weights the state carries. RecBole's ``fit``
     loop runs unchanged: the state of epoch ``e`` is written as epoch ``e + 1`` starts, and once more when the loop ends.
