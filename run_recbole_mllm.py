@@ -16,7 +16,7 @@ import sys
 
 import yaml
 
-from recbole_mllm.cli import HelpFormatter, help_text, input_error
+from recbole_mllm.cli import HelpFormatter, config_file_list, help_text, input_error
 from recbole_mllm.config import properties_dir
 from recbole_mllm.quick_start import run_comparison
 from recbole_mllm.stages.cache import StageCacheError
@@ -46,7 +46,7 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
-    config_files = args.config_files.replace(",", " ").split() if args.config_files else None
+    config_files = config_file_list(args.config_files)
     try:
         if not models:
             raise ValueError(f"--model names no model ({args.model!r}); give one, or a comma-separated list")

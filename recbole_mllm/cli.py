@@ -68,6 +68,11 @@ def split_own_keys(args: Sequence[str], defaults: Mapping) -> tuple[dict, list[s
     return own, rest
 
 
+def config_file_list(value: Optional[str]) -> Optional[list[str]]:
+    """``--config_files``: YAML paths separated by spaces or commas, as every command takes them (None: none)."""
+    return value.replace(",", " ").split() if value else None
+
+
 def wants_help(argv: Sequence[str]) -> bool:
     return any(arg in HELP_FLAGS for arg in argv)
 

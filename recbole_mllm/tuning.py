@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recbole_mllm import distributed
-from recbole_mllm.cli import input_error
+from recbole_mllm.cli import config_file_list, input_error
 from recbole_mllm.comparison import load_record, save_record
 from recbole_mllm.config import Config
 from recbole_mllm.config_check import ConfigKeyError
@@ -202,7 +202,7 @@ def main(argv=None):
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config_files = args.config_files.replace(",", " ").split() if args.config_files else None
+    config_files = config_file_list(args.config_files)
     try:
         Config(args.model, args.dataset, config_files, cmd_args=overrides)  # a bad key fails before trials.json is written
         return _search(args, space_path, config_files, overrides)

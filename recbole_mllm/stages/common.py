@@ -16,7 +16,7 @@ from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 import torch
 
 from recbole_mllm import distributed
-from recbole_mllm.cli import exit_on_help, input_error, safe_cmd_args
+from recbole_mllm.cli import config_file_list, exit_on_help, input_error, safe_cmd_args
 from recbole_mllm.mllm.base import GenerationConfig, MultimodalLM
 from recbole_mllm.properties_path import declared as declared_in
 from recbole_mllm.properties_path import recbole_declared
@@ -147,7 +147,7 @@ def stage_config(argv: Sequence[str]):
     """
     from recbole_mllm.config import Config
 
-    dataset, model, files, overrides = None, "MLLMSRec", [], []
+    dataset, model, files, overrides = None, "MLLMSRec", None, []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"arguments are --key=value (or --help); got {arg!r}")
@@ -157,10 +157,10 @@ def stage_config(argv: Sequence[str]):
         elif key == "model":
             model = value
         elif key == "config_files":
-            files = value.replace(",", " ").split()  # spaces or commas, as run_recbole_mllm.py
+            files = config_file_list(value)
         else:
             overrides.append(arg)
     if not dataset:
         raise ValueError("name the dataset: --dataset=<name>")
     # under torchrun, Config starts the process group and gives each rank its GPU (recbole_mllm.distributed)
-    return Config(model=model, dataset=dataset, config_file_list=files or None, cmd_args=safe_cmd_args(overrides))
+    return Config(model=model, dataset=dataset, config_file_list=files, cmd_args=safe_cmd_args(overrides))
