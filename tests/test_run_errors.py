@@ -62,7 +62,10 @@ def test_a_corrupt_inter_file_names_the_line(in_tmp, tmp_path, capsys, line, why
 
 def test_a_hub_model_that_cannot_be_read_offline(in_tmp, capsys, monkeypatch, tmp_path):
     """An MLLM named by a hub id, with the hub unreachable (HF_HUB_OFFLINE): one line naming it, before any training."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import, maybe before this test
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty hub cache
     _fails_in_one_line(capsys, ["--model=MLLMSRec", *in_tmp, "--mllm=NoSuchOrg/no-such-vlm",
                                 f"--stage_cache_dir={tmp_path / 'stage_cache'}", "--item_image_field=~"],
