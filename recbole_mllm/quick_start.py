@@ -25,6 +25,7 @@ from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
+from recbole_mllm.data.utils import parse_protocol
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
@@ -75,14 +76,24 @@ def release_memory():
         pass
 
 
-def split_and_build_model(config, dataset):
-    """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
-    seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
+def check_run_config(config):
+    """Refuse what the settings alone make impossible (the test protocols, the model's own keys, training positions,
+    encoder freezing) before the dataset loads: seconds, where loading a large dataset or building stages takes
+    minutes. ``run`` calls it first; ``split_and_build_model`` again, for callers that start there."""
     model_class = get_model(config["model"])
+    for mode in [config["eval_args"]["mode"]["valid"], *(config["test_protocols"] or [])]:
+        parse_protocol(mode)
     check_train_positions(model_class, config)
     check_encoder_freezing(config)
     if hasattr(model_class, "check_config"):  # a model's own settings, checked before its stages run
         model_class.check_config(config)
+    return model_class
+
+
+def split_and_build_model(config, dataset):
+    """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
+    seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
+    model_class = check_run_config(config)
     stages = required_stages(model_class)
     histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
     train_data, valid_data, test_data = data_preparation(config, dataset,
@@ -130,6 +141,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         init_logger(config)
     logger = getLogger()
     logger.info(config)
+    check_run_config(config)
 
     dataset = create_dataset(config)
     item_train_count, history_length = user_item_statistics(dataset, config)
@@ -214,6 +226,9 @@ def run_comparison(models, dataset, config_file_list=None, config_dict=None, cmd
     if seeds and any(arg.startswith("--seed=") for arg in cmd_args or []):
         raise ValueError("give either --seed or --seeds, not both")
     seed_dicts = [{"seed": seed} for seed in seeds] if seeds else [{}]
+    if len(models) > 1:  # every model's settings before the first one trains: a mistake in the last must not wait
+        for m in models:
+            check_run_config(Config(m, dataset, config_file_list, config_dict, cmd_args))
     results = []
     for m in models:
         for seed_dict in seed_dicts:

@@ -70,3 +70,16 @@ def test_a_hub_model_that_cannot_be_read_offline(in_tmp, capsys, monkeypatch, tm
     _fails_in_one_line(capsys, ["--model=MLLMSRec", *in_tmp, "--mllm=NoSuchOrg/no-such-vlm",
                                 f"--stage_cache_dir={tmp_path / 'stage_cache'}", "--item_image_field=~"],
                        "unknown model 'NoSuchOrg/no-such-vlm'", "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("model, bad, why", [
+    ("SASRec", "--test_protocols=['uni']", "Unknown evaluation protocol 'uni'"),
+    ("MLLMSRec", "--late_fusion_grid=[-1]", "late_fusion_grid: a list of weights >= 0"),
+    ("SASRec,MLLMSRec", "--late_fusion_grid=[-1]", "late_fusion_grid: a list of weights >= 0"),
+])
+def test_settings_are_refused_before_the_dataset_loads(in_tmp, capsys, monkeypatch, model, bad, why):
+    """The last model's mistake is found before the first model trains, and before any dataset is read."""
+    def no_loading(config):
+        raise AssertionError("the dataset was loaded before the settings were checked")
+    monkeypatch.setattr("recbole_mllm.quick_start.create_dataset", no_loading)
+    _fails_in_one_line(capsys, [f"--model={model}", *in_tmp, bad], why)
