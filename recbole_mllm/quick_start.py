@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_mllm import compat, distributed
+from recbole_mllm import compat, distributed, phase_timing
 from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.data.utils import parse_protocol
 from recbole_mllm.evaluation import PerUserCollector, per_user_record, user_item_statistics
+from recbole_mllm.phase_timing import PhaseTimer
 from recbole_mllm.search_space import search_space_keys
 from recbole_mllm.stages.prepare import prepare_stages, required_stages
 from recbole_mllm.train_positions import check_train_positions, trains_on_windows
@@ -95,14 +96,17 @@ def split_and_build_model(config, dataset):
     seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
     model_class = check_run_config(config)
     stages = required_stages(model_class)
-    histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
-    train_data, valid_data, test_data = data_preparation(config, dataset,
-                                                         window_rows=trains_on_windows(model_class, config))
-    prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
-    if stages:
-        release_memory()  # what building a stage held (its LLM, its batches) before the model loads its own
-    model = build_model(config, train_data._dataset, histories)
-    use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
+    with phase_timing.phase("split"):
+        histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
+        train_data, valid_data, test_data = data_preparation(config, dataset,
+                                                             window_rows=trains_on_windows(model_class, config))
+    with phase_timing.phase("stages"):
+        prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
+        if stages:
+            release_memory()  # what building a stage held (its LLM, its batches) before the model loads its own
+    with phase_timing.phase("model"):
+        model = build_model(config, train_data._dataset, histories)
+        use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     return model, train_data, valid_data, test_data
 
 
@@ -126,7 +130,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     ``best_valid_score`` (None when no epoch was validated, e.g. ``eval_step: 0``), ``best_valid_result``,
     ``test_result`` (protocol -> metrics), ``fingerprints``
     (protocol -> candidate hash), ``per_user`` (protocol -> RecBole's ``rec.topk`` rows with user ids,
-    targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``, MLLMSRec's
+    targets and slice features), ``epochs``, ``train_seconds``, ``peak_gpu_memory_gb``, ``phase_seconds`` (wall time
+    of each phase of this process: ``phase_timing``), MLLMSRec's
     ``late_fusion_selection`` (with ``late_fusion_grid``),
     ``hyper_parameters`` (the values of the model's tuning-space keys) and the resolved ``config``. A
     model whose trainer also scores its first stage alone (MLLMSRec) adds ``first_stage_result`` and
@@ -135,6 +140,13 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     of targets in its top ``rerank_top_k``, 50 and 100, the room a larger list would give); under late fusion also
     ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone).
     """
+    with PhaseTimer().active() as timer:
+        return _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, saved)
+
+
+def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, saved):
+    """``run``'s work, its phases timed on ``timer`` (``phase_timing``)."""
+    run_started = time.perf_counter()
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
     with distributed.main_first():  # ./log/<model> is made once
@@ -143,8 +155,9 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     logger.info(config)
     check_run_config(config)
 
-    dataset = create_dataset(config)
-    item_train_count, history_length = user_item_statistics(dataset, config)
+    with timer.phase("dataset"):
+        dataset = create_dataset(config)
+        item_train_count, history_length = user_item_statistics(dataset, config)
     model, train_data, valid_data, test_data = split_and_build_model(config, dataset)
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -171,7 +184,7 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
         record["late_fusion_selection"] = fusion_selection
     collector.recording = True
     reuse = getattr(model, "reuse_llm_scores", nullcontext)  # MLLMSRec: an item scored once per user and position
-    with reuse():
+    with reuse(), timer.phase("test"):
         for protocol, loader in test_data.items():
             collector.evaluations.clear()
             record["test_result"][protocol] = dict(trainer.evaluate(loader, load_best_model=False,
@@ -197,6 +210,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
                 record.setdefault("first_stage_recall", {})[protocol] = dict(recall)
     collector.recording = False
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    record["phase_seconds"] = timer.account(time.perf_counter() - run_started)
+    logger.info(set_color("phase seconds", "blue") + f": {phase_timing.describe(record['phase_seconds'])}")
 
     return {
         "model": config["model"],

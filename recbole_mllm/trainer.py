@@ -9,7 +9,7 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm import tqdm
 
-from recbole_mllm import compat, distributed, encoder_warmup_cache, run_state, train_positions
+from recbole_mllm import compat, distributed, encoder_warmup_cache, phase_timing, run_state, train_positions
 from recbole_mllm.fileio import atomic_output
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
@@ -207,9 +207,23 @@ class ResumableTraining:
         distributed.barrier()
 
 
-TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss, ResumableTraining)
+class PhaseTiming:
+    """Mixin: training epochs and validations timed as phases of the run (``phase_timing``, the record's
+    ``phase_seconds``). Placed before the trainer's own class (``with_training_policies``), so a trainer's own
+    ``_train_epoch`` is timed too."""
+
+    def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        with phase_timing.phase("train"):
+            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
+
+    def _valid_epoch(self, valid_data, *args, **kwargs):
+        with phase_timing.phase("valid"):
+            return super()._valid_epoch(valid_data, *args, **kwargs)
+
+
+TRAINING_POLICIES = (LearningRateWarmup, MinimumSteps, train_positions.AllPositionsLoss, ResumableTraining, PhaseTiming)
 """The mixins every trainer gets (``with_training_policies``): one training budget for every compared model, the
-loss ``train_positions: all`` asks for, and runs that survive their machine."""
+loss ``train_positions: all`` asks for, runs that survive their machine, and the time each phase took."""
 
 
 def with_training_policies(trainer_class):
@@ -340,7 +354,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
 
     def _fit_resumed(self, train_data, valid_data, verbose, saved, show_progress, callback_fn):
         if self.start_epoch == 0 and self.warmup_epochs > 0:
-            self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
+            with phase_timing.phase("warmup"):
+                self._warm_up_encoder(train_data, valid_data, verbose, show_progress)
             self.steps_taken = 0  # the joint epochs count their own steps
             self.finish_lr_warmup()  # and run at the full rate, the same after a reused warm-up as after a trained one
         if self.config["encoder_frozen_after_warmup"]:
@@ -348,14 +363,16 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             self.model.freeze_encoder()
             if distributed.active():  # DDP averages the gradients of what requires them when it is built
                 self.distributed_model = distributed.ddp(self.model, self.device)
-            self.joint_rows = self._llm_rows(train_data)
+            with phase_timing.phase("llm_rows"):
+                self.joint_rows = self._llm_rows(train_data)
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         if self.model.late_fusion_grid and valid_data is not None:
             if saved and os.path.isfile(self.saved_model_file):  # choose for the checkpoint that is tested
                 checkpoint = compat.load_checkpoint(self.saved_model_file, map_location=self.device)
                 self.model.load_state_dict(checkpoint["state_dict"])
                 self.model.load_other_parameter(checkpoint.get("other_parameter"))
-            self.fusion_selection = self.select_fusion_weight(valid_data, show_progress)
+            with phase_timing.phase("fusion"):
+                self.fusion_selection = self.select_fusion_weight(valid_data, show_progress)
         return result
 
     @torch.no_grad()

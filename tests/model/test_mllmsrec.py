@@ -1060,9 +1060,12 @@ def test_the_listwise_ranker_keeps_the_scoring_invariants(mllm_config, listwise,
 
 
 def test_the_listwise_ranker_trains_and_tests_end_to_end(mllm_config, listwise):
-    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, **listwise))
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, **listwise, late_fusion_grid=[0, 1]))
     for metrics in (*result["test_result"].values(), *result["first_stage_result"].values()):
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
+    phases = result["phase_seconds"]  # MLLMSRec's own phases beside the run's
+    assert {"stages", "warmup", "llm_rows", "train", "valid", "fusion", "test"} <= set(phases)
+    assert sum(seconds for name, seconds in phases.items() if name != "total") == pytest.approx(phases["total"], abs=1.0)
 
 
 def test_a_listwise_list_is_the_first_stage_top_k_in_order_and_trains_towards_the_targets_letter(mllm_config, listwise):
