@@ -104,7 +104,7 @@ def split_and_build_model(config, dataset):
         prepare_stages(config, stages, histories)  # the model reads stage caches and never builds them
         if stages:
             release_memory()  # what building a stage held (its LLM, its batches) before the model loads its own
-    with phase_timing.phase("model"):
+    with phase_timing.phase("build_model"):
         model = build_model(config, train_data._dataset, histories)
         use_attention(model, config["transformer_attention"])  # RecBole's transformer layers: eager or fused SDPA
     return model, train_data, valid_data, test_data

@@ -19,6 +19,8 @@ Files that ``write_comparison`` writes under its ``output_dir``:
 * ``comparison_pvalues.csv`` and the table ``Against every baseline``: one row per (model, protocol,
   reference) for every baseline of the protocol (and, for a first stage, its own model): ``delta`` and
   ``p_value`` as below.
+* ``comparison_phases.csv`` and the table ``Wall time per phase``: one row per model, the mean over its runs of
+  each phase's seconds (the records' ``phase_seconds``: dataset, stages, warm-up, training, validation, tests...).
 * ``runs.csv``: one row per run and protocol, before averaging; ``comparison.png``: bars of the means.
 
 Rows: runs are grouped by ``label`` (``run_label``, else the model's name); runs under one label whose

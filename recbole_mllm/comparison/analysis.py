@@ -216,6 +216,21 @@ def first_stage_rows(results):
     return rows
 
 
+def phase_rows(results):
+    """One row per run label of the runs that record ``phase_seconds``: each phase's seconds, mean over those runs (a
+    phase a run did not go through, such as a resumed run's warm-up, counts 0), ``other`` and ``total`` last."""
+    by_label = {}
+    for result in results:
+        if result.get("phase_seconds"):
+            by_label.setdefault(run_label(result), []).append(result["phase_seconds"])
+    rows = []
+    for label, runs in by_label.items():
+        names = [n for n in dict.fromkeys(n for run in runs for n in run) if n not in ("other", "total")]
+        rows.append({"model": label, **{n: float(np.mean([run.get(n, 0.0) for run in runs]))
+                                        for n in (*names, "other", "total")}, "seeds": len(runs)})
+    return rows
+
+
 def slice_rows(groups, slices):
     """One row per (model, protocol, slice) with per-user data: slice size, per-user metrics over seeds."""
     rows = []

@@ -1,4 +1,5 @@
-"""The files of a comparison: comparison.md, comparison.csv, comparison_slices.csv, runs.csv, comparison.png, runs/."""
+"""The files of a comparison: comparison.md, comparison.csv, comparison_slices.csv, comparison_pvalues.csv,
+comparison_phases.csv, runs.csv, comparison.png, runs/."""
 
 import csv
 import io
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, is_plugin_model,
-                                              run_label)
+                                              phase_rows, run_label)
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -51,6 +52,21 @@ def markdown_table(rows, columns):
     metrics = set(_metrics(rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row, c, metrics) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _phase_columns(rows):
+    """The phases of ``rows`` in the order runs met them, ``other`` and ``total`` last."""
+    names = [n for n in dict.fromkeys(k for r in rows for k in r) if n not in ("model", "seeds", "other", "total")]
+    return [*names, "other", "total"]
+
+
+def phase_table(rows):
+    """Markdown: one row per model, the mean seconds of each phase (``analysis.phase_rows``)."""
+    phases = _phase_columns(rows)
+    lines = ["| model | " + " | ".join(phases) + " | seeds |", "|" + "---|" * (len(phases) + 2)]
+    lines += [f"| {row['model']} | " + " | ".join(f"{row.get(p, 0.0):.1f}" for p in phases) + f" | {row['seeds']} |"
+              for row in rows]
     return "\n".join(lines)
 
 
@@ -174,6 +190,9 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
         markdown += ["## First stage reach (full ranking): share of targets in its top k (recall@k), of already-seen "
                      "items in its unmasked top k (seen@k)",
                      markdown_table(reach, ["model", "protocol", *_metrics(reach), "seeds"])]
+    phases = phase_rows(results)
+    if phases:  # where each model's wall time went (the runs' phase_seconds)
+        markdown += ["## Wall time per phase (seconds, mean over seeds)", phase_table(phases)]
     markdown += notes(analysis)
     files = {
         "comparison.md": "\n\n".join(markdown) + "\n",
@@ -181,6 +200,7 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
         "comparison_slices.csv": _csv_text(sliced, ["model", "protocol", "slice", "users", *_with_std(slice_metrics),
                                                     "seeds", *_COMPARE]),
         "comparison_pvalues.csv": _csv_text(analysis.pairs, ["model", "protocol", *_COMPARE]),
+        "comparison_phases.csv": _csv_text(phases, ["model", *_phase_columns(phases), "seeds"]),
         "runs.csv": _csv_text(runs, ["model", "seed", "protocol", *_metrics(runs), "best_valid_score", *_FACTS,
                                      "hyper_parameters"]),
     }

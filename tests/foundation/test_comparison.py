@@ -358,3 +358,19 @@ def test_the_first_stage_reach_table_averages_recall_and_seen_shares_over_seeds(
     saved = find_records([tmp_path / "runs"])  # the records keep the fields: the merge command rebuilds the table
     assert sorted(load_record(folder).get("first_stage_recall", {}).get("full", {}).get("recall@20", 0)
                   for folder in saved) == [0, 0.3, 0.4]
+
+
+def test_the_phase_table_averages_each_phase_over_seeds_and_a_missing_phase_counts_zero(tmp_path):
+    runs = [_run("MLLMSRec", 1, [1, 3]), _run("MLLMSRec", 2, [2, 5]), _run("SASRec", 1, [1, 3]), _run("GRU4Rec", 1, [2])]
+    runs[0]["phase_seconds"] = {"stages": 80.0, "warmup": 200.0, "train": 400.0, "test": 60.0, "other": 10.0, "total": 750.0}
+    runs[1]["phase_seconds"] = {"stages": 2.0, "train": 380.0, "test": 58.0, "other": 12.0, "total": 452.0}  # resumed
+    runs[2]["phase_seconds"] = {"train": 30.0, "valid": 5.0, "test": 1.0, "other": 2.0, "total": 38.0}
+    write_comparison(runs, tmp_path)
+    markdown = (tmp_path / "comparison.md").read_text().split("## Wall time per phase (seconds, mean over seeds)")[1]
+    assert "| model | stages | warmup | train | test | valid | other | total | seeds |" in markdown
+    assert "| MLLMSRec | 41.0 | 100.0 | 390.0 | 59.0 | 0.0 | 11.0 | 601.0 | 2 |" in markdown
+    assert "| SASRec | 0.0 | 0.0 | 30.0 | 1.0 | 5.0 | 2.0 | 38.0 | 1 |" in markdown
+    assert "GRU4Rec" not in markdown  # a record without phase_seconds (an older run) has no row
+    with open(tmp_path / "comparison_phases.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["MLLMSRec", "SASRec"] and float(rows[0]["total"]) == 601.0
