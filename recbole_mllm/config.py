@@ -60,6 +60,21 @@ def check_gpu_ids(gpu_id, given, gpus=None):
         getLogger().warning(f"gpu_id {gpu_id}: this host has no GPU; running on the CPU")
 
 
+INTERVAL_KEYS = ("user_inter_num_interval", "item_inter_num_interval")
+"""RecBole's filters that read an interval string such as ``"[20,22]"`` or ``"[5,inf)"``."""
+
+
+def _intervals_as_strings(layer):
+    """A closed interval given as a list (``--user_inter_num_interval=[20,22]``: RecBole's command-line parser
+    evaluates the string into a list, and so does an unquoted YAML value) becomes RecBole's ``"[20,22]"``; RecBole
+    itself would fail deep in the dataset's filter, and a closed interval could not be given on the command line."""
+    for key in INTERVAL_KEYS:
+        value = layer.get(key)
+        if (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            layer[key] = f"[{value[0]},{value[1]}]"
+
+
 class Config(RecBoleConfig):
     """RecBole ``Config`` that also layers the plugin's ``properties/`` and resolves plugin models."""
 
@@ -107,6 +122,10 @@ class Config(RecBoleConfig):
         given, self._model_keys = [], []  # (key, value, origin) of every user-given key; of those set for this model
         for layer, origin in ((self.file_config_dict, None), (self.variable_config_dict, "config_dict"),
                               (self.cmd_config_dict, "the command line")):
+            _intervals_as_strings(layer)
+            for section in (layer.get("per_model") or {}).values():
+                if isinstance(section, dict):
+                    _intervals_as_strings(section)
             sections = layer.pop("per_model", None) or {}
             if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
                 raise ValueError(f"per_model must map model names to {{key: value}} sections; got {sections!r}")

@@ -142,3 +142,15 @@ def test_a_model_yaml_layers_over_its_base_classes(tiny_data):
         assert (config["hidden_dropout_prob"], config["attn_dropout_prob"], config["hidden_act"], config["layer_norm_eps"],
                 config["initializer_range"]) == (0.2, 0.2, "gelu", 1e-12, 0.02)
     assert Config("MLLMSRec", "tiny", config_dict=tiny_data)["rerank_top_k"] == ranker["rerank_top_k"]
+
+
+def test_a_closed_interval_given_as_a_list_becomes_recboles_interval_string(tiny_data, tmp_path):
+    """RecBole's command-line parser evaluates "[20,22]" into a list, which its dataset filter cannot read."""
+    config = Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--user_inter_num_interval=[20,22]"])
+    assert config["user_inter_num_interval"] == "[20,22]"
+    config_file = tmp_path / "filters.yaml"
+    config_file.write_text("item_inter_num_interval: [1, 5]\nper_model:\n  SASRec:\n    user_inter_num_interval: [3,9]\n")
+    config = Config("SASRec", "tiny", [str(config_file)], tiny_data)
+    assert config["item_inter_num_interval"] == "[1,5]" and config["user_inter_num_interval"] == "[3,9]"
+    half_open = Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--user_inter_num_interval=[20,inf)"])
+    assert half_open["user_inter_num_interval"] == "[20,inf)"  # already a string: unchanged
