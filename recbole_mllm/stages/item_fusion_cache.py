@@ -127,6 +127,10 @@ def item_images(config: Mapping) -> tuple[ItemTable, Optional[str], Path]:
     table = read_item_file(dataset_dir, dataset, id_field=setting(config, "ITEM_ID_FIELD"),
                            field_separator=setting(config, "field_separator"), encoding=setting(config, "encoding"))
     image_field, image_dir = setting(config, "item_image_field"), dataset_dir / setting(config, "item_image_dir")
+    if image_field and image_field not in table.field_types and image_field != DEFAULTS["item_image_field"]:
+        # the default's name missing means a text-only dataset; a name the user chose is a mistake worth a stop
+        raise ValueError(f"{table.path} has no field {image_field!r} (item_image_field); its fields are "
+                         f"{list(table.field_types)} (item_image_field: ~ summarises items from text alone)")
     check_image_paths(table, image_field, image_dir)
     return table, image_field, image_dir
 

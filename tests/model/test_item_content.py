@@ -88,9 +88,14 @@ def test_image_content_is_the_towers_pooled_features_and_zero_without_an_image(t
     assert (image_part[with_image].abs().sum(1) > 0).all() and (image_part[~with_image].abs().sum(1) == 0).all()
 
 
-def test_image_content_without_images_is_an_error_naming_the_field(tiny_data, setup):
-    with pytest.raises(ValueError, match="no item of tiny has a readable image"):
+def test_image_content_without_images_is_an_error_naming_the_field(tiny_data, setup, tmp_path):
+    with pytest.raises(ValueError, match=r"tiny.item has no field 'no_such_field' \(item_image_field\); its fields "
+                                         r"are \['item_id', 'title', 'genres', 'image'\]"):  # a name the user chose
         _content(tiny_data, setup, encoder_item_content="image", item_image_field="no_such_field")
+    (tmp_path / "no_images").mkdir()
+    with pytest.raises(ValueError, match="no item of tiny has a readable image"):  # the field, but no file
+        _content(tiny_data, setup, encoder_item_content="image", item_image_field="image",
+                 item_image_dir=str(tmp_path / "no_images"))
 
 
 def test_an_unknown_item_content_is_refused(tiny_data, setup):
