@@ -61,7 +61,16 @@ def check_gpu_ids(gpu_id, given, gpus=None):
 
 
 INTERVAL_KEYS = ("user_inter_num_interval", "item_inter_num_interval")
-"""RecBole's filters that read an interval string such as ``"[20,22]"`` or ``"[5,inf)"``."""
+"""RecBole's filters that read an interval string such as ``"[20,22]"`` or ``"[5,inf)"`` (``val_interval`` reads one
+per field)."""
+
+
+def _interval_string(value):
+    """``[a, b]`` (two numbers) as RecBole's closed interval ``"[a,b]"``; anything else unchanged."""
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return f"[{value[0]},{value[1]}]"
+    return value
 
 
 def _intervals_as_strings(layer):
@@ -69,10 +78,10 @@ def _intervals_as_strings(layer):
     evaluates the string into a list, and so does an unquoted YAML value) becomes RecBole's ``"[20,22]"``; RecBole
     itself would fail deep in the dataset's filter, and a closed interval could not be given on the command line."""
     for key in INTERVAL_KEYS:
-        value = layer.get(key)
-        if (isinstance(value, (list, tuple)) and len(value) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-            layer[key] = f"[{value[0]},{value[1]}]"
+        if key in layer:
+            layer[key] = _interval_string(layer[key])
+    if isinstance(layer.get("val_interval"), dict):
+        layer["val_interval"] = {field: _interval_string(v) for field, v in layer["val_interval"].items()}
 
 
 class Config(RecBoleConfig):

@@ -154,3 +154,5 @@ def test_a_closed_interval_given_as_a_list_becomes_recboles_interval_string(tiny
     assert config["item_inter_num_interval"] == "[1,5]" and config["user_inter_num_interval"] == "[3,9]"
     half_open = Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--user_inter_num_interval=[20,inf)"])
     assert half_open["user_inter_num_interval"] == "[20,inf)"  # already a string: unchanged
+    by_value = Config("SASRec", "tiny", config_dict=tiny_data, cmd_args=["--val_interval={'rating':[3,5]}"])
+    assert by_value["val_interval"] == {"rating": "[3,5]"}
