@@ -131,13 +131,11 @@ class Config(RecBoleConfig):
         given, self._model_keys = [], []  # (key, value, origin) of every user-given key; of those set for this model
         for layer, origin in ((self.file_config_dict, None), (self.variable_config_dict, "config_dict"),
                               (self.cmd_config_dict, "the command line")):
-            _intervals_as_strings(layer)
-            for section in (layer.get("per_model") or {}).values():
-                if isinstance(section, dict):
-                    _intervals_as_strings(section)
             sections = layer.pop("per_model", None) or {}
             if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
                 raise ValueError(f"per_model must map model names to {{key: value}} sections; got {sections!r}")
+            for part in (layer, *sections.values()):
+                _intervals_as_strings(part)
             where = origin or self._key_files.get("per_model")
             given += [(key, value, origin or self._key_files[key]) for key, value in layer.items()]
             given += [(key, value, f"per_model section '{name}' of {where}")

@@ -89,6 +89,8 @@ def test_per_model_sections_give_each_model_its_own_keys(tiny_data, tmp_path):
 def test_malformed_per_model_section_is_an_error(tiny_data):
     with pytest.raises(ValueError, match="per_model must map model names"):
         Config("SASRec", "tiny", config_dict=dict(tiny_data, per_model={"SASRec": 3}))
+    with pytest.raises(ValueError, match="per_model must map model names"):
+        Config("SASRec", "tiny", config_dict=dict(tiny_data, per_model=["SASRec"]))
 
 
 def test_plugin_models_read_the_stage_keys_and_baselines_do_not(tiny_data):
