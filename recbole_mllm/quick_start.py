@@ -138,7 +138,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     ``first_stage_per_user`` from the same checkpoint, and for full ranking ``first_stage_seen_share`` (the share of
     its unmasked top 10 and top 20 that the user had already interacted with) and ``first_stage_recall`` (the share
     of targets in its top ``rerank_top_k``, 50 and 100, the room a larger list would give); under late fusion also
-    ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone).
+    ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone; the test's own when validation chose
+    weight 0).
     """
     with PhaseTimer().active() as timer:
         return _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, saved)
@@ -202,6 +203,10 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
                 record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
                 record.setdefault("llm_alone_per_user", {})[protocol] = per_user_record(
                     collector.evaluations[-1], item_train_count, history_length)
+            elif fusion_selection is not None and fusion_selection["chosen"] == 0:
+                # validation chose the LLM alone: the test result is that row, so it has every seed's run
+                record.setdefault("llm_alone_result", {})[protocol] = record["test_result"][protocol]
+                record.setdefault("llm_alone_per_user", {})[protocol] = record["per_user"][protocol]
             seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
             if seen_share is not None:
                 record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)

@@ -1044,6 +1044,16 @@ def test_under_late_fusion_every_evaluation_also_reports_the_llm_alone_and_the_r
             assert values["ndcg@10"].mean() == pytest.approx(metrics["ndcg@10"], abs=1e-4)
 
 
+def test_when_validation_chooses_the_llm_alone_the_record_still_has_its_row(mllm_config):
+    """Weight 0 chosen: no second pass, and the test result is the LLM-alone row, so that row has every seed."""
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[0.0]))
+    assert result["late_fusion_selection"]["chosen"] == 0
+    assert set(result["llm_alone_result"]) == set(result["test_result"])
+    for protocol, metrics in result["test_result"].items():
+        assert result["llm_alone_result"][protocol] == metrics
+        assert result["llm_alone_per_user"][protocol] is result["per_user"][protocol]
+
+
 @pytest.fixture(scope="module")
 def listwise():
     """``ranker_scoring: listwise`` with the packaged list prompt (``ranker_prompt: None``): the tiny test tokenizer
