@@ -1,8 +1,9 @@
 """``encoder_warmup_cache``: a warmed-up encoder kept under ``<stage_cache_dir>/encoder_warmup/<hash>.pth`` and reused.
 
 Runs that differ only in the ranker (the ablation ladder) then share one warm-up, also when they start at once: the
-warm-up runs under a lock beside its file, and a run that waited for it reuses the result. ``MLLMSRecTrainer`` warms
-up; this module names, saves and loads the file (the lock beside it: ``distributed.file_lock``).
+warm-up runs under a lock beside its file, and a run that waited for it reuses the result; an unfinished warm-up keeps
+its progress beside it (:func:`progress_path`). ``MLLMSRecTrainer`` warms up; this module names, saves and loads the
+files (the lock beside them: ``distributed.file_lock``).
 """
 
 import inspect
@@ -52,6 +53,13 @@ def cache_path(config, model, device_type, code, validated):
                 "device": device_type, "code": code, "validated": bool(validated)}
     key = sha256_bytes(canonical_json(identity).encode())[:16]
     return Path(config["stage_cache_dir"]) / "encoder_warmup" / f"{key}.pth"
+
+
+def progress_path(path):
+    """``<hash>.progress.pth`` beside the warm-up's file: the warm-up's last finished epoch while it runs, so one stopped
+    with its machine goes on there (``resume_training``); written and read under the same lock, removed once the
+    warm-up is saved."""
+    return path.with_name(f"{path.stem}.progress.pth")
 
 
 def load(path, device):

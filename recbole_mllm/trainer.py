@@ -446,6 +446,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         best_score, epochs = self._train_encoder(train_data, valid_data, verbose, show_progress)
         if distributed.is_main():
             encoder_warmup_cache.save(self.warmup_cache, self.model.encoder_state(), best_score, epochs)
+            encoder_warmup_cache.progress_path(self.warmup_cache).unlink(missing_ok=True)  # the cache holds it now
             self.logger.info(f"warmed-up encoder saved to {self.warmup_cache}")
 
     def _warmup_rows(self, train_data):
@@ -468,10 +469,13 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         """
         validate = self._warmup_validates(valid_data)
         warmup_data, loss_func = self._warmup_rows(train_data)
-        best_score, best_state, stale, epoch = None, None, 0, -1
+        progress_file = self._warmup_progress_file()
+        best_score, best_state, stale, epoch, done = None, None, 0, -1, False
+        if progress_file is not None and self.resume_training and distributed.file_exists(progress_file):
+            best_score, best_state, stale, epoch, done = self._resume_warmup(progress_file, warmup_data)
         use_bf16, self.use_bf16 = self.use_bf16, False  # float32, as FusedSASRec trains under RecBole's trainer
         with self.model.scoring(encoder_only=True):
-            for epoch in range(self.warmup_epochs):
+            for epoch in range(epoch + 1, 0 if done else self.warmup_epochs):
                 loss = self._train_epoch(warmup_data, epoch, loss_func, show_progress)
                 message = f"encoder warm-up epoch {epoch}: train loss {loss:.4f}"
                 if validate:
@@ -485,7 +489,11 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                         stale += 1
                 if verbose:
                     self.logger.info(message)
-                if validate and stale >= self.warmup_stopping_step and self.steps_taken >= self.min_steps:
+                done = validate and stale >= self.warmup_stopping_step and self.steps_taken >= self.min_steps
+                if progress_file is not None:
+                    self._save_warmup_progress(progress_file, warmup_data, epoch, best_score, best_state, stale,
+                                               done or epoch + 1 == self.warmup_epochs)
+                if done:
                     break
         self.use_bf16 = use_bf16
         if best_state is not None:
@@ -493,6 +501,44 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             if verbose:
                 self.logger.info(f"encoder warm-up done: best valid {self.valid_metric} {best_score:.4f} kept")
         return best_score, epoch + 1
+
+    def _warmup_progress_file(self):
+        """Where the warm-up keeps its last finished epoch: beside its cache file (under the same lock, so a run that
+        waited for it goes on with it), else beside the run's state; None outside ``fit``."""
+        if self.warmup_cache is not None:
+            return encoder_warmup_cache.progress_path(self.warmup_cache)
+        if self.run_state_file is not None:
+            return self.run_state_file.with_name(f"{self.run_state_file.stem}.warmup.pth")
+        return None
+
+    def _save_warmup_progress(self, path, warmup_data, epoch, best_score, best_state, stale, done):
+        """A warm-up epoch's end, written atomically (``run_state.save``): all a stopped warm-up needs to go on as
+        if never stopped, random generators included."""
+        rng = distributed.gather(run_state.rng_states([warmup_data]))
+        if not distributed.is_main():
+            return
+        schedule = getattr(self, "lr_schedule", None)
+        run_state.save(path, {
+            "epoch": epoch, "done": done, "encoder": self.model.encoder_state(), "best_score": best_score,
+            "best_state": best_state, "stale": stale, "optimizer": self.optimizer.state_dict(),
+            "lr_warmup_done": getattr(self, "lr_warmup_done", True),
+            "lr_schedule": schedule.state_dict() if schedule is not None else None,
+            "steps_taken": getattr(self, "steps_taken", 0), "rng": rng})
+
+    def _resume_warmup(self, path, warmup_data):
+        """The warm-up as a stopped run left it; returns ``(best_score, best_state, stale, last epoch, done)``."""
+        progress = run_state.load(path, self.device)
+        self.model.load_encoder_state(progress["encoder"])
+        self.optimizer.load_state_dict(progress["optimizer"])
+        self.lr_warmup_done = progress["lr_warmup_done"]
+        if progress["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
+            self.lr_schedule.load_state_dict(progress["lr_schedule"])
+        self.steps_taken = progress["steps_taken"]
+        run_state.set_rng_states(progress["rng"][distributed.rank_and_world()[0]], [warmup_data])
+        best = "never validated" if progress["best_score"] is None else \
+            f"best valid {self.valid_metric} {progress['best_score']:.4f}"
+        self.logger.info(f"encoder warm-up resumed from {path}: epoch {progress['epoch'] + 1} done, {best}")
+        return progress["best_score"], progress["best_state"], progress["stale"], progress["epoch"], progress["done"]
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):

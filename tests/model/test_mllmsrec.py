@@ -915,6 +915,61 @@ def test_the_encoder_warm_up_counts_its_optimizer_steps_toward_the_stopping_floo
     assert epochs == max(2, -(-5 // len(train_data)))  # one epoch without gain, once the floor is reached
 
 
+def test_a_warm_up_stopped_with_its_machine_goes_on_where_it_stopped_as_if_never_stopped(mllm_config):
+    """``resume_training``: each warm-up epoch's end is kept beside the warm-up's cache file; a warm-up stopped after
+    epoch 1 goes on at epoch 2 and ends with the encoder, best score and epoch count of one never stopped, and a
+    finished one trains nothing."""
+    from recbole_mllm import run_state
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    class Stopped(Exception):
+        pass
+
+    settings = dict(mllm_config, encoder_warmup_epochs=3, encoder_warmup_stopping_step=5, stopping_min_steps=0,
+                    resume_training=True, seed=2031)
+
+    def trainer(stop_at=None, trained=None):
+        config, dataset = _config_and_dataset(settings)
+        model, train_data, valid_data, _ = split_and_build_model(config, dataset)  # seeded: the same initial encoder
+        built = MLLMSRecTrainer(config, model)
+        train_epoch = built._train_epoch
+
+        def epoch(data, epoch_idx, *args, **kwargs):
+            if epoch_idx == stop_at:
+                raise Stopped
+            if trained is not None:
+                trained.append(epoch_idx)
+            return train_epoch(data, epoch_idx, *args, **kwargs)
+
+        built._train_epoch = epoch
+        return built, lambda: built._train_encoder(train_data, valid_data, verbose=False, show_progress=False)
+
+    never_stopped, warm_up = trainer()
+    progress = never_stopped._warmup_progress_file()
+    assert progress.parent == never_stopped.warmup_cache.parent
+    progress.unlink(missing_ok=True)
+    expected = warm_up()
+    reference = {k: v.clone() for k, v in never_stopped.model.encoder_state().items()}
+    assert run_state.load(progress, "cpu")["done"]
+    progress.unlink()
+
+    stopped, warm_up = trainer(stop_at=2)
+    with pytest.raises(Stopped):
+        warm_up()
+    assert run_state.load(progress, "cpu")["epoch"] == 1 and not run_state.load(progress, "cpu")["done"]
+    trained = []
+    resumed, warm_up = trainer(trained=trained)
+    assert warm_up() == expected and trained == [2]
+    for name, value in resumed.model.encoder_state().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+
+    finished, warm_up = trainer(stop_at=0)  # the progress says done: nothing trains
+    assert warm_up() == expected
+    for name, value in finished.model.encoder_state().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+    progress.unlink()
+
+
 def test_mllmsrec_is_fusedsasrec_plus_a_reranker(mllm_config):
     """Its first stage is the baseline by construction: FusedSASRec's encoder, ``forward`` and loss (the warm-up's), and
     from the same seed the same initial encoder as FusedSASRec's (the LLM is read before any layer is built)."""
