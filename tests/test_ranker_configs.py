@@ -36,14 +36,13 @@ def test_paper_joint_restores_the_papers_joint_fine_tuning(tmp_path):
     assert (config["encoder_warmup_epochs"], config["encoder_warmup_stopping_step"]) == (20, 3)
 
 
-def test_the_defaults_rank_pointwise_and_the_list_wise_candidate_fuses_on_validation(tmp_path):
-    defaults = MLLMSRecSettings.from_config(_config(tmp_path))
-    assert (defaults.ranker_scoring, defaults.ranker_prompt, defaults.prompt) == ("pointwise", None, "v2")
-    assert defaults.late_fusion_grid is None and _config(tmp_path)["epochs"] == 2
-    config = _config(tmp_path, properties_dir() / "ranker" / "listwise.yaml")
-    listwise = MLLMSRecSettings.from_config(config)
-    assert (listwise.ranker_scoring, listwise.prompt, listwise.late_fusion_grid) == ("listwise", "list_v1", (0, 0.3, 1, 3, 10))
-    assert config["epochs"] == 4
+def test_the_defaults_rank_list_wise_and_fuse_on_validation_as_listwise_yaml_writes_them(tmp_path):
+    config = _config(tmp_path)
+    defaults = MLLMSRecSettings.from_config(config)
+    assert (defaults.ranker_scoring, defaults.ranker_prompt, defaults.prompt) == ("listwise", None, "list_v1")
+    assert defaults.late_fusion_grid == (0, 0.3, 1, 3, 10) and config["epochs"] == 4
+    written = _config(tmp_path, properties_dir() / "ranker" / "listwise.yaml")
+    assert MLLMSRecSettings.from_config(written) == defaults and written["epochs"] == 4
 
 
 @pytest.mark.parametrize("name", ["pointwise", "paper_joint", "train_as_tested"])
