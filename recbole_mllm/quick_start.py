@@ -23,6 +23,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mllm import compat, distributed, phase_timing
 from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
+from recbole_mllm.comparison.records import with_llm_alone
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.data.utils import parse_protocol
@@ -203,10 +204,6 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
                 record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
                 record.setdefault("llm_alone_per_user", {})[protocol] = per_user_record(
                     collector.evaluations[-1], item_train_count, history_length)
-            elif fusion_selection is not None and fusion_selection["chosen"] == 0:
-                # validation chose the LLM alone: the test result is that row, so it has every seed's run
-                record.setdefault("llm_alone_result", {})[protocol] = record["test_result"][protocol]
-                record.setdefault("llm_alone_per_user", {})[protocol] = record["per_user"][protocol]
             seen_share = getattr(trainer, "last_first_stage_seen_share", None)  # full ranking: seen items in its top-k
             if seen_share is not None:
                 record.setdefault("first_stage_seen_share", {})[protocol] = dict(seen_share)
@@ -214,6 +211,7 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
             if recall is not None:
                 record.setdefault("first_stage_recall", {})[protocol] = dict(recall)
     collector.recording = False
+    with_llm_alone(record)  # late fusion that chose weight 0 tested the LLM alone: that row is the test's
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     record["phase_seconds"] = timer.account(time.perf_counter() - run_started)
     logger.info(set_color("phase seconds", "blue") + f": {phase_timing.describe(record['phase_seconds'])}")

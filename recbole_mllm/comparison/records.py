@@ -41,8 +41,21 @@ def save_record(result, folder):
     atomic_write(folder / "record.json", json.dumps(record, indent=1, default=_plain).encode())
 
 
+def with_llm_alone(record):
+    """``record`` with its ``(LLM alone)`` parts when its late fusion chose weight 0: the test then scored the LLM alone,
+    so the test result and per-user data are that row too (no second pass ran; records written before this was
+    recorded lack the parts). Returns ``record``, completed in place."""
+    chosen = (record.get("late_fusion_selection") or {}).get("chosen")
+    if chosen == 0 and "llm_alone_result" not in record and "test_result" in record:
+        record["llm_alone_result"] = dict(record["test_result"])
+        if "per_user" in record:
+            record["llm_alone_per_user"] = dict(record["per_user"])
+    return record
+
+
 def load_record(folder):
-    """Read back what ``save_record`` wrote: the result dict without its config, arrays as numpy."""
+    """Read back what ``save_record`` wrote: the result dict without its config, arrays as numpy (and the LLM-alone
+    row of a run whose fusion chose weight 0: :func:`with_llm_alone`)."""
     folder = Path(folder)
     record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
     if (folder / "per_user.npz").is_file():
@@ -51,7 +64,7 @@ def load_record(folder):
                 part, rest = key.split("/", 1)
                 protocol, field = rest.rsplit("/", 1)
                 record.setdefault(part, {}).setdefault(protocol, {})[field] = arrays[key]
-    return record
+    return with_llm_alone(record)
 
 
 def find_records(paths, skip=None):

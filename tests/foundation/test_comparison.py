@@ -204,6 +204,23 @@ def test_llm_alone_row_is_compared_with_its_fused_model_and_survives_the_record(
     assert row["p_value"] == pytest.approx(wilcoxon(_ndcg(alone_ranks), _ndcg(fused_ranks), zero_method="wilcox").pvalue)
 
 
+def test_a_record_whose_fusion_chose_weight_0_reads_back_with_its_llm_alone_row(tmp_path):
+    """Written without the LLM-alone parts (as runs did before they were recorded), a run whose late fusion chose
+    weight 0 still gets its ``(LLM alone)`` row, the test's own: the row keeps every seed."""
+    rng = np.random.default_rng(6)
+    fused, first = (_run("MLLMSRec", 7, rng.integers(1, 14, 30)) for _ in range(2))
+    fused.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
+                 late_fusion_selection={"weights": [0.0, 1.0], "valid_scores": [0.2, 0.1], "chosen": 0.0})
+    save_record(fused, tmp_path / "chose_0")
+    save_record(dict(fused, late_fusion_selection=dict(fused["late_fusion_selection"], chosen=1.0)), tmp_path / "chose_1")
+    loaded = load_record(tmp_path / "chose_0")
+    assert loaded["llm_alone_result"] == loaded["test_result"]
+    assert all(np.array_equal(loaded["llm_alone_per_user"]["uni100"][k], loaded["per_user"]["uni100"][k])
+               for k in loaded["per_user"]["uni100"])
+    assert "MLLMSRec (LLM alone)" in [r["model"] for r in analyse([loaded]).rows]
+    assert "llm_alone_result" not in load_record(tmp_path / "chose_1")  # a fused test is not the LLM alone
+
+
 def test_the_llm_alone_is_also_tested_against_its_first_stage_in_the_p_value_file():
     """What the LLM adds over its first stage, fusion aside: the pair (LLM alone, first stage) has its own p-value."""
     rng = np.random.default_rng(5)
