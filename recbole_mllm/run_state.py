@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recbole_mllm import compat
+from recbole_mllm import compat, distributed
 from recbole_mllm.fileio import atomic_output, canonical_json, sha256_bytes, sha256_file
 from recbole_mllm.properties_path import declared
 
@@ -105,6 +105,16 @@ def save(path, state):
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as f:
         torch.save(state, f)
+
+
+def rank_rng(states, path):
+    """This rank's generators of a state written with one entry per rank; a state written by another number of
+    processes is a one-line error (its loaders were split otherwise)."""
+    rank, world = distributed.rank_and_world()
+    if len(states) != world:
+        raise RunStateError(f"{path} was written by {len(states)} process(es) and is resumed by {world}: resume with "
+                            f"the same number of processes, delete the file or run with --resume_training=False")
+    return states[rank]
 
 
 def rng_states(loaders):

@@ -186,7 +186,7 @@ class ResumableTraining:
         self.steps_taken, self.cur_step = state["steps_taken"], state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
         self.train_loss_dict = dict(state["train_loss_dict"])
-        self._best_weights, self._pending_rng = state["best"], state["rng"][distributed.rank_and_world()[0]]
+        self._best_weights, self._pending_rng = state["best"], run_state.rank_rng(state["rng"], self.run_state_file)
         self.start_epoch, self.run_finished = state["epoch"] + 1, state["finished"]
         if self._best_weights is not None:
             self._write_best_checkpoint()
@@ -373,6 +373,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                 self.model.load_other_parameter(checkpoint.get("other_parameter"))
             with phase_timing.phase("fusion"):
                 self.fusion_selection = self.select_fusion_weight(valid_data, show_progress)
+        if self.warmup_cache is None and self.run_state_file is not None and distributed.is_main():
+            self._warmup_progress_file().unlink(missing_ok=True)  # the finished run's state holds the encoder now
         return result
 
     @torch.no_grad()
@@ -438,6 +440,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
 
     def _warm_up_or_reuse(self, train_data, valid_data, verbose, show_progress):
         if distributed.file_exists(self.warmup_cache):
+            if distributed.is_main():  # a progress file left by a run stopped between saving the cache and removing it
+                encoder_warmup_cache.progress_path(self.warmup_cache).unlink(missing_ok=True)
             saved = encoder_warmup_cache.load(self.warmup_cache, self.device)
             self.model.load_encoder_state(saved["encoder"])
             self.logger.info(f"encoder warm-up reused from {self.warmup_cache} "
@@ -511,6 +515,11 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             return self.run_state_file.with_name(f"{self.run_state_file.stem}.warmup.pth")
         return None
 
+    def _optimizer_parameter_names(self):
+        """The model's parameter names in the optimizer's own order (its state dict numbers them so)."""
+        names = {id(parameter): name for name, parameter in self.model.named_parameters()}
+        return [names[id(parameter)] for group in self.optimizer.param_groups for parameter in group["params"]]
+
     def _save_warmup_progress(self, path, warmup_data, epoch, best_score, best_state, stale, done):
         """A warm-up epoch's end, written atomically (``run_state.save``): all a stopped warm-up needs to go on as
         if never stopped, random generators included."""
@@ -518,9 +527,15 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         if not distributed.is_main():
             return
         schedule = getattr(self, "lr_schedule", None)
+        optimizer = self.optimizer.state_dict()
+        names = self._optimizer_parameter_names()
         run_state.save(path, {
             "epoch": epoch, "done": done, "encoder": self.model.encoder_state(), "best_score": best_score,
-            "best_state": best_state, "stale": stale, "optimizer": self.optimizer.state_dict(),
+            "best_state": best_state, "stale": stale,
+            # by parameter name: runs sharing a warm-up may differ in the ranker's trainable parameters (only the
+            # encoder's have optimizer state in a warm-up)
+            "optimizer_state": {names[index]: value for index, value in optimizer["state"].items()},
+            "optimizer_groups": [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]],
             "lr_warmup_done": getattr(self, "lr_warmup_done", True),
             "lr_schedule": schedule.state_dict() if schedule is not None else None,
             "steps_taken": getattr(self, "steps_taken", 0), "rng": rng})
@@ -529,12 +544,20 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         """The warm-up as a stopped run left it; returns ``(best_score, best_state, stale, last epoch, done)``."""
         progress = run_state.load(path, self.device)
         self.model.load_encoder_state(progress["encoder"])
-        self.optimizer.load_state_dict(progress["optimizer"])
+        optimizer, index = self.optimizer.state_dict(), {n: i for i, n in enumerate(self._optimizer_parameter_names())}
+        unknown = sorted(set(progress["optimizer_state"]) - set(index))
+        if unknown or len(progress["optimizer_groups"]) != len(optimizer["param_groups"]):
+            raise run_state.RunStateError(f"the warm-up progress {path} trained parameters this model does not train "
+                                          f"({unknown[:3]}); delete it or run with --resume_training=False")
+        optimizer["state"] = {index[name]: value for name, value in progress["optimizer_state"].items()}
+        for group, saved in zip(optimizer["param_groups"], progress["optimizer_groups"]):
+            group.update(saved)
+        self.optimizer.load_state_dict(optimizer)
         self.lr_warmup_done = progress["lr_warmup_done"]
         if progress["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
             self.lr_schedule.load_state_dict(progress["lr_schedule"])
         self.steps_taken = progress["steps_taken"]
-        run_state.set_rng_states(progress["rng"][distributed.rank_and_world()[0]], [warmup_data])
+        run_state.set_rng_states(run_state.rank_rng(progress["rng"], path), [warmup_data])
         best = "never validated" if progress["best_score"] is None else \
             f"best valid {self.valid_metric} {progress['best_score']:.4f}"
         self.logger.info(f"encoder warm-up resumed from {path}: epoch {progress['epoch'] + 1} done, {best}")

@@ -46,7 +46,7 @@ def test_the_defaults_rank_list_wise_and_fuse_on_validation_as_listwise_yaml_wri
 
 
 @pytest.mark.parametrize("name", ["pointwise", "paper_joint", "train_as_tested"])
-def test_the_pointwise_configurations_rank_as_the_defaults_do(tmp_path, name):
+def test_the_pointwise_configurations_rank_pointwise_without_fusion(tmp_path, name):
     config = _config(tmp_path, properties_dir() / "ranker" / f"{name}.yaml")
     settings = MLLMSRecSettings.from_config(config)  # paper_joint's sampled lists: a list-wise ranker refuses them
     assert (settings.ranker_scoring, settings.prompt, settings.late_fusion_grid) == ("pointwise", "v2", None)

@@ -28,8 +28,10 @@ def save_record(result, folder):
     """Write ``result`` (a ``quick_start.run`` dict) under ``folder``; the config is reduced to ``valid_metric``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tested = result.get("per_user", {})
     arrays = {f"{part}/{protocol}/{field}": as_numpy(values)
               for part in _ARRAY_PARTS for protocol, fields in result.get(part, {}).items()
+              if not (part == "llm_alone_per_user" and fields is tested.get(protocol))  # w = 0: rebuilt on loading
               for field, values in fields.items()}
     if arrays:
         buffer = io.BytesIO()
@@ -43,13 +45,14 @@ def save_record(result, folder):
 
 def with_llm_alone(record):
     """``record`` with its ``(LLM alone)`` parts when its late fusion chose weight 0: the test then scored the LLM alone,
-    so the test result and per-user data are that row too (no second pass ran; records written before this was
-    recorded lack the parts). Returns ``record``, completed in place."""
-    chosen = (record.get("late_fusion_selection") or {}).get("chosen")
-    if chosen == 0 and "llm_alone_result" not in record and "test_result" in record:
-        record["llm_alone_result"] = dict(record["test_result"])
-        if "per_user" in record:
-            record["llm_alone_per_user"] = dict(record["per_user"])
+    so the test result and per-user data are that row too (no second pass ran, and records written before this was
+    recorded lack the parts). Only beside a first stage (``report_first_stage``), where every other weight also gets
+    the row: otherwise the seeds that chose 0 alone would make it up. Returns ``record``, completed in place."""
+    if (record.get("late_fusion_selection") or {}).get("chosen") != 0 or "first_stage_result" not in record:
+        return record
+    for alone, tested in (("llm_alone_result", "test_result"), ("llm_alone_per_user", "per_user")):
+        for protocol, value in record.get(tested, {}).items():
+            record.setdefault(alone, {}).setdefault(protocol, value)
     return record
 
 

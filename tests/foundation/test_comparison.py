@@ -13,6 +13,7 @@ from scipy.stats import wilcoxon
 from recbole_mllm.comparison import find_records, load_record, per_user_metrics, save_record, write_comparison
 from recbole_mllm.comparison.__main__ import main
 from recbole_mllm.comparison.analysis import ComparisonError, analyse, is_plugin_model
+from recbole_mllm.comparison.records import with_llm_alone
 
 
 def _topk(ranks, maxk=10):
@@ -212,6 +213,8 @@ def test_a_record_whose_fusion_chose_weight_0_reads_back_with_its_llm_alone_row(
     fused.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
                  late_fusion_selection={"weights": [0.0, 1.0], "valid_scores": [0.2, 0.1], "chosen": 0.0})
     save_record(fused, tmp_path / "chose_0")
+    without_first_stage = {k: v for k, v in fused.items() if not k.startswith("first_stage")}
+    assert "llm_alone_result" not in with_llm_alone(dict(without_first_stage))  # no row where other seeds lack one
     save_record(dict(fused, late_fusion_selection=dict(fused["late_fusion_selection"], chosen=1.0)), tmp_path / "chose_1")
     loaded = load_record(tmp_path / "chose_0")
     assert loaded["llm_alone_result"] == loaded["test_result"]

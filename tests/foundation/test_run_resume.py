@@ -193,3 +193,10 @@ def test_a_run_waits_while_an_identical_run_holds_its_state(sasrec, monkeypatch)
 def test_a_run_that_starts_over_makes_its_state_folder(sasrec):
     run("SASRec", "tiny", config_dict=dict(sasrec, resume_training=False))
     assert len(state_files(sasrec)) == 1
+
+
+def test_a_state_written_by_another_number_of_processes_is_a_one_line_error_naming_the_file():
+    """Each rank resumes its own generators: a state of two ranks read by one process names the file and the fix."""
+    with pytest.raises(run_state.RunStateError, match=r"state\.pth was written by 2 process\(es\) and is resumed by 1"):
+        run_state.rank_rng([{}, {}], "state.pth")
+    assert run_state.rank_rng([{"torch": 1}], "state.pth") == {"torch": 1}

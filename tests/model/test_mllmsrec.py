@@ -969,6 +969,20 @@ def test_a_warm_up_stopped_with_its_machine_goes_on_where_it_stopped_as_if_never
         torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
     progress.unlink()
 
+    # a run that differs only in a ranker switch shares the warm-up (and its progress) but trains other ranker
+    # parameters: it goes on with the encoder's optimizer state, found by name
+    stopped, warm_up = trainer(stop_at=2)
+    with pytest.raises(Stopped):
+        warm_up()
+    settings.update(ranker_residual=True)
+    sibling, warm_up = trainer(trained=(trained := []))
+    assert sibling._warmup_progress_file() == progress
+    assert len(sibling.optimizer.param_groups[0]["params"]) != len(stopped.optimizer.param_groups[0]["params"])
+    assert warm_up() == expected and trained == [2]
+    for name, value in sibling.model.encoder_state().items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)
+    progress.unlink()
+
 
 def test_mllmsrec_is_fusedsasrec_plus_a_reranker(mllm_config):
     """Its first stage is the baseline by construction: FusedSASRec's encoder, ``forward`` and loss (the warm-up's), and
@@ -1099,14 +1113,21 @@ def test_under_late_fusion_every_evaluation_also_reports_the_llm_alone_and_the_r
             assert values["ndcg@10"].mean() == pytest.approx(metrics["ndcg@10"], abs=1e-4)
 
 
-def test_when_validation_chooses_the_llm_alone_the_record_still_has_its_row(mllm_config):
+def test_when_validation_chooses_the_llm_alone_the_record_still_has_its_row(mllm_config, tmp_path):
     """Weight 0 chosen: no second pass, and the test result is the LLM-alone row, so that row has every seed."""
+    from recbole_mllm.comparison import load_record, save_record
+
     result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[0.0]))
     assert result["late_fusion_selection"]["chosen"] == 0
     assert set(result["llm_alone_result"]) == set(result["test_result"])
     for protocol, metrics in result["test_result"].items():
         assert result["llm_alone_result"][protocol] == metrics
         assert result["llm_alone_per_user"][protocol] is result["per_user"][protocol]
+    save_record(result, folder := tmp_path / "record")
+    with np.load(folder / "per_user.npz") as arrays:  # saved once, rebuilt on loading
+        assert not [key for key in arrays.files if key.startswith("llm_alone_per_user/")]
+    loaded = load_record(folder)
+    assert all(np.array_equal(loaded["llm_alone_per_user"][p]["topk"], loaded["per_user"][p]["topk"]) for p in loaded["per_user"])
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,10 @@ NOTE (deviations, all configurable):
       stays frozen after it (``encoder_frozen_after_warmup: True``), so its top-K lists, ranks and soft
       tokens are the same in training and at test; the paper trains it jointly with the LLM
       (``encoder_frozen_after_warmup: False``, ``properties/ranker/paper_joint.yaml``).
-    * Besides the paper's Yes/No prompt per candidate (the default), the ranker can be list-wise
-      (``ranker_scoring: listwise``, after LlamaRec): one prompt per user lists the encoder's top-K, scored by each
-      letter's log-probability, with the late-fusion weight chosen on validation (``late_fusion_grid``;
-      ``properties/ranker/listwise.yaml``).
+    * By default the ranker is list-wise (``ranker_scoring: listwise``, after LlamaRec): one prompt per user lists the
+      encoder's top-K, scored by each letter's log-probability, with the late-fusion weight chosen on validation
+      (``late_fusion_grid``); the paper's Yes/No prompt per candidate is ``ranker_scoring: pointwise``
+      (``properties/ranker/pointwise.yaml``).
     * Chain-of-thought steps are filled from the stage caches and the history (evolution, target
       analysis, match), so scoring needs no free-running generation.
     * Checkpoints hold only trained tensors (LoRA, projections, encoder, image projector residual) and
