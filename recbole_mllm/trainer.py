@@ -164,26 +164,34 @@ class ResumableTraining:
         rng = distributed.gather(run_state.rng_states(self._epoch_loaders(train_data)))  # each rank's own (torchrun)
         if not distributed.is_main():
             return
-        schedule = getattr(self, "lr_schedule", None)
         run_state.save(self.run_state_file, {
             "epoch": epoch, "finished": finished, "stopped_early": finished and epoch + 1 < self.epochs,
             "model": self.model.state_dict(), "other_parameter": self.model.other_parameter(),
-            "optimizer": self.optimizer.state_dict(), "lr_warmup_done": getattr(self, "lr_warmup_done", True),
-            "lr_schedule": schedule.state_dict() if schedule is not None else None,
-            "steps_taken": getattr(self, "steps_taken", 0), "cur_step": self.cur_step,
+            "optimizer": self.optimizer.state_dict(), **self._step_counters(), "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": dict(self.best_valid_result) if self.best_valid_result is not None else None,
             "train_loss_dict": dict(self.train_loss_dict), "best": self._best_weights,
             "rng": rng})
 
+    def _step_counters(self):
+        """Where the learning-rate warm-up and the step floor stand (``LearningRateWarmup``, ``MinimumSteps``)."""
+        schedule = getattr(self, "lr_schedule", None)
+        return {"lr_warmup_done": getattr(self, "lr_warmup_done", True),
+                "lr_schedule": schedule.state_dict() if schedule is not None else None,
+                "steps_taken": getattr(self, "steps_taken", 0)}
+
+    def _restore_step_counters(self, state):
+        self.lr_warmup_done = state["lr_warmup_done"]
+        if state["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.steps_taken = state["steps_taken"]
+
     def _resume(self, state):
         self.model.load_state_dict(state["model"])
         self.model.load_other_parameter(state["other_parameter"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_warmup_done = state["lr_warmup_done"]
-        if state["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.steps_taken, self.cur_step = state["steps_taken"], state["cur_step"]
+        self._restore_step_counters(state)
+        self.cur_step = state["cur_step"]
         self.best_valid_score, self.best_valid_result = state["best_valid_score"], state["best_valid_result"]
         self.train_loss_dict = dict(state["train_loss_dict"])
         self._best_weights, self._pending_rng = state["best"], run_state.rank_rng(state["rng"], self.run_state_file)
@@ -526,7 +534,6 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         rng = distributed.gather(run_state.rng_states([warmup_data]))
         if not distributed.is_main():
             return
-        schedule = getattr(self, "lr_schedule", None)
         optimizer = self.optimizer.state_dict()
         names = self._optimizer_parameter_names()
         run_state.save(path, {
@@ -536,9 +543,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             # encoder's have optimizer state in a warm-up)
             "optimizer_state": {names[index]: value for index, value in optimizer["state"].items()},
             "optimizer_groups": [{k: v for k, v in group.items() if k != "params"} for group in optimizer["param_groups"]],
-            "lr_warmup_done": getattr(self, "lr_warmup_done", True),
-            "lr_schedule": schedule.state_dict() if schedule is not None else None,
-            "steps_taken": getattr(self, "steps_taken", 0), "rng": rng})
+            **self._step_counters(), "rng": rng})
 
     def _resume_warmup(self, path, warmup_data):
         """The warm-up as a stopped run left it; returns ``(best_score, best_state, stale, last epoch, done)``."""
@@ -553,10 +558,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         for group, saved in zip(optimizer["param_groups"], progress["optimizer_groups"]):
             group.update(saved)
         self.optimizer.load_state_dict(optimizer)
-        self.lr_warmup_done = progress["lr_warmup_done"]
-        if progress["lr_schedule"] is not None and getattr(self, "lr_schedule", None) is not None:
-            self.lr_schedule.load_state_dict(progress["lr_schedule"])
-        self.steps_taken = progress["steps_taken"]
+        self._restore_step_counters(progress)
         run_state.set_rng_states(run_state.rank_rng(progress["rng"], path), [warmup_data])
         best = "never validated" if progress["best_score"] is None else \
             f"best valid {self.valid_metric} {progress['best_score']:.4f}"
