@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from scipy.stats import wilcoxon
 
-from recbole_mllm.comparison.metrics import as_numpy, per_user_metrics, split_metric_keys
+from recbole_mllm.comparison.metrics import as_numpy, per_user_metrics, split_metric_keys, target_ranks
 from recbole_mllm.utils import get_model
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,33 @@ def first_stage_rows(results):
         rows.append({"model": model, "protocol": protocol, **_metric_columns({n: by_name[n] for n in ordered}),
                      "seeds": max(len(v) for v in by_name.values())})
     return rows
+
+
+def reranker_movement_rows(results):
+    """What the LLM did to the target, per (run label, protocol) of the runs that record their first stage: among the
+    users whose target the first stage ranks within the records' top k (``topk``'s largest cut-off), the share the LLM
+    ranks higher (``up``), at the same rank (``same``) or lower, outside that top k included (``down``); the LLM's
+    own order (``llm_alone_per_user``, else the run's ``per_user``: without fusion the LLM ranks alone). Mean and std
+    over seeds, and the mean number of such users. A reranker that adds nothing can still move targets: this shows
+    whether its moves are up more often than down."""
+    values = {}
+    for result in results:
+        llm = result.get("llm_alone_per_user") or result.get("per_user") or {}
+        for protocol, first in (result.get("first_stage_per_user") or {}).items():
+            if protocol not in llm:
+                continue
+            before, after = target_ranks(first["topk"]), target_ranks(llm[protocol]["topk"])
+            if not np.array_equal(as_numpy(first["user_id"]), as_numpy(llm[protocol]["user_id"])):
+                raise ComparisonError(f"{run_label(result)} seed {result.get('seed')}: the first stage's and the "
+                                      f"LLM's per-user rows of {protocol} are not the same users")
+            listed = before > 0
+            moved = np.where(after[listed] == 0, np.inf, after[listed]) - before[listed]
+            row = values.setdefault((run_label(result), protocol), {"users": [], "up": [], "same": [], "down": []})
+            row["users"].append(float(listed.sum()))
+            for name, share in (("up", moved < 0), ("same", moved == 0), ("down", moved > 0)):
+                row[name].append(float(share.mean()) if listed.any() else float("nan"))
+    return [{"model": model, "protocol": protocol, "users": round(float(np.mean(row.pop("users"))), 1),
+             **_metric_columns(row), "seeds": len(row["up"])} for (model, protocol), row in values.items()]
 
 
 def phase_rows(results):

@@ -44,3 +44,10 @@ def per_user_metrics(topk, metrics, cutoffs):
         by_rank = metric.metric_info(*(pos_index, pos_len)[:n_args])  # [n maxk]
         values.update({f"{name.lower()}@{k}": by_rank[:, k - 1].astype(float) for k in cutoffs})
     return values
+
+
+def target_ranks(topk):
+    """Each user's rank (1-based) of their first positive in RecBole's ``rec.topk`` ([n, maxk + 1]), 0 when none is
+    within the top ``maxk``."""
+    hits = as_numpy(topk)[:, :-1] > 0
+    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, is_plugin_model,
-                                              phase_rows, run_label)
+                                              phase_rows, reranker_movement_rows, run_label)
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -190,6 +190,11 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
         markdown += ["## First stage reach (full ranking): share of targets in its top k (recall@k), of already-seen "
                      "items in its unmasked top k (seen@k)",
                      markdown_table(reach, ["model", "protocol", *_metrics(reach), "seeds"])]
+    movement = reranker_movement_rows(results)
+    if movement:  # whether the LLM moves targets up more often than down (its own order against its first stage's)
+        markdown += ["## What the LLM did to the target: among users whose target its first stage ranks in the top k, "
+                     "the share it ranks higher, the same or lower (its own order, fusion off)",
+                     markdown_table(movement, ["model", "protocol", "users", *_metrics(movement), "seeds"])]
     phases = phase_rows(results)
     if phases:  # where each model's wall time went (the runs' phase_seconds)
         markdown += ["## Wall time per phase (seconds, mean over seeds)", phase_table(phases)]
@@ -201,6 +206,8 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
                                                     "seeds", *_COMPARE]),
         "comparison_pvalues.csv": _csv_text(analysis.pairs, ["model", "protocol", *_COMPARE]),
         "comparison_phases.csv": _csv_text(phases, ["model", *_phase_columns(phases), "seeds"]),
+        "comparison_movement.csv": _csv_text(movement, ["model", "protocol", "users", *_with_std(_metrics(movement)),
+                                                        "seeds"]),
         "runs.csv": _csv_text(runs, ["model", "seed", "protocol", *_metrics(runs), "best_valid_score", *_FACTS,
                                      "hyper_parameters"]),
     }

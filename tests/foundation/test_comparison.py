@@ -394,3 +394,28 @@ def test_the_phase_table_averages_each_phase_over_seeds_and_a_missing_phase_coun
     with open(tmp_path / "comparison_phases.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ["MLLMSRec", "SASRec"] and float(rows[0]["total"]) == 601.0
+
+
+def test_the_movement_table_counts_where_the_llm_put_targets_its_first_stage_listed(tmp_path):
+    """Up, same, down among the users whose target the first stage ranks within the records' top k (10 here): the
+    LLM's own order (its LLM-alone row when the run fused), a target pushed out of the top k counting as down."""
+    from recbole_mllm.comparison.analysis import reranker_movement_rows
+
+    first = [1, 3, 5, 7, 12, 2]   # the fifth user's target is outside the first stage's top 10: not counted
+    alone = [2, 3, 1, 11, 4, 1]   # down, same, up, down (out of the top 10), -, up
+    fused = _run("MLLMSRec", 7, [1, 3, 5, 7, 12, 2])
+    fused.update(first_stage_per_user={"uni100": _per_user(first)}, llm_alone_per_user={"uni100": _per_user(alone)})
+    other_seed = _run("MLLMSRec", 8, [1, 1])  # no fusion: the run's own order is the LLM's
+    other_seed["first_stage_per_user"] = {"uni100": _per_user([2, 1])}
+    rows = reranker_movement_rows([fused, other_seed])
+    assert len(rows) == 1 and rows[0]["model"] == "MLLMSRec" and rows[0]["seeds"] == 2 and rows[0]["users"] == 3.5
+    assert (rows[0]["up"], rows[0]["same"], rows[0]["down"]) == pytest.approx((0.5 * (2 / 5 + 1 / 2), 0.5 * (1 / 5 + 1 / 2),
+                                                                                0.5 * (2 / 5 + 0)))
+    mismatched = dict(fused, llm_alone_per_user={"uni100": _per_user(alone, users=np.arange(6) + 50)})
+    with pytest.raises(ComparisonError, match="not the same users"):
+        reranker_movement_rows([mismatched])
+    assert reranker_movement_rows([_run("SASRec", 7, [1, 2])]) == []  # no first stage, no row
+    write_comparison([fused, other_seed], tmp_path)
+    assert "## What the LLM did to the target" in (tmp_path / "comparison.md").read_text()
+    with open(tmp_path / "comparison_movement.csv") as f:
+        assert [(r["model"], r["protocol"], r["users"]) for r in csv.DictReader(f)] == [("MLLMSRec", "uni100", "3.5")]
