@@ -14,7 +14,7 @@ def _config(tmp_path, *files):
                   config_dict={"data_path": str(tmp_path)})
 
 
-@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested", "pointwise", "listwise"])
+@pytest.mark.parametrize("name", ["paper_joint", "train_as_tested", "pointwise", "listwise", "listwise_sampled"])
 def test_a_ranker_yaml_overrides_no_key_of_the_tuned_encoder(name):
     ranker = yaml.safe_load((properties_dir() / "ranker" / f"{name}.yaml").read_text())
     assert ranker and not set(ranker) & set(yaml.safe_load(TUNED.read_text()))
@@ -51,3 +51,11 @@ def test_the_pointwise_configurations_rank_pointwise_without_fusion(tmp_path, na
     settings = MLLMSRecSettings.from_config(config)  # paper_joint's sampled lists: a list-wise ranker refuses them
     assert (settings.ranker_scoring, settings.prompt, settings.late_fusion_grid) == ("pointwise", "v2", None)
     assert config["epochs"] == 2
+
+
+def test_listwise_sampled_trains_on_lists_as_long_as_the_tested_ones_in_a_random_order(tmp_path):
+    settings = MLLMSRecSettings.from_config(_config(tmp_path, properties_dir() / "ranker" / "listwise_sampled.yaml"))
+    assert (settings.ranker_scoring, settings.ranker_train_candidates, settings.ranker_list_order) == \
+        ("listwise", "sampled", "shuffled")
+    assert settings.ranker_train_negatives + 1 == settings.rerank_top_k and settings.ranker_hard_negatives == 0
+    assert settings.prompt == "list_shuffled_v1" and settings.late_fusion_grid == (0, 0.3, 1, 3, 10)

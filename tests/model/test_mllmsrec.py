@@ -1,6 +1,8 @@
 """MLLMSRec end to end on CPU with a tiny random Llama: RecBole train/evaluate, invariances, checkpoints, leakage."""
 
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -1181,6 +1183,22 @@ def test_a_listwise_list_is_the_first_stage_top_k_in_order_and_trains_towards_th
     torch.testing.assert_close(scores, logits[0].log_softmax(-1)[[4, 0]])
 
 
+def _record_lists(model):
+    """Replace the list-wise prompts and LLM by stand-ins that record each prompt's listed items (returned, filled as
+    the model asks) and give letter ``j`` the logit ``j``."""
+    listed = []
+
+    def list_prompt(uid, t, user_token, items, item_tokens, recent_tokens=None):
+        listed.append(list(items))
+        return [0], {}
+
+    def list_logits(prompts, options):
+        return torch.arange(len(options), dtype=torch.float32).repeat(len(prompts.ids), 1).requires_grad_()
+
+    model.prompts.list_prompt, model.ranker.list_logits = list_prompt, list_logits
+    return listed
+
+
 @pytest.mark.parametrize("check", [test_predict_ignores_candidate_order_and_block_position,
                                    test_scores_read_neither_the_target_nor_its_time])
 def test_shuffled_lists_keep_the_scoring_invariants(mllm_config, listwise, check):
@@ -1195,16 +1213,7 @@ def test_a_shuffled_list_is_the_top_k_in_a_seeded_order_and_each_item_is_scored_
     (u1, t1), (u2, t2) = sorted(model.prompts.summaries)[:2]
     user_states = torch.randn(2, model.hidden_size, generator=torch.Generator().manual_seed(0))
     top = model.scorer.catalogue_scores(user_states, [u1, u2], [t1, t2]).topk(model.rerank_top_k, dim=1).indices
-    listed = []
-
-    def list_prompt(uid, t, user_token, items, item_tokens, recent_tokens=None):
-        listed.append(list(items))
-        return [0], {}
-
-    def list_logits(prompts, options):  # letter j scores j
-        return torch.arange(len(options), dtype=torch.float32).repeat(len(prompts.ids), 1).requires_grad_()
-
-    model.prompts.list_prompt, model.ranker.list_logits = list_prompt, list_logits
+    listed = _record_lists(model)
     scores = model.llm_scores([u1, u2], [t1, t2], user_states, top.flatten(),
                               torch.arange(2).repeat_interleave(model.rerank_top_k))
     first, second = listed[0], listed[1]
@@ -1254,15 +1263,68 @@ def test_an_unset_prompt_is_read_as_the_scorings_own_template(mllm_config, monke
     assert read == ["v2", "list_v1"]
 
 
-def test_listwise_refuses_a_pointwise_prompt_and_sampled_training_lists(mllm_config, listwise):
+def test_listwise_refuses_a_pointwise_prompt_and_sampled_lists_longer_than_it_ranks(mllm_config, listwise):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
 
     with pytest.raises(ValueError, match=r"ranker_prompt: list_v1") as refused:
         _model_and_data(dict(mllm_config, ranker_scoring="listwise", ranker_prompt="v2"))  # an explicit prompt wins
     assert "\n" not in str(refused.value) and "'ranker_v2'" in str(refused.value)
-    config, _ = _config_and_dataset(dict(mllm_config, **listwise, ranker_train_candidates="sampled"))
-    with pytest.raises(ValueError, match="ranker_train_candidates: 'sampled'"):
+    sampled = dict(mllm_config, **listwise, ranker_train_candidates="sampled")
+    assert MLLMSRecSettings.from_config(_config_and_dataset(dict(sampled, ranker_train_negatives=4))[0])
+    config, _ = _config_and_dataset(dict(sampled, ranker_train_negatives=5))  # lists of 6 against rerank_top_k: 5
+    with pytest.raises(ValueError, match=r"ranker_train_negatives \(5\) items, longer than the rerank_top_k \(5\)"):
         MLLMSRecSettings.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def listwise_sampled(listwise):
+    """LlamaRec's training of the list-wise ranker (``properties/ranker/listwise_sampled.yaml``) at the tiny sizes."""
+    return dict(listwise, ranker_train_candidates="sampled", ranker_train_negatives=4, ranker_hard_negatives=1)
+
+
+def test_a_sampled_training_list_is_the_target_and_its_negatives_in_a_fresh_order(mllm_config, listwise_sampled):
+    """Training under ``sampled``: every training row's list is its target and its sampled negatives (never the
+    encoder's top-K), in a new random order each step, and the loss is the cross-entropy towards the target's letter
+    there. Scoring still ranks the top-K."""
+    config, model, _ = _model_and_data(dict(mllm_config, **listwise_sampled))
+    listed = _record_lists(model)
+    (u1, t1), (u2, t2) = sorted(model.prompts.summaries)[:2]
+    user_states = torch.randn(2, model.hidden_size, generator=torch.Generator().manual_seed(0))
+    targets = [3, 7]
+    negatives = [model.candidates.sample_negatives(u, 4, [target]) for u, target in zip((u1, u2), targets)]
+    candidates = torch.tensor([targets[0], *negatives[0], targets[1], *negatives[1]])
+    owner, labels = torch.tensor([0] * 5 + [1] * 5), torch.tensor(([1] + [0] * 4) * 2)
+    positions = set()
+    for _ in range(6):
+        listed.clear()
+        loss = model.llm_scores([u1, u2], [t1, t2], user_states, candidates, owner, labels)
+        assert [sorted(items) for items in listed] == [sorted([targets[0], *negatives[0]]),
+                                                       sorted([targets[1], *negatives[1]])]
+        where = [items.index(target) for items, target in zip(listed, targets)]
+        expected = torch.nn.functional.cross_entropy(torch.arange(5, dtype=torch.float32).repeat(2, 1), torch.tensor(where))
+        assert loss.item() == pytest.approx(expected.item())
+        positions.add(tuple(where))
+    assert len(positions) > 1  # the target is not always where it arrived (first)
+    listed.clear()
+    top = model.scorer.catalogue_scores(user_states[:1], [u1], [t1]).topk(model.rerank_top_k, dim=1).indices[0]
+    model.llm_scores([u1], [t1], user_states[:1], top, torch.zeros(model.rerank_top_k, dtype=torch.long))
+    assert sorted(listed[0]) == sorted(top.tolist())  # scoring: the first stage's top-K
+
+
+@pytest.mark.parametrize("check", [test_predict_ignores_candidate_order_and_block_position,
+                                   test_scores_read_neither_the_target_nor_its_time])
+def test_sampled_training_lists_keep_the_scoring_invariants(mllm_config, listwise_sampled, check):
+    check(dict(mllm_config, **listwise_sampled, ranker_list_order="shuffled"))
+
+
+def test_a_listwise_ranker_on_sampled_lists_trains_every_row_and_tests_end_to_end(mllm_config, listwise_sampled, caplog):
+    with caplog.at_level(logging.INFO):
+        result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, **listwise_sampled, late_fusion_grid=[0, 1]))
+    frozen = [r.getMessage() for r in caplog.records if "the joint epochs read the" in r.getMessage()]
+    rows, trained = (int(n) for n in re.search(r"read the (\d+) rows .* (\d+) of them train it", frozen[0]).groups())
+    assert rows == trained > 0  # not only those whose target is inside the encoder's top-K
+    for metrics in (*result["test_result"].values(), *result["llm_alone_result"].values()):
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -303,15 +303,26 @@ class MLLMSRec(FusedSASRec):
 
         Scoring (``labels`` None): the score of ``candidates[c]`` in row ``owner[c]``'s list, so an item's score is
         the same whichever block asks for it. Training (``labels``): cross-entropy towards each row's positive
-        (label 1) among its list, scaled by ``weight`` (the share of the step's lists in this call); the negatives given
-        beside it are not read, the list is.
+        (label 1) among its list, scaled by ``weight`` (the share of the step's lists in this call). Under
+        ``ranker_train_candidates: top_k`` the list is the top-K and the negatives given beside the positive are not
+        read; under ``sampled`` (LlamaRec's training) the list is the positive and its sampled negatives, in a fresh
+        random order each step (they arrive positive first).
         """
-        catalogue = self.scorer.catalogue_scores(user_states.detach(), uids, ts)
-        top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
-        lists = [[item for item, score in zip(items, scores) if score != float("-inf")]
-                 for items, scores in zip(top.indices.tolist(), top.values.tolist())]
-        if self.list_shuffled:
-            lists = [self._shuffled(listed, uid, t, training=labels is not None) for listed, uid, t in zip(lists, uids, ts)]
+        if labels is not None and self.candidates.rule == "sampled":
+            lists = [[] for _ in uids]
+            for item, row in zip(candidates.tolist(), owner.tolist()):
+                lists[row].append(item)
+            lists = [self._shuffled(listed, uid, t, training=True) for listed, uid, t in zip(lists, uids, ts)]
+            n_options = max(len(listed) for listed in lists)
+        else:
+            catalogue = self.scorer.catalogue_scores(user_states.detach(), uids, ts)
+            top = catalogue.topk(min(self.rerank_top_k, catalogue.shape[1]), dim=1)
+            lists = [[item for item, score in zip(items, scores) if score != float("-inf")]
+                     for items, scores in zip(top.indices.tolist(), top.values.tolist())]
+            if self.list_shuffled:
+                lists = [self._shuffled(listed, uid, t, training=labels is not None)
+                         for listed, uid, t in zip(lists, uids, ts)]
+            n_options = top.indices.shape[1]
         device = user_states.device
         flat = torch.tensor([item for listed in lists for item in listed], dtype=torch.long, device=device)
         item_tokens = self.item_projection(self.encoder.item_states(flat)).unsqueeze(1)  # [sum K, 1, H']
@@ -322,7 +333,6 @@ class MLLMSRec(FusedSASRec):
             prompts.append(self.prompts.list_prompt(uid, t, user_tokens[k], lists[k],
                                                     item_tokens[start:start + len(lists[k])], recent_tokens[k]))
             start += len(lists[k])
-        n_options = top.indices.shape[1]
         logits = self.ranker.list_logits(PromptBatch(*zip(*prompts)), self.prompts.layout.option_ids[:n_options])
         lengths = torch.tensor([len(listed) for listed in lists], device=logits.device)
         logits = logits.masked_fill(torch.arange(n_options, device=logits.device) >= lengths[:, None], -torch.inf)

@@ -88,14 +88,17 @@ class MLLMSRecSettings:
             raise ValueError(f"ranker_list_order: {self.ranker_list_order} orders the list-wise ranker's lists; "
                              f"ranker_scoring: {self.ranker_scoring} has none")
         if self.ranker_scoring == "listwise":
-            clashes = {"ranker_train_candidates": self.ranker_train_candidates != "top_k",
-                       "ranker_residual": self.ranker_residual,
+            clashes = {"ranker_residual": self.ranker_residual,
                        "rerank_top_k": not 1 <= self.rerank_top_k <= len(OPTION_LETTERS)}
             if any(clashes.values()):
-                raise ValueError(f"ranker_scoring: listwise trains on the lists it ranks and letters at most "
-                                 f"{len(OPTION_LETTERS)} items; it needs ranker_train_candidates: top_k, ranker_residual: "
-                                 f"False and rerank_top_k <= {len(OPTION_LETTERS)} "
+                raise ValueError(f"ranker_scoring: listwise letters at most {len(OPTION_LETTERS)} items and has no "
+                                 f"residual gate; it needs ranker_residual: False and rerank_top_k <= {len(OPTION_LETTERS)} "
                                  f"(got {', '.join(k + ': ' + repr(getattr(self, k)) for k, bad in clashes.items() if bad)})")
+            if self.ranker_train_candidates == "sampled" and self.ranker_train_negatives + 1 > self.rerank_top_k:
+                raise ValueError(f"ranker_train_candidates: sampled trains the list-wise ranker on lists of the target and "
+                                 f"ranker_train_negatives ({self.ranker_train_negatives}) items, longer than the "
+                                 f"rerank_top_k ({self.rerank_top_k}) it ranks at test; set ranker_train_negatives <= "
+                                 f"{self.rerank_top_k - 1}")
         if self.ranker_hard_negatives > self.ranker_train_negatives:
             raise ValueError(f"ranker_hard_negatives ({self.ranker_hard_negatives}) is more than ranker_train_negatives "
                              f"({self.ranker_train_negatives}), the negatives they are part of")
