@@ -21,9 +21,10 @@ def _main_command():
 
 
 def _known_keys():
-    """Keys of the plugin's YAML layers, RecBole's defaults for ml-100k and the stages' documented defaults."""
+    """Keys of the plugin's YAML layers (MLLMSRec's with FusedSASRec's below it), RecBole's defaults for ml-100k and the stages' documented defaults."""
     recbole_properties = Path(recbole.__file__).parent / "properties"
     files = [properties_dir() / "overall.yaml", properties_dir() / "stages.yaml", properties_dir() / "model" / "MLLMSRec.yaml",
+             properties_dir() / "model" / "FusedSASRec.yaml",  # MLLMSRec's encoder keys, which its YAML layers over
              properties_dir() / "dataset" / "ml-100k.yaml", recbole_properties / "overall.yaml",
              recbole_properties / "dataset" / "ml-100k.yaml", recbole_properties / "dataset" / "sample.yaml"]
     keys = set(item_fusion.DEFAULTS) | set(user_profile.DEFAULTS)

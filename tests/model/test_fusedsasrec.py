@@ -119,8 +119,10 @@ def test_fusedsasrec_with_content_init_starts_from_its_item_content(tiny_data, s
 
 SASREC_SETTINGS = {"encoder_item_input": "id", "loss_type": "CE", "epochs": 4, "eval_step": 1, "seed": 7,
                    "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.1, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
-                   "initializer_range": 0.02}
-"""One setting for both models: SASRec's keys with values unlike either model's defaults where that is free."""
+                   "initializer_range": 0.02, "hidden_size": 64, "inner_size": 256, "n_layers": 2,
+                   "train_positions": "last", "train_batch_size": 2048}
+"""One setting for both models: SASRec's keys with values unlike either model's defaults where that is free (the
+sizes and training rows, whose defaults differ between the two, set to SASRec's)."""
 
 
 def _sasrec_name(name):

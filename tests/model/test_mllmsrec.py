@@ -21,8 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture
 def mllm_config(tiny_data, stage_setup):
     """The pointwise ranker (``properties/ranker/pointwise.yaml``, without late fusion), which most tests here check;
-    the list-wise tests layer ``listwise`` over it."""
-    return dict(tiny_data, **stage_setup, ranker_scoring="pointwise", late_fusion_grid=None,
+    the list-wise tests layer ``listwise`` over it. The encoder warms up on RecBole's rows (``train_positions: last``),
+    which several tests hand the trainer themselves; the tests of window rows set ``all``."""
+    return dict(tiny_data, **stage_setup, ranker_scoring="pointwise", late_fusion_grid=None, train_positions="last",
                 encoder_warmup_epochs=1, epochs=1, item_text_fields=["title", "genres"],
                 item_title_field="title", item_category_field="genres", user_summary_max_new_tokens=6,
                 user_window_size=4, user_window_step=4, ranker_eval_batch_size=128, rerank_top_k=5, train_batch_size=64,
