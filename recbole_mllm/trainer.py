@@ -2,6 +2,7 @@
 
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -80,6 +81,17 @@ class LearningRateWarmup:
             group["lr"] = group.get("initial_lr", group["lr"])
 
 
+def process_checkpoint_file(recbole_file, seed):
+    """RecBole's checkpoint name (``<model>-<local time to the second>.pth``) with the seed and the process id added.
+
+    Runs started in the same second from one folder (seeds of one model, queued together) otherwise share one file: on
+    2026-12-07 three FusedSASRec seeds on ml-100k each tested whichever best epoch was written last, and reported one
+    model's metrics three times. Ranks of one torchrun run still share rank 0's name (``distributed.DataParallel``).
+    """
+    path = Path(recbole_file)
+    return str(path.with_name(f"{path.stem}-seed{seed}-pid{os.getpid()}{path.suffix}"))
+
+
 class ResumableTraining:
     """Mixin: a run stopped with its machine continues from its last finished epoch (``run_state``).
 
@@ -93,6 +105,7 @@ class ResumableTraining:
 
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.saved_model_file = process_checkpoint_file(self.saved_model_file, config["seed"])
         self.resume_training = bool(config["resume_training"])
         self.run_state_file = None  # fit: this run's state file
         self.run_finished = False  # a resumed run that had ended: fit trains nothing

@@ -1,6 +1,7 @@
 """The training policies every trainer gets: the early-stopping floor (``stopping_min_steps``) and the learning-rate
 warm-up (``lr_warmup_steps``)."""
 
+import json
 import math
 
 import pytest
@@ -45,3 +46,22 @@ def test_without_a_warm_up_the_learning_rate_is_constant(tiny_data):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     trainer.optimizer.step()
     assert trainer.optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_runs_started_in_the_same_second_write_separate_checkpoints(tiny_data, tmp_path):
+    """RecBole names a checkpoint by model and second only; seeds of one model queued together shared one file."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; import recbole.trainer.trainer as recbole_trainer; "
+            "recbole_trainer.get_local_time = lambda: 'the-same-second'; from recbole_mllm.config import Config; from recbole_mllm.data import create_dataset; "
+            "from recbole_mllm.quick_start import split_and_build_model; from recbole_mllm.utils import get_trainer; "
+            "c = Config('SASRec', 'tiny', config_dict=json.loads(sys.argv[1])); m = split_and_build_model(c, create_dataset(c))[0]; "
+            "print(get_trainer(c['MODEL_TYPE'], c['model'])(c, m).saved_model_file)")
+    names = []
+    for seed in (1, 1, 2):
+        settings = json.dumps({**tiny_data, "seed": seed, "checkpoint_dir": str(tmp_path)})
+        out = subprocess.run([sys.executable, "-c", code, settings], capture_output=True, text=True, check=True).stdout
+        names.append(out.strip().splitlines()[-1])
+    assert len(set(names)) == 3 and all(name.startswith(str(tmp_path)) for name in names)
+    assert all("the-same-second" in name for name in names) and "-seed1-" in names[0] and "-seed2-" in names[2]
