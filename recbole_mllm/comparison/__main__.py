@@ -24,6 +24,9 @@ def main(argv=None):
     parser.add_argument("--descriptive", action="store_true",
                         help="runs tested on different candidates: write the tables without references, deltas or "
                              "p-values (without it, such runs are refused)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL",
+                        help="a plugin-model run's label to count as a baseline besides RecBole's models (repeat for "
+                             "more), e.g. 'FusedSASRec[id]': FusedSASRec on ids alone is SASRec")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
@@ -32,7 +35,7 @@ def main(argv=None):
         _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
         print(write_comparison(results, args.output, topk=cutoffs or (10,),
                                slices=default_slices(args.cold_item_max, args.short_history_max),
-                               descriptive=args.descriptive))
+                               descriptive=args.descriptive, extra_baselines=args.baseline))
     except (FileNotFoundError, ComparisonError) as error:
         return input_error(error, args.debug)
     return 0

@@ -151,19 +151,30 @@ def _valid_mean(runs):
     return float(np.mean(values)) * (1 if runs[0].result.get("valid_metric_bigger", True) else -1)
 
 
-def baselines(groups, protocol):
-    """The rows of ``protocol`` that are baselines (models not from recbole_mllm), in the order they came."""
-    return [m for (m, p), runs in groups.items()
-            if p == protocol and runs[0].stage_of is None and not is_plugin_model(runs[0].result["model"])]
+def baselines(groups, protocol, extra=frozenset()):
+    """The rows of ``protocol`` that are baselines, in the order they came: models not from recbole_mllm, and the
+    labels in ``extra`` (plugin-model runs that are a baseline in substance, e.g. FusedSASRec on ids, which is SASRec)."""
+    return [m for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None
+            and (m in extra or not is_plugin_model(runs[0].result["model"]))]
 
 
-def best_models(groups):
+def check_extra_baselines(groups, extra):
+    """Refuse a label given as a baseline that names no run's own row (a typo would silently change nothing)."""
+    own = {m for (m, _), runs in groups.items() if runs[0].stage_of is None}
+    unknown = sorted(set(extra) - own)
+    if unknown:
+        raise ComparisonError(f"--baseline names {', '.join(unknown)}, which is no run's label here "
+                              f"(labels: {', '.join(sorted(own))})")
+
+
+def best_models(groups, extra=frozenset()):
     """Protocol -> the baseline with the best mean validation score (``best_valid_score``, the metric that chose
     each run's epoch), or the best model when no baseline ran. Never chosen by a test score."""
     best = {}
     for protocol in dict.fromkeys(p for _, p in groups):
         pool = [m for (m, p), runs in groups.items() if p == protocol and runs[0].stage_of is None]
-        best[protocol] = max(baselines(groups, protocol) or pool, key=lambda m: _valid_mean(groups[(m, protocol)]))
+        best[protocol] = max(baselines(groups, protocol, extra) or pool,
+                             key=lambda m: _valid_mean(groups[(m, protocol)]))
     return best
 
 
@@ -343,7 +354,7 @@ def add_comparisons(rows, groups, best, metric, slices=None):
             row.update(_compare(row, reference_row, groups, metric, wheres.get(label)))
 
 
-def pairwise_rows(rows, groups, best, metric):
+def pairwise_rows(rows, groups, best, metric, extra=frozenset()):
     """One row per (row, reference) for every reference of each (model, protocol) row: its own model for a derived
     row, and for an LLM alone also its first stage (what the LLM adds over it without fusion); then every baseline of
     its protocol (the best model when no baseline ran), never itself."""
@@ -353,7 +364,7 @@ def pairwise_rows(rows, groups, best, metric):
         model, protocol = row["model"], row["protocol"]
         own = groups[(model, protocol)][0].stage_of
         owns = [own, own + FIRST_STAGE] if own and model == own + LLM_ALONE else [own] if own else []
-        references = dict.fromkeys(owns + (baselines(groups, protocol) or [best[protocol]]))
+        references = dict.fromkeys(owns + (baselines(groups, protocol, extra) or [best[protocol]]))
         pairs += [{"model": model, "protocol": protocol, **_compare(row, index[(r, protocol)], groups, metric, None)}
                   for r in references if r != model and (r, protocol) in index]
     return pairs
@@ -379,22 +390,25 @@ class Analysis(NamedTuple):
     metric: str  # the metric of references, deltas and p-values
     pairs: list  # (model, protocol, reference) rows: delta and p-value against every baseline
     descriptive: bool  # candidates differ: no references, deltas or p-values
+    extra_baselines: frozenset = frozenset()  # plugin-model labels counted as baselines
 
 
-def analyse(results, slices=None, descriptive=False):
+def analyse(results, slices=None, descriptive=False, extra_baselines=()):
     """Everything the comparison files show, from a list of run results.
 
     Runs tested on different candidates raise ``ComparisonError`` unless ``descriptive``, which leaves the
-    comparison columns empty.
+    comparison columns empty. ``extra_baselines``: labels of plugin-model runs to count as baselines.
     """
     metric, slices = key_metric(results), default_slices() if slices is None else slices
     entries = build_entries(results)
     differ = check_fingerprints(entries, descriptive)
     groups = group_runs(entries)
-    best = best_models(groups)
+    extra = frozenset(extra_baselines)
+    check_extra_baselines(groups, extra)
+    best = best_models(groups, extra)
     rows, sliced = summary_rows(groups), slice_rows(groups, slices)
     if differ:
-        return Analysis(entries, rows, sliced, {}, metric, [], True)
+        return Analysis(entries, rows, sliced, {}, metric, [], True, extra)
     add_comparisons(rows, groups, best, metric)
     add_comparisons(sliced, groups, best, metric, slices)
-    return Analysis(entries, rows, sliced, best, metric, pairwise_rows(rows, groups, best, metric), False)
+    return Analysis(entries, rows, sliced, best, metric, pairwise_rows(rows, groups, best, metric, extra), False, extra)

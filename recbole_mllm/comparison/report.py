@@ -107,7 +107,8 @@ def notes(analysis):
              f"(scipy, zero_method='wilcox') on per-user {metric}, users paired by user_id, each user's value "
              "first averaged over the seeds both models ran (blank: no per-user data or no common seed)."]
     for protocol, model in analysis.best.items():
-        kind = "the best baseline" if not is_plugin_model(model) else "the best model (no baseline ran)"
+        kind = ("the best baseline" if model in analysis.extra_baselines or not is_plugin_model(model)
+                else "the best model (no baseline ran)")
         lines.append(f"[{protocol}] reference: {model}, {kind} by mean validation score (best_valid_score).")
     for entry in {e.model: e for e in analysis.entries if e.stage_of}.values():
         model, parent = entry.model, entry.stage_of
@@ -164,17 +165,17 @@ def record_folders(results, runs_dir):
     return folders
 
 
-def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=False):
+def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=False, extra_baselines=()):
     """Save every run's record under ``runs/`` and write the comparison files; return the main table.
 
     ``slices``: name -> (per-user field, largest value), default ``analysis.default_slices()``. Records are
     saved first, so a ``ComparisonError`` (runs tested on different candidates without ``descriptive``, two runs
-    of one row and seed) loses none of them.
+    of one row and seed) loses none of them. ``extra_baselines``: labels of plugin-model runs counted as baselines.
     """
     output = Path(output_dir)
     for result, folder in zip(results, record_folders(results, output / "runs")):
         save_record(result, folder)
-    analysis = analyse(results, slices, descriptive)
+    analysis = analyse(results, slices, descriptive, extra_baselines)
     rows, sliced, runs = analysis.rows, analysis.slice_rows, run_rows(analysis.entries)
     metrics, slice_metrics = _metrics(rows), _metrics(sliced)
     table = markdown_table(rows, ["model", "protocol", *metrics, "seeds", *_COMPARE, *_FACTS])

@@ -126,6 +126,23 @@ def test_reference_is_the_best_baseline_never_a_plugin_model():
     assert analyse([_run("MLLMSRec", 1, [1, 2])]).best == {"uni100": "MLLMSRec"}  # no baseline: the best model
 
 
+def test_a_plugin_run_named_as_baseline_can_be_the_reference_and_is_paired_with_every_row(tmp_path):
+    # FusedSASRec on ids alone is SASRec: named a baseline, it competes for the reference by validation
+    ids = dict(_run("FusedSASRec", 1, [1, 2, 2], valid=0.8), label="FusedSASRec[id]")
+    results = [_run("SASRec", 1, [2, 5, 9], valid=0.3), ids, _run("MLLMSRec", 1, [1, 1, 3], valid=0.9)]
+    assert analyse(results).best == {"uni100": "SASRec"}  # by default only RecBole's models are baselines
+    named = analyse(results, extra_baselines=["FusedSASRec[id]"])
+    assert named.best == {"uni100": "FusedSASRec[id]"}
+    assert _row(named.rows, "MLLMSRec")["reference"] == "FusedSASRec[id]"
+    assert {(p["model"], p["reference"]) for p in named.pairs} >= {("MLLMSRec", "FusedSASRec[id]"), ("MLLMSRec", "SASRec")}
+    with pytest.raises(ComparisonError, match=r"FusedSASRec\[ID\].*no run's label"):
+        analyse(results, extra_baselines=["FusedSASRec[ID]"])
+    for result in results:
+        save_record(result, tmp_path / "runs" / f"{result.get('label', result['model'])}-{result['seed']}")
+    assert main([str(tmp_path / "runs"), f"--output={tmp_path / 'out'}", "--baseline=FusedSASRec[id]"]) == 0
+    assert "reference: FusedSASRec[id], the best baseline" in (tmp_path / "out" / "comparison.md").read_text()
+
+
 def test_reference_is_chosen_by_validation_never_by_test():
     # SASRec tests better but validates worse than BERT4Rec, at both seeds (mean valid 0.35 against 0.45)
     results = [_run("SASRec", s, [1, 1, 2], valid=v) for s, v in ((1, 0.3), (2, 0.4))]
