@@ -96,7 +96,7 @@ def split_and_build_model(config, dataset):
     """Split ``dataset``, make the stage caches the model reads ready, then build the model (seeded as RecBole
     seeds it): data flows dataset -> stages -> model. Returns ``(model, train_data, valid_data, test_data)``."""
     model_class = check_run_config(config)
-    stages = required_stages(model_class)
+    stages = required_stages(model_class, config)
     with phase_timing.phase("split"):
         histories = user_histories(dataset) if stages else None  # the split's build() turns them into training rows
         train_data, valid_data, test_data = data_preparation(config, dataset,

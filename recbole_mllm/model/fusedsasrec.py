@@ -16,10 +16,11 @@ defaults are FusedSASRec.yaml's: both dropouts 0.2, where RecBole's SASRec.yaml 
 ``encoder_item_input: id`` it computes SASRec's function from SASRec's initial weights (tests/model/test_fusedsasrec.py).
 """
 
+import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder
+from recbole_mllm.model.sequence_encoder import FusedSequenceEncoder, reads_ids_only
 from recbole_mllm.model.stage_inputs import read_encoder_item_content
 
 
@@ -29,9 +30,18 @@ class FusedSASRec(SequentialRecommender):
     renamed_keys = {"dropout_prob": ("hidden_dropout_prob", "attn_dropout_prob")}  # config_check: setting one is an error
 
     @classmethod
+    def stages_for(cls, config):
+        """The stages this run reads: none when its encoder reads ids alone from SASRec's start (SASRec's function),
+        so that control needs no MLLM and no stage cache."""
+        return () if reads_ids_only(config) else cls.required_stages
+
+    @classmethod
     def prepare(cls, config, dataset, histories=None):
         """The constructor's prepared parts, read from the stage caches before the model is built
-        (``quick_start.build_model``): ``{"item_content": [n_items F]}``, the encoder's item content."""
+        (``quick_start.build_model``): ``{"item_content": [n_items F]}``, the encoder's item content (one zero column
+        when the encoder reads ids alone: it never reads it)."""
+        if reads_ids_only(config):
+            return {"item_content": torch.zeros(len(dataset.field2id_token[dataset.iid_field]), 1)}
         return {"item_content": read_encoder_item_content(config, dataset, histories)}
 
     def __init__(self, config, dataset, item_content=None):

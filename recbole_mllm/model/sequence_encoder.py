@@ -28,6 +28,12 @@ ID_INITS = ("random", "content")
 """Values of ``encoder_id_init``: where the id embedding starts (see the module docstring)."""
 
 
+def reads_ids_only(config):
+    """Whether the encoder ``config`` describes reads no item content: ids alone (``encoder_item_input: id``) from a
+    random start (``encoder_id_init: random``), SASRec's function."""
+    return config["encoder_item_input"] == "id" and (config["encoder_id_init"] or "random") == "random"
+
+
 def content_components(content, size, scale):
     """``[n_items size]``: rows 1.. of ``content`` projected on its first ``size`` principal components (an exact SVD
     of the centred rows: no random draw), scaled so their standard deviation is ``scale``; row 0 (padding) zero. With

@@ -1,8 +1,8 @@
 """Stage caches made ready before a model is built: verified, built when missing and allowed, or an error.
 
 A plugin model names the stages whose caches it reads in its ``required_stages`` class attribute
-(RecBole's baselines have none). ``quick_start.run`` calls :func:`prepare_stages` after the split and
-before the model, so the model only ever reads caches: data flows dataset -> stages -> model. With
+(RecBole's baselines have none), or per run in a ``stages_for(config)`` class method (FusedSASRec on ids alone
+reads none). ``quick_start.run`` calls :func:`prepare_stages` after the split and before the model, so the model only ever reads caches: data flows dataset -> stages -> model. With
 ``run_missing_stages: True`` a missing stage runs here, with its progress bars; with False the error
 names the command that builds it (to build caches ahead of a long job, e.g. with
 ``torchrun --nproc_per_node=8 -m recbole_mllm.stages.item_fusion ...``).
@@ -29,9 +29,12 @@ STAGES = ("item_fusion", "user_profile")
 """Every stage, in the order they run: user summaries read the fused item summaries."""
 
 
-def required_stages(model_class) -> tuple:
-    """The stages whose caches ``model_class`` reads (its ``required_stages``; none for other models)."""
-    stages = tuple(getattr(model_class, "required_stages", ()))
+def required_stages(model_class, config=None) -> tuple:
+    """The stages whose caches ``model_class`` reads (its ``required_stages``, or what its ``stages_for(config)`` says
+    a run of ``config`` reads; none for other models)."""
+    stages_for = getattr(model_class, "stages_for", None)
+    stages = tuple(stages_for(config) if stages_for is not None and config is not None
+                   else getattr(model_class, "required_stages", ()))
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"{model_class.__name__}.required_stages names unknown stages {unknown}; known: {list(STAGES)}")

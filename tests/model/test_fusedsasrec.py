@@ -22,6 +22,15 @@ def test_fusedsasrec_trains_and_tests_with_every_item_input(item_input, tiny_dat
     assert result["config"]["encoder_item_input"] == item_input
 
 
+def test_fusedsasrec_on_ids_needs_no_mllm_and_no_stage_cache(tiny_data, stage_setup, tmp_path):
+    """The content control reads ids alone: it runs with an empty stage cache that it may not build, and no LLM."""
+    settings = {**tiny_data, **stage_setup, "encoder_item_input": "id", "run_missing_stages": False,
+                "stage_cache_dir": str(tmp_path / "empty"), "mllm": str(tmp_path / "no-llm-here")}
+    result = run("FusedSASRec", "tiny", config_dict=settings)
+    assert set(result["test_result"]) == {"uni100", "full"} and result["phase_seconds"]["stages"] < 1
+    assert not (tmp_path / "empty" / "item_fusion").exists()  # only the run's own state (run_state/) is kept there
+
+
 def _encoder(item_input, fused):
     torch.manual_seed(0)
     return FusedSequenceEncoder(fused, 8, 1, 1, 16, 0.0, 5, item_input=item_input, shuffle_seed=3).eval()

@@ -90,3 +90,9 @@ def test_models_declare_the_stages_they_read():
     assert required_stages(get_model("SASRec")) == ()
     with pytest.raises(ValueError, match="unknown stages"):
         required_stages(type("Odd", (), {"required_stages": ("item_fusoin",)}))
+    # per run: FusedSASRec on ids alone from SASRec's start reads no content; MLLMSRec's ranker always reads both
+    ids = {"encoder_item_input": "id", "encoder_id_init": "random"}
+    assert required_stages(get_model("FusedSASRec"), ids) == ()
+    assert required_stages(get_model("FusedSASRec"), {**ids, "encoder_id_init": "content"}) == ("item_fusion",)
+    assert required_stages(get_model("FusedSASRec"), {**ids, "encoder_item_input": "shuffled"}) == ("item_fusion",)
+    assert required_stages(get_model("MLLMSRec"), ids) == ("item_fusion", "user_profile")

@@ -77,6 +77,11 @@ class MLLMSRec(FusedSASRec):
     required_stages = ("item_fusion", "user_profile")  # caches quick_start prepares before building the model
 
     @classmethod
+    def stages_for(cls, config):
+        """Both stages, whatever its encoder reads: the ranker's prompts read the fused items and the summaries."""
+        return cls.required_stages
+
+    @classmethod
     def check_config(cls, config):
         """MLLMSRec's settings and its ranker template checked together, before the stages run
         (``quick_start.split_and_build_model``)."""
