@@ -6,11 +6,17 @@ those very rows with each user's id and target, so per-user NDCG (and the paired
 and cold-item slices built on it) comes from the scores RecBole evaluated, not from a private metric.
 """
 
+import inspect
+
 import numpy as np
 import torch
+from recbole.config import Config as RecBoleConfig
 from recbole.evaluator import Collector
+from recbole.evaluator.base_metric import TopkMetric
+from recbole.evaluator.register import metrics_dict
+from scipy.stats import wilcoxon
 
-from recbole_mllm import distributed
+from recbole_mllm import compat, distributed
 from recbole_mllm.data.histories import internal_histories
 from recbole_mllm.data.split import held_out_rows
 
@@ -98,3 +104,49 @@ def per_user_record(evaluation, item_train_count, history_length):
     """One evaluation's record with the slice features the comparison reads."""
     return {**evaluation, "target_train_count": item_train_count[evaluation["target_item"]],
             "history_length": history_length[evaluation["user_id"]]}
+
+
+def as_numpy(array):
+    """A numpy copy of a numpy array, a torch tensor (any device) or a list."""
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+
+
+def per_user_metrics(topk, metrics, cutoffs):
+    """``{"ndcg@10": float array [n], ...}``: every top-k metric in ``metrics`` at every cut-off, per user.
+
+    ``topk`` is RecBole's ``rec.topk`` ([n, maxk + 1]: 0/1 "the item at rank j is a positive", then the
+    number of positives). Each value is what RecBole's metric class computes for that user, so a mean
+    over users equals ``recbole.evaluator.Evaluator``'s result. Metrics that are not top-k metrics
+    (AUC, ItemCoverage, ...) have no per-user value and are left out.
+    """
+    compat.apply_numpy_aliases()
+    RecBoleConfig.compatibility_settings(None)  # RecBole's MRR reads np.float, which only its Config defines
+    topk = as_numpy(topk)
+    pos_index, pos_len = topk[:, :-1].astype(bool), topk[:, -1]
+    config = {"topk": list(cutoffs), "metric_decimal_place": 4}
+    values = {}
+    for name in metrics:
+        metric = metrics_dict[name.lower()](config)
+        if not isinstance(metric, TopkMetric):
+            continue
+        n_args = len(inspect.signature(metric.metric_info).parameters)  # Hit/MRR take pos_index only
+        by_rank = metric.metric_info(*(pos_index, pos_len)[:n_args])  # [n maxk]
+        values.update({f"{name.lower()}@{k}": by_rank[:, k - 1].astype(float) for k in cutoffs})
+    return values
+
+
+def per_user_metric(evaluation, metric):
+    """``(user_id [n], values [n])`` of one top-k ``metric`` (``"ndcg@10"``) in one ``PerUserCollector`` evaluation,
+    sorted by user so two evaluations of the same users pair up."""
+    name, cutoff = metric.lower().split("@")
+    order = np.argsort(evaluation["user_id"], kind="stable")
+    values = per_user_metrics(evaluation["topk"][order], [name], [int(cutoff)])[metric.lower()]
+    return evaluation["user_id"][order], values
+
+
+def one_sided_p(values, reference):
+    """p of a one-sided Wilcoxon signed-rank test that ``values`` are above ``reference`` (paired arrays); 1.0 when
+    no pair differs (scipy raises there)."""
+    if not np.any(values != reference):
+        return 1.0
+    return float(wilcoxon(values, reference, zero_method="wilcox", alternative="greater").pvalue)

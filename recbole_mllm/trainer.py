@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -14,6 +15,7 @@ from recbole_mllm import compat, distributed, encoder_warmup_cache, phase_timing
 from recbole_mllm.fileio import atomic_output
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
+from recbole_mllm.evaluation import PerUserCollector, one_sided_p, per_user_metric
 
 def check_encoder_freezing(config):
     """``encoder_frozen_after_warmup`` needs a warm-up: checked before the stages run (``split_and_build_model``; they
@@ -276,7 +278,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
     It reads the model only through methods: RecBole's contract (``calculate_loss``, ``predict``,
     ``full_sort_predict``, ``other_parameter``/``load_other_parameter``) and MLLMSRec's trainer interface
     (``encoder_loss``, ``loss_parts``, ``scoring``, ``uses_llm``, ``first_stage_recall``, ``freeze_encoder``, ``llm_rows``,
-    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``use_fusion_weight``/``fusion_weight``/
+    ``warmup_inputs``, ``encoder_state``/``load_encoder_state``, ``late_fusion_grid``/``first_stage_fallback_alpha``/
+    ``use_fusion_weight``/``fusion_weight``/``use_first_stage_only``/``first_stage_only``/
     ``reuse_llm_scores``; ``model/mllmsrec/model.py``).
     """
 
@@ -296,6 +299,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         self.last_llm_alone_result = None  # under late fusion, the same evaluation with the LLM's score alone
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
         self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
+        if not isinstance(self.eval_collector, PerUserCollector):  # the fusion choice pairs validation users
+            self.eval_collector = PerUserCollector(config)
         rows = config["ranker_train_rows_per_forward"]
         self.rows_per_forward = int(rows) if rows is not None else (None if self.device.type == "cuda" else 1)
 
@@ -402,20 +407,49 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
     def select_fusion_weight(self, valid_data, show_progress=False):
         """Late fusion chosen on validation: each weight of ``late_fusion_grid`` scores the validation set (the LLM
         scores each user's list once for all of them), and the best by ``valid_metric`` (the first of ties) is kept
-        for testing. Returns ``{"weights", "valid_scores", "chosen"}`` for the run's record."""
+        for testing.
+
+        The first stage alone scores the validation set too, and the best weight's per-user ``valid_metric`` is tested
+        against it (one-sided paired Wilcoxon): with ``first_stage_fallback_alpha`` set, a p at or above it keeps the
+        first stage for testing, so the LLM ranks only where validation says it adds something. Returns
+        ``{"weights", "valid_scores", "chosen", "first_stage_valid_score", "p_over_first_stage", "first_stage"}`` for
+        the run's record."""
         weights = [float(w) for w in self.model.late_fusion_grid]
-        scores = []
         masks_history = getattr(valid_data, "masks_history", None)
-        with self.model.reuse_llm_scores():
-            for weight in weights:
-                with self._autocast(), self.model.scoring(fusion_weight=weight, mask_history=masks_history):
-                    result = super().evaluate(valid_data, load_best_model=False, show_progress=show_progress)
-                scores.append(float(result[self.valid_metric]))
-        chosen = weights[scores.index(max(scores))]
+        collector = self.eval_collector
+        recording, collector.recording = collector.recording, True
+        start = len(collector.evaluations)
+        try:
+            with self.model.reuse_llm_scores():
+                for weight in weights:
+                    with self._autocast(), self.model.scoring(fusion_weight=weight, mask_history=masks_history):
+                        super().evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+            with self._autocast(), self.model.scoring(encoder_only=True, mask_history=masks_history):
+                super().evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+            evaluations = collector.evaluations[start:]
+        finally:
+            del collector.evaluations[start:]
+            collector.recording = recording
+        per_user = [per_user_metric(e, self.valid_metric) for e in evaluations]
+        scores = [round(float(values.mean()), 4) for _, values in per_user[:-1]]
+        best = scores.index(max(scores))
+        (users, first_stage), (best_users, best_values) = per_user[-1], per_user[best]
+        if not np.array_equal(users, best_users):
+            raise RuntimeError("late fusion: the first stage and the LLM scored different validation users")
+        p_value = one_sided_p(best_values, first_stage)
+        alpha = self.model.first_stage_fallback_alpha
+        fallback = alpha is not None and not p_value < alpha
+        chosen = weights[best]
         self.model.use_fusion_weight(chosen)
+        self.model.use_first_stage_only(fallback)
+        first_stage_score = round(float(first_stage.mean()), 4)
         self.logger.info(f"late fusion on validation ({self.valid_metric}): "
-                         + ", ".join(f"w={w:g}: {v:.4f}" for w, v in zip(weights, scores)) + f"; chosen w={chosen:g}")
-        return {"weights": weights, "valid_scores": scores, "chosen": chosen}
+                         + ", ".join(f"w={w:g}: {v:.4f}" for w, v in zip(weights, scores))
+                         + f"; first stage alone: {first_stage_score:.4f}; w={chosen:g} over the first stage: one-sided "
+                         f"p = {p_value:.3g}; " + (f"the first stage ranks the test (p >= first_stage_fallback_alpha = "
+                                                   f"{alpha:g})" if fallback else f"chosen w={chosen:g}"))
+        return {"weights": weights, "valid_scores": scores, "chosen": chosen,
+                "first_stage_valid_score": first_stage_score, "p_over_first_stage": p_value, "first_stage": fallback}
 
     def _llm_rows(self, train_data):
         """A loader of the training rows the LLM trains on, ``ranker_train_batch_size`` rows per step.
@@ -589,17 +623,15 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         recall = self.model.first_stage_recall
         recall.reset()
         masks_history = getattr(eval_data, "masks_history", None)  # the loader's protocol: the first stage's mask too
-        fused = self.report_first_stage and self.model.uses_llm and self.model.fusion_weight != 0
+        first_stage_only = self.model.first_stage_only  # late fusion kept the first stage: it ranks, the LLM is reported
+        has_llm = self.model.uses_llm or first_stage_only  # not the warm-up's encoder-only evaluations
+        fused = self.report_first_stage and has_llm and (self.model.fusion_weight != 0 or first_stage_only)
         with self.model.reuse_llm_scores() if fused else nullcontext():  # the LLM-alone pass reuses the LLM's scores
             with self._autocast(), self.model.scoring(encoder_only=not self.model.uses_llm, mask_history=masks_history):
                 result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
             if recall.users:
-                self.last_first_stage_recall = recall.at()
-                self.logger.info(f"stage-1 {', '.join(f'{k}: {v:.4f}' for k, v in self.last_first_stage_recall.items())} "
-                                 f"({recall.users} users); already-seen items in the unmasked stage-1 top 10: "
-                                 f"{recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
-                self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
-            if self.report_first_stage and self.model.uses_llm:
+                self._log_first_stage_recall(recall)
+            if self.report_first_stage and has_llm:
                 self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
                 self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
             if fused:  # after the first stage: per-user records come in the order main, first stage, LLM alone
@@ -607,7 +639,16 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                     self.last_llm_alone_result = super().evaluate(eval_data, load_best_model=False,
                                                                   show_progress=show_progress)
                 self.logger.info(f"LLM alone (late fusion off): {dict(self.last_llm_alone_result)}")
+                if first_stage_only and recall.users:  # the main pass did not rerank: the LLM-alone pass counted
+                    self._log_first_stage_recall(recall)
         return result
+
+    def _log_first_stage_recall(self, recall):
+        self.last_first_stage_recall = recall.at()
+        self.logger.info(f"stage-1 {', '.join(f'{k}: {v:.4f}' for k, v in self.last_first_stage_recall.items())} "
+                         f"({recall.users} users); already-seen items in the unmasked stage-1 top 10: "
+                         f"{recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
+        self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
 
     @torch.no_grad()
     def _first_stage_alone(self, eval_data, show_progress):

@@ -47,8 +47,11 @@ def with_llm_alone(record):
     """``record`` with its ``(LLM alone)`` parts when its late fusion chose weight 0: the test then scored the LLM alone,
     so the test result and per-user data are that row too (no second pass ran, and records written before this was
     recorded lack the parts). Only beside a first stage (``report_first_stage``), where every other weight also gets
-    the row: otherwise the seeds that chose 0 alone would make it up. Returns ``record``, completed in place."""
-    if (record.get("late_fusion_selection") or {}).get("chosen") != 0 or "first_stage_result" not in record:
+    the row: otherwise the seeds that chose 0 alone would make it up. A run whose fusion kept the first stage
+    (``first_stage_fallback_alpha``) tested the first stage and ran the LLM-alone pass itself. Returns ``record``,
+    completed in place."""
+    selection = record.get("late_fusion_selection") or {}
+    if selection.get("chosen") != 0 or selection.get("first_stage") or "first_stage_result" not in record:
         return record
     for alone, tested in (("llm_alone_result", "test_result"), ("llm_alone_per_user", "per_user")):
         for protocol, value in record.get(tested, {}).items():

@@ -436,3 +436,14 @@ def test_the_movement_table_counts_where_the_llm_put_targets_its_first_stage_lis
     assert "## What the LLM did to the target" in (tmp_path / "comparison.md").read_text()
     with open(tmp_path / "comparison_movement.csv") as f:
         assert [(r["model"], r["protocol"], r["users"]) for r in csv.DictReader(f)] == [("MLLMSRec", "uni100", "3.5")]
+
+
+def test_the_one_sided_paired_test_says_which_side_is_above():
+    from recbole_mllm.evaluation import one_sided_p
+
+    rng = np.random.default_rng(0)
+    reference = rng.random(200)
+    above = reference + rng.random(200) * 0.1
+    assert one_sided_p(above, reference) < 1e-6  # above on most users
+    assert one_sided_p(reference, above) > 0.99  # the other side: no evidence at all
+    assert one_sided_p(reference, reference.copy()) == 1.0  # no pair differs

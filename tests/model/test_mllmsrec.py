@@ -1082,6 +1082,52 @@ def test_late_fusion_grid_picks_the_best_weight_on_validation_scoring_the_llm_on
     assert selection["valid_scores"] == pytest.approx(scores)
     assert selection["chosen"] == selection["weights"][int(np.argmax(scores))]
     assert model.scorer.fusion_weight == selection["chosen"]  # and the test is scored with it
+    with model.scoring(encoder_only=True):  # the first stage alone, scored on the same validation users
+        first_stage = trainer.evaluate(valid_data, load_best_model=False)[trainer.valid_metric]
+    assert selection["first_stage_valid_score"] == pytest.approx(first_stage)
+    assert 0 < selection["p_over_first_stage"] <= 1
+    assert selection["first_stage"] is False and model.uses_llm  # no first_stage_fallback_alpha: the best weight ranks
+
+
+def test_a_fusion_choice_that_does_not_beat_the_first_stage_on_validation_keeps_it(mllm_config, tmp_path):
+    """first_stage_fallback_alpha: p at or above it (a level no tiny validation reaches) and the test is the first
+    stage's, in every protocol; the LLM alone is still reported, and the saved record does not take the test for it."""
+    from recbole_mllm.comparison import load_record, save_record
+
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[0.0, 1.0],
+                                                        first_stage_fallback_alpha=1e-12))
+    selection = result["late_fusion_selection"]
+    assert selection["first_stage"] is True and selection["p_over_first_stage"] >= 1e-12
+    assert set(result["first_stage_result"]) == set(result["test_result"]) == set(result["llm_alone_result"])
+    for protocol, metrics in result["test_result"].items():
+        assert metrics == result["first_stage_result"][protocol]
+        assert np.array_equal(result["per_user"][protocol]["topk"], result["first_stage_per_user"][protocol]["topk"])
+    assert "full" in result["first_stage_recall"]  # counted by the LLM-alone pass, the one that reranked
+    save_record(result, folder := tmp_path / "record")
+    loaded = load_record(folder)
+    assert set(loaded["llm_alone_per_user"]) == set(result["test_result"])  # its own pass, not the test's copy
+    assert loaded["late_fusion_selection"]["first_stage"] is True
+
+
+@pytest.mark.parametrize("alpha", [0, 1.5, True, "x"])
+def test_a_bad_first_stage_fallback_alpha_is_refused_naming_the_key(mllm_config, alpha):
+    from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
+
+    config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=[0, 1], first_stage_fallback_alpha=alpha))
+    with pytest.raises(ValueError, match="first_stage_fallback_alpha"):
+        MLLMSRecSettings.from_config(config)
+    config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=None, first_stage_fallback_alpha=0.05))
+    with pytest.raises(ValueError, match="first_stage_fallback_alpha.*late_fusion_grid"):
+        MLLMSRecSettings.from_config(config)
+
+
+def test_late_fusion_needs_a_top_k_valid_metric_and_says_so_before_training(mllm_config):
+    from recbole_mllm.model.mllmsrec.model import MLLMSRec
+
+    config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=[0, 1], valid_metric="ItemCoverage@10",
+                                                       metrics=["NDCG", "ItemCoverage"]))
+    with pytest.raises(ValueError, match="valid_metric"):
+        MLLMSRec.check_config(config)
 
 
 @pytest.mark.parametrize("grid", [[-1.0], [], ["a"]])

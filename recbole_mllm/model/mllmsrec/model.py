@@ -47,6 +47,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from recbole.evaluator.base_metric import TopkMetric
+from recbole.evaluator.register import metrics_dict
 from torch import nn
 
 from recbole_mllm.model.fusedsasrec import FusedSASRec
@@ -88,6 +90,11 @@ class MLLMSRec(FusedSASRec):
         settings = MLLMSRecSettings.from_config(config)
         check_template(load_prompt("ranker", settings.prompt), settings.ranker_scoring == "listwise",
                        settings.ranker_use_rank)
+        metric = str(config["valid_metric"]).lower()
+        if settings.late_fusion_grid is not None and not (
+                "@" in metric and issubclass(metrics_dict.get(metric.split("@")[0], object), TopkMetric)):
+            raise ValueError(f"late_fusion_grid pairs validation users by valid_metric, which needs a top-k metric such "
+                             f"as ndcg@10; got valid_metric: {config['valid_metric']}")
 
     @classmethod
     def prepare(cls, config, dataset, histories=None):
@@ -161,6 +168,8 @@ class MLLMSRec(FusedSASRec):
                                      residual=settings.ranker_residual)
         self.first_stage_recall = self.scorer.recall  # full ranking's stage-1 recall, read (and reset) by the trainer
         self.late_fusion_grid = settings.late_fusion_grid  # weights the trainer tries on validation (None: keep the one given)
+        self.first_stage_fallback_alpha = settings.first_stage_fallback_alpha  # the trainer's test of the fusion choice
+        self.first_stage_only = False  # the trainer's fusion choice kept the first stage (first_stage_fallback_alpha)
         self._trained_keys = {name for name, p in self.named_parameters() if p.requires_grad}
 
     def _projection(self, llm_hidden, token_std):
@@ -226,6 +235,12 @@ class MLLMSRec(FusedSASRec):
     def use_fusion_weight(self, weight):
         """Score with late-fusion weight ``weight`` from now on (the trainer's choice on validation)."""
         self.scorer.fusion_weight = float(weight)
+
+    def use_first_stage_only(self, flag):
+        """Rank by the first stage alone from now on (``flag``): the trainer's fusion choice found no gain of the LLM
+        on validation (``first_stage_fallback_alpha``). ``uses_llm`` is then False outside ``scoring`` blocks; the
+        LLM stays loaded, and ``scoring()`` still reaches it (the trainer's LLM-alone report)."""
+        self.first_stage_only = self.scorer.encoder_only = bool(flag)
 
     @property
     def fusion_weight(self):

@@ -57,6 +57,7 @@ class MLLMSRecSettings:
     ranker_eval_batch_size: Optional[int] = _help("candidates per LLM forward when scoring (None: by device)")
     late_fusion_weight: float = _help("score = LLM + w x encoder score (0: LLM alone)")
     late_fusion_grid: Optional[tuple] = _help("late-fusion weights tried on validation; the best scores the test")
+    first_stage_fallback_alpha: Optional[float] = _help("keep the first stage unless the LLM beats it on validation at p < this")
     ranker_train_negatives: int = _help("negatives per positive for the Yes/No fine-tuning")
     ranker_hard_negatives: int = _help("of those, how many come from the encoder's top-K (sampled lists only)")
     lora_rank: int = _help("LoRA rank")
@@ -80,6 +81,12 @@ class MLLMSRecSettings:
         if self.late_fusion_grid is not None and (not self.late_fusion_grid or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in self.late_fusion_grid)):
             raise ValueError(f"late_fusion_grid: a list of weights >= 0 (or ~ for none), got {list(self.late_fusion_grid)!r}")
+        alpha = self.first_stage_fallback_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            raise ValueError(f"first_stage_fallback_alpha: a significance level in (0, 1] (or ~ for none), got {alpha!r}")
+        if alpha is not None and self.late_fusion_grid is None:
+            raise ValueError("first_stage_fallback_alpha is tested during the late-fusion choice on validation; it needs "
+                             "late_fusion_grid (got ~)")
         if self.ranker_scoring not in SCORING_PROMPTS:
             raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(SCORING_PROMPTS)}")
         if self.ranker_list_order not in LIST_ORDERS:
