@@ -254,6 +254,25 @@ def reranker_movement_rows(results):
              **_metric_columns(row), "seeds": len(row["up"])} for (model, protocol), row in values.items()]
 
 
+def fusion_rows(results):
+    """One row per run with a late-fusion choice (``late_fusion_selection``): each weight's validation score, the
+    weight chosen, the first stage's validation score, the one-sided p of the chosen weight over it and whether the
+    first stage was kept (``first_stage_fallback_alpha``); runs recorded before the first stage was scored there leave
+    those blank."""
+    rows = []
+    for result in sorted(results, key=lambda r: (run_label(r), r.get("seed") or 0)):
+        selection = result.get("late_fusion_selection")
+        if not selection:
+            continue
+        rows.append({"model": run_label(result), "seed": result.get("seed"),
+                     "valid by weight": ", ".join(f"{w:g}: {v:.4f}" for w, v in zip(selection["weights"],
+                                                                                      selection["valid_scores"])),
+                     "chosen": f"{selection['chosen']:g}", "first stage valid": selection.get("first_stage_valid_score"),
+                     "p over first stage": selection.get("p_over_first_stage"),
+                     "first stage kept": selection.get("first_stage")})
+    return rows
+
+
 def phase_rows(results):
     """One row per run label of the runs that record ``phase_seconds``: each phase's seconds, mean over those runs (a
     phase a run did not go through, such as a resumed run's warm-up, counts 0), ``other`` and ``total`` last."""

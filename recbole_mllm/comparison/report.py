@@ -1,13 +1,13 @@
 """The files of a comparison: comparison.md, comparison.csv, comparison_slices.csv, comparison_pvalues.csv,
-comparison_phases.csv, runs.csv, comparison.png, runs/."""
+comparison_fusion.csv, comparison_phases.csv, runs.csv, comparison.png, runs/."""
 
 import csv
 import io
 import json
 from pathlib import Path
 
-from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, is_plugin_model,
-                                              phase_rows, reranker_movement_rows, run_label)
+from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, fusion_rows,
+                                              is_plugin_model, phase_rows, reranker_movement_rows, run_label)
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -59,6 +59,18 @@ def _phase_columns(rows):
     """The phases of ``rows`` in the order runs met them, ``other`` and ``total`` last."""
     names = [n for n in dict.fromkeys(k for r in rows for k in r) if n not in ("model", "seeds", "other", "total")]
     return [*names, "other", "total"]
+
+
+FUSION_COLUMNS = ["model", "seed", "valid by weight", "chosen", "first stage valid", "p over first stage", "first stage kept"]
+
+
+def fusion_table(rows):
+    """Markdown: one row per run's late-fusion choice (``analysis.fusion_rows``); blank where the run did not record it."""
+    def cell(value, column):
+        return "" if value is None else f"{value:.3g}" if column == "p over first stage" else str(value)
+    lines = ["| " + " | ".join(FUSION_COLUMNS) + " |", "|" + "---|" * len(FUSION_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(c), c) for c in FUSION_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def phase_table(rows):
@@ -196,6 +208,9 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
         markdown += ["## What the LLM did to the target: among users whose target its first stage ranks in the top k, "
                      "the share it ranks higher, the same or lower (its own order, fusion off)",
                      markdown_table(movement, ["model", "protocol", "users", *_metrics(movement), "seeds"])]
+    fusion = fusion_rows(results)
+    if fusion:  # what validation chose between the LLM, the fused scores and the first stage, run by run
+        markdown += ["## Late fusion chosen on validation (per run)", fusion_table(fusion)]
     phases = phase_rows(results)
     if phases:  # where each model's wall time went (the runs' phase_seconds)
         markdown += ["## Wall time per phase (seconds, mean over seeds)", phase_table(phases)]
@@ -209,6 +224,7 @@ def write_comparison(results, output_dir, topk=(10,), slices=None, descriptive=F
         "comparison_phases.csv": _csv_text(phases, ["model", *_phase_columns(phases), "seeds"]),
         "comparison_movement.csv": _csv_text(movement, ["model", "protocol", "users", *_with_std(_metrics(movement)),
                                                         "seeds"]),
+        "comparison_fusion.csv": _csv_text(fusion, FUSION_COLUMNS),
         "runs.csv": _csv_text(runs, ["model", "seed", "protocol", *_metrics(runs), "best_valid_score", *_FACTS,
                                      "hyper_parameters"]),
     }

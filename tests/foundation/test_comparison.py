@@ -241,6 +241,25 @@ def test_a_record_whose_fusion_chose_weight_0_reads_back_with_its_llm_alone_row(
     assert "llm_alone_result" not in load_record(tmp_path / "chose_1")  # a fused test is not the LLM alone
 
 
+
+def test_each_runs_fusion_choice_is_reported_with_its_test_against_the_first_stage(tmp_path):
+    """comparison.md and comparison_fusion.csv list every run's late-fusion choice; a run recorded before the first
+    stage was scored on validation leaves those cells blank."""
+    rng = np.random.default_rng(8)
+    new, old = (_run("MLLMSRec", seed, rng.integers(1, 14, 30)) for seed in (1, 2))
+    new["late_fusion_selection"] = {"weights": [0.0, 1.0], "valid_scores": [0.2, 0.25], "chosen": 1.0,
+                                    "first_stage_valid_score": 0.24, "p_over_first_stage": 0.3125, "first_stage": True}
+    old["late_fusion_selection"] = {"weights": [0.0, 1.0], "valid_scores": [0.3, 0.1], "chosen": 0.0}
+    write_comparison([old, new], tmp_path)
+    with open(tmp_path / "comparison_fusion.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["seed"], r["valid by weight"], r["chosen"]) for r in rows] == [("1", "0: 0.2000, 1: 0.2500", "1"),
+                                                                               ("2", "0: 0.3000, 1: 0.1000", "0")]
+    assert (rows[0]["first stage valid"], rows[0]["p over first stage"], rows[0]["first stage kept"]) == ("0.24", "0.3125", "True")
+    assert rows[1]["p over first stage"] == rows[1]["first stage kept"] == ""
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "## Late fusion chosen on validation" in markdown and "| MLLMSRec | 1 | 0: 0.2000, 1: 0.2500 | 1 | 0.24 | 0.312 | True |" in markdown
+
 def test_the_llm_alone_is_also_tested_against_its_first_stage_in_the_p_value_file():
     """What the LLM adds over its first stage, fusion aside: the pair (LLM alone, first stage) has its own p-value."""
     rng = np.random.default_rng(5)
