@@ -6,8 +6,9 @@ plain forward without cache, --naive_batch candidates per forward. ours: ``LoRAR
 rows of the output layer in float32, so the printed difference is the layouts' alone. list: one prompt per
 user, its part and then one short line per candidate (--list_item_tokens, e.g. "(C) a title"), scored in one forward
 by the logits of the candidates' option tokens (``LoRARanker.list_logits``, LlamaRec's verbalizer); its scores are
-another model of the task, so only its speed is compared. A last row per model times a training step of ours
-(loss + backward, the packed layout; --train_candidates).
+another model of the task, so only its speed is compared. The last rows per model time a training step of ours
+(loss + backward, the packed layout; --train_candidates) and one of the list path (cross-entropy towards one
+option of each user's list, MLLMSRec's default ranker; --train_list_candidates).
 
 The LLMs have random weights built from a config (speed does not depend on weight values; no
 download) and read random token ids, one soft embedding per prompt part. Prompt parts are 80-120%
@@ -69,6 +70,8 @@ def parse_args(argv=None):
                         help="peak memory of ours at this size too (CUDA only; 0 0: skip)")
     parser.add_argument("--train_candidates", type=int, default=4,
                         help="candidates per user in a timed training step of ours (0: none)")
+    parser.add_argument("--train_list_candidates", type=int, default=20,
+                        help="listed candidates per user in a timed list-wise training step (0: none)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute the LLM's activations in the backward pass (LoRARanker's gradient_checkpointing)")
     parser.add_argument("--train_only", action="store_true", help="time the training step alone (no scoring rows)")
@@ -228,6 +231,21 @@ def train_step(name, ranker, n_users, per_user, args, generator):
            3 * model_flops(ranker, *workload(*batch)[0]["ours"]), peak, args)
 
 
+def train_list_step(name, ranker, n_users, per_user, args, generator):
+    """One list-wise training step (cross-entropy towards each user's first option, then backward): MLLMSRec's
+    joint step at its defaults, one lettered list of ``per_user`` candidates per user."""
+    users, candidates, owner = batch = synthetic_batch(ranker, n_users, per_user, args, generator)
+    prompts = list_prompts(users, owner, args.list_item_tokens or 16, ranker, generator)
+    options, target = list(range(10, 10 + per_user)), torch.zeros(n_users, dtype=torch.long, device=args.device)
+    lengths = [len(ids) for ids in prompts.ids]
+    ranker.train()
+    step = lambda: torch.nn.functional.cross_entropy(ranker.list_logits(prompts, options).float(), target).backward()
+    _, seconds, peak = timed(step, args.repeats, args.device)
+    ranker.eval()
+    report(name, f"{n_users}x{per_user}", "ltrain" + ("+gc" if args.gradient_checkpointing else ""), seconds, batch,
+           3 * model_flops(ranker, sum(lengths), sum(n * (n + 1) // 2 for n in lengths)), peak, args)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
@@ -244,6 +262,8 @@ def main(argv=None):
             memory_case(name, ranker, *args.memory_case, args, generator)
         if args.train_candidates:
             train_step(name, ranker, args.users, args.train_candidates, args, generator)
+        if args.train_list_candidates:
+            train_list_step(name, ranker, args.users, args.train_list_candidates, args, generator)
         del ranker
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
