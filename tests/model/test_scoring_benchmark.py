@@ -24,4 +24,13 @@ def test_tiny_benchmark_times_a_checkpointed_training_step_alone(monkeypatch, ca
     runpy.run_path(str(BENCHMARK), run_name="__main__")
     out = capsys.readouterr().out
     rows = re.findall(r"^tiny +\S+ +(\S+) +([\d.]+) ", out, re.MULTILINE)
-    assert rows and {path for path, _ in rows} == {"train+gc"} and all(float(ms) > 0 for _, ms in rows), out
+    assert rows and {path for path, _ in rows} == {"train+gc", "ltrain+gc"} and all(float(ms) > 0 for _, ms in rows), out
+    sizes = {path: size for size, path in re.findall(r"^tiny +(\S+) +(\S*train)\+gc ", out, re.MULTILINE)}
+    assert sizes == {"train": "2x4", "ltrain": "2x20"}, out  # the packed pointwise step and the list-wise one
+
+
+def test_tiny_benchmark_times_both_training_steps_without_checkpointing(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu", "--train_only"])
+    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    out = capsys.readouterr().out
+    assert [path for path in re.findall(r"^tiny +\S+ +(\S+) ", out, re.MULTILINE)] == ["train", "ltrain"], out
