@@ -111,6 +111,11 @@ def as_numpy(array):
     return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
 
 
+def is_top_k_metric(name):
+    """Whether RecBole's metric ``name`` (``"ndcg"``, any case) is a top-k metric, the kind with a per-user value."""
+    return issubclass(metrics_dict.get(str(name).lower(), object), TopkMetric)
+
+
 def per_user_metrics(topk, metrics, cutoffs):
     """``{"ndcg@10": float array [n], ...}``: every top-k metric in ``metrics`` at every cut-off, per user.
 

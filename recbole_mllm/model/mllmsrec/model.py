@@ -47,10 +47,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from recbole.evaluator.base_metric import TopkMetric
-from recbole.evaluator.register import metrics_dict
 from torch import nn
 
+from recbole_mllm.evaluation import is_top_k_metric
 from recbole_mllm.model.fusedsasrec import FusedSASRec
 from recbole_mllm.model.mllmsrec.candidates import TrainingCandidates
 from recbole_mllm.model.mllmsrec.context import RankerContext, build_histories, build_item_material
@@ -91,8 +90,7 @@ class MLLMSRec(FusedSASRec):
         check_template(load_prompt("ranker", settings.prompt), settings.ranker_scoring == "listwise",
                        settings.ranker_use_rank)
         metric = str(config["valid_metric"]).lower()
-        if settings.late_fusion_grid is not None and not (
-                "@" in metric and issubclass(metrics_dict.get(metric.split("@")[0], object), TopkMetric)):
+        if settings.late_fusion_grid is not None and not ("@" in metric and is_top_k_metric(metric.split("@")[0])):
             raise ValueError(f"late_fusion_grid pairs validation users by valid_metric, which needs a top-k metric such "
                              f"as ndcg@10; got valid_metric: {config['valid_metric']}")
 
