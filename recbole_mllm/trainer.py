@@ -410,8 +410,10 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         for testing.
 
         The first stage alone scores the validation set too, and the best weight's per-user ``valid_metric`` is tested
-        against it (one-sided paired Wilcoxon): with ``first_stage_fallback_alpha`` set, a p at or above it keeps the
-        first stage for testing, so the LLM ranks only where validation says it adds something. Returns
+        against it (one-sided paired Wilcoxon, Bonferroni-corrected for the grid's weights, since the best of them is the
+        one tested): with ``first_stage_fallback_alpha`` set, a p at or above it, or a best weight whose mean is not above
+        the first stage's (Wilcoxon ranks the sizes of the differences, so many small gains can outweigh a few large
+        losses), keeps the first stage for testing: the LLM ranks only where validation says it adds something. Returns
         ``{"weights", "valid_scores", "chosen", "first_stage_valid_score", "p_over_first_stage", "first_stage"}`` for
         the run's record."""
         weights = [float(w) for w in self.model.late_fusion_grid]
@@ -430,24 +432,28 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         finally:
             del collector.evaluations[start:]
             collector.recording = recording
+        if len(evaluations) != len(weights) + 1:
+            raise RuntimeError(f"late fusion: {len(evaluations)} validation passes recorded, {len(weights) + 1} run")
         per_user = [per_user_metric(e, self.valid_metric) for e in evaluations]
-        scores = [round(float(values.mean()), 4) for _, values in per_user[:-1]]
+        places = self.config["metric_decimal_place"]  # the scores RecBole reports, so ties are those a reader sees
+        scores = [round(float(values.mean()), places) for _, values in per_user[:-1]]
         best = scores.index(max(scores))
         (users, first_stage), (best_users, best_values) = per_user[-1], per_user[best]
         if not np.array_equal(users, best_users):
             raise RuntimeError("late fusion: the first stage and the LLM scored different validation users")
-        p_value = one_sided_p(best_values, first_stage)
+        p_value = min(1.0, one_sided_p(best_values, first_stage) * len(weights))
+        first_stage_score = round(float(first_stage.mean()), places)
         alpha = self.model.first_stage_fallback_alpha
-        fallback = alpha is not None and not p_value < alpha
+        fallback = alpha is not None and (not p_value < alpha or not best_values.mean() > first_stage.mean())
         chosen = weights[best]
         self.model.use_fusion_weight(chosen)
         self.model.use_first_stage_only(fallback)
-        first_stage_score = round(float(first_stage.mean()), 4)
         self.logger.info(f"late fusion on validation ({self.valid_metric}): "
                          + ", ".join(f"w={w:g}: {v:.4f}" for w, v in zip(weights, scores))
                          + f"; first stage alone: {first_stage_score:.4f}; w={chosen:g} over the first stage: one-sided "
-                         f"p = {p_value:.3g}; " + (f"the first stage ranks the test (p >= first_stage_fallback_alpha = "
-                                                   f"{alpha:g})" if fallback else f"chosen w={chosen:g}"))
+                         f"p = {p_value:.3g} (Bonferroni over {len(weights)} weights); "
+                         + (f"the first stage ranks the test (first_stage_fallback_alpha = {alpha:g})" if fallback
+                            else f"chosen w={chosen:g}"))
         return {"weights": weights, "valid_scores": scores, "chosen": chosen,
                 "first_stage_valid_score": first_stage_score, "p_over_first_stage": p_value, "first_stage": fallback}
 

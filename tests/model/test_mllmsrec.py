@@ -1109,6 +1109,35 @@ def test_a_fusion_choice_that_does_not_beat_the_first_stage_on_validation_keeps_
     assert loaded["late_fusion_selection"]["first_stage"] is True
 
 
+@pytest.mark.parametrize("raw_p, gain, keeps_llm", [(0.001, 0.01, True), (0.02, 0.01, False), (0.001, -0.01, False)])
+def test_the_first_stage_ranks_unless_the_best_weight_beats_it_on_validation(mllm_config, monkeypatch, raw_p, gain,
+                                                                              keeps_llm):
+    """first_stage_fallback_alpha 0.05 over a grid of 3 weights: a one-sided p of 0.001 keeps the LLM; 0.02 is 0.06 once
+    corrected for the 3 weights tried and keeps the first stage; so does a small p whose mean gain is negative (Wilcoxon
+    ranks the sizes of the differences, so many small gains can outweigh a few large losses)."""
+    import recbole_mllm.trainer as trainer_module
+
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, late_fusion_grid=[0.0, 1.0, 50.0],
+                                               first_stage_fallback_alpha=0.05))
+    model, _, valid_data, _ = split_and_build_model(config, dataset)
+    trainer = trainer_module.MLLMSRecTrainer(config, model)
+    passes, tested = [], []
+
+    def per_user(evaluation, metric):  # the grid's 3 passes score base + gain, the first stage's (the 4th) base
+        passes.append(evaluation)
+        users, base = np.sort(evaluation["user_id"]), np.linspace(0.2, 0.8, len(evaluation["user_id"]))
+        return users, base if len(passes) == 4 else base + gain
+
+    monkeypatch.setattr(trainer_module, "per_user_metric", per_user)
+    monkeypatch.setattr(trainer_module, "one_sided_p", lambda values, reference: tested.append(
+        float(np.mean(values - reference))) or raw_p)
+    selection = trainer.select_fusion_weight(valid_data)
+    assert len(passes) == 4 and tested == [pytest.approx(gain)]  # the best weight tested against the first stage
+    assert selection["p_over_first_stage"] == pytest.approx(3 * raw_p)
+    assert selection["first_stage"] is (not keeps_llm) and model.first_stage_only is (not keeps_llm)
+    assert selection["first_stage_valid_score"] == round(float(np.linspace(0.2, 0.8, len(passes[-1]["user_id"])).mean()), 4)
+
+
 @pytest.mark.parametrize("alpha", [0, 1.5, True, "x"])
 def test_a_bad_first_stage_fallback_alpha_is_refused_naming_the_key(mllm_config, alpha):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
@@ -1128,6 +1157,8 @@ def test_late_fusion_needs_a_top_k_valid_metric_and_says_so_before_training(mllm
                                                        metrics=["NDCG", "ItemCoverage"]))
     with pytest.raises(ValueError, match="valid_metric"):
         MLLMSRec.check_config(config)
+    for metric in ("NDCG@10", "mrr@10"):  # top-k metrics, in either case, pass
+        MLLMSRec.check_config(_config_and_dataset(dict(mllm_config, late_fusion_grid=[0, 1], valid_metric=metric))[0])
 
 
 @pytest.mark.parametrize("grid", [[-1.0], [], ["a"]])
