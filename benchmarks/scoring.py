@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from recbole_mllm.cli import HelpFormatter
 from recbole_mllm.model.mllmsrec.ranker import LoRARanker, PromptBatch, joined
+from recbole_mllm.properties_path import declared
 
 MODELS = {  # name: (model class, config)
     "smollm2-135m": (LlamaForCausalLM, LlamaConfig(
@@ -72,6 +73,8 @@ def parse_args(argv=None):
                         help="candidates per user in a timed training step of ours (0: none)")
     parser.add_argument("--train_list_candidates", type=int, default=20,
                         help="listed candidates per user in a timed list-wise training step (0: none)")
+    parser.add_argument("--lora_dropout", type=float, default=declared("model/MLLMSRec.yaml", "lora_dropout")["lora_dropout"],
+                        help="LoRA dropout of the training rows (MLLMSRec's default; scoring runs in eval mode, without it)")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="recompute the LLM's activations in the backward pass (LoRARanker's gradient_checkpointing)")
     parser.add_argument("--train_only", action="store_true", help="time the training step alone (no scoring rows)")
@@ -160,7 +163,7 @@ def build_ranker(name, args):
     torch.manual_seed(0)
     with args.device:
         llm = model_class._from_config(config, attn_implementation="sdpa", dtype=args.dtype)
-    return LoRARanker(llm, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 2,
+    return LoRARanker(llm, 8, 16, args.lora_dropout, ["q_proj", "k_proj", "v_proj", "o_proj"], 1, 2,
                       gradient_checkpointing=args.gradient_checkpointing).eval()
 
 
@@ -250,7 +253,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
     print(f"device {device_name}, {args.dtype}, user part ~{args.user_tokens} tokens, candidate part "
-          f"~{args.candidate_tokens} tokens, naive batch {args.naive_batch}, MFU against {args.peak_tflops:g} TFLOP/s")
+          f"~{args.candidate_tokens} tokens, naive batch {args.naive_batch}, training LoRA dropout {args.lora_dropout:g}, MFU against {args.peak_tflops:g} TFLOP/s")
     print(f"{'model':13} {'users x c':>9} {'path':8} {'ms/call':>9} {'candidates/s':>12} {'prompt tok/s':>14} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     generator = torch.Generator().manual_seed(0)

@@ -34,3 +34,16 @@ def test_tiny_benchmark_times_both_training_steps_without_checkpointing(monkeypa
     runpy.run_path(str(BENCHMARK), run_name="__main__")
     out = capsys.readouterr().out
     assert [path for path in re.findall(r"^tiny +\S+ +(\S+) ", out, re.MULTILINE)] == ["train", "ltrain"], out
+
+
+def test_training_rows_run_with_mllmsrecs_lora_dropout_unless_told(monkeypatch, capsys):
+    """The training rows time what a run trains: LoRA dropout at MLLMSRec's declared default (it costs time and memory
+    on every LoRA'd module's input), or the value given."""
+    from recbole_mllm.properties_path import declared
+
+    default = declared("model/MLLMSRec.yaml", "lora_dropout")["lora_dropout"]
+    for argv, expected in (([], default), (["--lora_dropout", "0"], 0.0)):
+        monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu", "--train_only", *argv])
+        runpy.run_path(str(BENCHMARK), run_name="__main__")
+        out = capsys.readouterr().out
+        assert f"training LoRA dropout {expected:g}," in out and re.search(r"^tiny +\S+ +ltrain ", out, re.M), out
