@@ -464,15 +464,19 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         epoch over all rows would spend almost every step on an encoder forward that is thrown away. The rows are
         chosen by the model's own rule (``TrainingCandidates.llm_rows``), so they are exactly those a full epoch reads.
         Under ``top_k`` only those whose target is inside the frozen encoder's top-K train (``llm_trained_rows``,
-        counted here); the others stay in the batches, so each step trains on the rows it holds, as measured.
+        counted here); with ``ranker_train_rows: all`` the others stay in the batches, so each step trains on the rows
+        it holds, as measured before the key; with ``trained`` the batches hold those rows alone (the same set every
+        epoch: the encoder is frozen), ``ranker_train_batch_size`` training lists a step.
         """
         inter, rows, keep, chunk = train_data.dataset.inter_feat, [], 0, 65536
+        trained_only = self.config["ranker_train_rows"] == "trained"
         for start in range(0, len(inter), chunk):
             part_rows, trained = self.model.llm_rows(inter[start:start + chunk])
-            rows += [start + row for row in part_rows]
+            rows += [start + row for row in (trained if trained_only else part_rows)]
             keep += len(trained)
-        self.logger.info(f"encoder frozen: the joint epochs read the {len(rows)} rows the LLM may train on (of "
-                         f"{len(inter)}), {self.config['ranker_train_batch_size']} per step; {keep} of them train it")
+        self.logger.info(f"encoder frozen: the joint epochs read {len(rows)} rows (of {len(inter)}; "
+                         f"ranker_train_rows: {self.config['ranker_train_rows']}), "
+                         f"{self.config['ranker_train_batch_size']} per step; {keep} of them train the LLM")
         if not keep:  # an untrained reranker would be tested as if it were MLLMSRec's
             raise ValueError(f"no training row can train the LLM: no training target is inside the warmed-up encoder's top "
                              f"rerank_top_k={self.config['rerank_top_k']} (ranker_train_candidates: top_k); raise rerank_top_k "

@@ -616,16 +616,17 @@ def test_a_step_in_parts_of_one_row_has_the_loss_and_gradient_of_the_whole_step(
     assert MLLMSRecTrainer(config, model).rows_per_forward == 1  # the tests' device is the CPU
 
 
-@pytest.mark.parametrize("rule", ["top_k", "sampled"])
-def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule, caplog):
+@pytest.mark.parametrize("rule, train_rows", [("top_k", "all"), ("sampled", "all"), ("top_k", "trained")])
+def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(mllm_config, rule, train_rows, caplog):
     """With the encoder frozen, the other rows train nothing: the joint epochs read the LLM's rows alone, by the
     model's own rule, ``ranker_train_batch_size`` per step; the log counts those whose loss reaches the LLM (under
-    top_k: targets inside the encoder's top-K)."""
+    top_k: targets inside the encoder's top-K). ``ranker_train_rows: trained`` batches those alone."""
     from recbole_mllm.trainer import MLLMSRecTrainer
 
     config, dataset = _config_and_dataset(dict(mllm_config, encoder_frozen_after_warmup=True, encoder_warmup_cache=False,
                                                encoder_warmup_epochs=1, encoder_warmup_stopping_step=0,
-                                               ranker_train_batch_size=3, ranker_train_candidates=rule, rerank_top_k=8))
+                                               ranker_train_batch_size=3, ranker_train_candidates=rule, rerank_top_k=8,
+                                               ranker_train_rows=train_rows))
     model, train_data, valid_data, _ = split_and_build_model(config, dataset)
     trainer, read = MLLMSRecTrainer(config, model), []
     train_epoch = trainer._train_epoch
@@ -651,12 +652,15 @@ def test_a_frozen_encoders_joint_epochs_read_exactly_the_rows_the_llm_trains_on(
     for batch in train_data:
         model.calculate_loss(batch)
     expected = _split_rows(model, train_data)  # {uid: [t]} of llm_train_targets_per_user's rows in a full pass
+    trained = sum(map(len, scored.values()))
+    if train_rows == "trained":  # exactly the rows whose loss reaches the LLM, each once
+        expected = scored
+        assert 0 < trained < sum(map(len, _split_rows(model, train_data).values()))
     assert sum(map(len, expected.values())) == len(joint._dataset) < len(train_data._dataset)
     assert {u: sorted(ts) for u, ts in _split_rows(model, joint).items()} == {u: sorted(ts) for u, ts in expected.items()}
-    trained = sum(map(len, scored.values()))
-    assert 0 < trained < len(joint._dataset) if rule == "top_k" else trained == len(joint._dataset)
-    assert f"the joint epochs read the {len(joint._dataset)} rows the LLM may train on" in caplog.text
-    assert f"; {trained} of them train it" in caplog.text
+    assert 0 < trained < len(joint._dataset) if (rule, train_rows) == ("top_k", "all") else trained == len(joint._dataset)
+    assert (f"the joint epochs read {len(joint._dataset)} rows (of {len(train_data._dataset)}; ranker_train_rows: "
+            f"{train_rows}), 3 per step; {trained} of them train the LLM") in caplog.text
 
 
 def test_a_run_where_no_row_can_train_the_llm_is_an_error_after_the_warm_up(mllm_config):
@@ -1138,6 +1142,14 @@ def test_the_first_stage_ranks_unless_the_best_weight_beats_it_on_validation(mll
     assert selection["first_stage_valid_score"] == round(float(np.linspace(0.2, 0.8, len(passes[-1]["user_id"])).mean()), 4)
 
 
+def test_an_unknown_ranker_train_rows_is_refused_naming_the_key(mllm_config):
+    from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
+
+    config, _ = _config_and_dataset(dict(mllm_config, ranker_train_rows="some"))
+    with pytest.raises(ValueError, match="ranker_train_rows: 'some' is none of all, trained"):
+        MLLMSRecSettings.from_config(config)
+
+
 @pytest.mark.parametrize("alpha", [0, 1.5, True, "x"])
 def test_a_bad_first_stage_fallback_alpha_is_refused_naming_the_key(mllm_config, alpha):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings
@@ -1398,8 +1410,8 @@ def test_sampled_training_lists_keep_the_scoring_invariants(mllm_config, listwis
 def test_a_listwise_ranker_on_sampled_lists_trains_every_row_and_tests_end_to_end(mllm_config, listwise_sampled, caplog):
     with caplog.at_level(logging.INFO):
         result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, **listwise_sampled, late_fusion_grid=[0, 1]))
-    frozen = [r.getMessage() for r in caplog.records if "the joint epochs read the" in r.getMessage()]
-    rows, trained = (int(n) for n in re.search(r"read the (\d+) rows .* (\d+) of them train it", frozen[0]).groups())
+    frozen = [r.getMessage() for r in caplog.records if "the joint epochs read" in r.getMessage()]
+    rows, trained = (int(n) for n in re.search(r"read (\d+) rows .* (\d+) of them train the LLM", frozen[0]).groups())
     assert rows == trained > 0  # not only those whose target is inside the encoder's top-K
     for metrics in (*result["test_result"].values(), *result["llm_alone_result"].values()):
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hit@10"] <= 1.0

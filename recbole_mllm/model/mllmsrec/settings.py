@@ -34,6 +34,9 @@ SHUFFLED_LIST_PROMPT = "list_shuffled_v1"
 LIST_ORDERS = ("encoder", "shuffled")
 """Values of ``ranker_list_order``."""
 
+TRAIN_ROWS = ("all", "trained")
+"""Values of ``ranker_train_rows``."""
+
 
 @dataclass(frozen=True)
 class MLLMSRecSettings:
@@ -42,6 +45,7 @@ class MLLMSRecSettings:
     ranker_prompt: Optional[str] = _help("prompt template version or .txt path (None: the scoring's own)")
     ranker_list_order: str = _help("listwise: the listed items in the encoder's order or shuffled (seeded)")
     ranker_train_candidates: str = _help("the LLM's training lists: top_k (as tested) or sampled")
+    ranker_train_rows: str = _help("a frozen encoder's joint batches: all rows the LLM may train on, or the trained alone")
     encoder_loss_weight: float = _help("weight of the encoder's cross-entropy in the joint loss (unfrozen encoder)")
     ranker_use_images: bool = _help("target item image as projected visual tokens")
     ranker_use_summaries: bool = _help("temporal preference summary in the prompt")
@@ -89,6 +93,8 @@ class MLLMSRecSettings:
                              "late_fusion_grid (got ~)")
         if self.ranker_scoring not in SCORING_PROMPTS:
             raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(SCORING_PROMPTS)}")
+        if self.ranker_train_rows not in TRAIN_ROWS:
+            raise ValueError(f"ranker_train_rows: {self.ranker_train_rows!r} is none of {', '.join(TRAIN_ROWS)}")
         if self.ranker_list_order not in LIST_ORDERS:
             raise ValueError(f"ranker_list_order: {self.ranker_list_order!r} is none of {', '.join(LIST_ORDERS)}")
         if self.ranker_list_order != "encoder" and self.ranker_scoring != "listwise":
