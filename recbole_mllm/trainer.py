@@ -23,6 +23,9 @@ def check_encoder_freezing(config):
     if config["encoder_frozen_after_warmup"] and (config["encoder_warmup_epochs"] or 0) <= 0:
         raise ValueError(f"encoder_frozen_after_warmup needs a warm-up (encoder_warmup_epochs > 0, got "
                          f"{config['encoder_warmup_epochs']}); or set encoder_frozen_after_warmup: False")
+    if config["ranker_train_rows"] == "trained" and not config["encoder_frozen_after_warmup"]:
+        raise ValueError("ranker_train_rows: trained picks a frozen encoder's joint rows (encoder_frozen_after_warmup: "
+                         "True); a training encoder reads every row")
 
 
 class MinimumSteps:
@@ -471,7 +474,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         inter, rows, keep, chunk = train_data.dataset.inter_feat, [], 0, 65536
         trained_only = self.config["ranker_train_rows"] == "trained"
         for start in range(0, len(inter), chunk):
-            part_rows, trained = self.model.llm_rows(inter[start:start + chunk])
+            with self._autocast():  # the precision of the joint steps, whose own top-K decides what trains
+                part_rows, trained = self.model.llm_rows(inter[start:start + chunk])
             rows += [start + row for row in (trained if trained_only else part_rows)]
             keep += len(trained)
         self.logger.info(f"encoder frozen: the joint epochs read {len(rows)} rows (of {len(inter)}; "

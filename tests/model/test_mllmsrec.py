@@ -1150,6 +1150,14 @@ def test_an_unknown_ranker_train_rows_is_refused_naming_the_key(mllm_config):
         MLLMSRecSettings.from_config(config)
 
 
+def test_trained_rows_alone_need_a_frozen_encoder_and_say_so_before_the_data_loads(mllm_config):
+    from recbole_mllm.quick_start import check_run_config
+
+    config, _ = _config_and_dataset(dict(mllm_config, ranker_train_rows="trained", encoder_frozen_after_warmup=False))
+    with pytest.raises(ValueError, match="ranker_train_rows: trained picks a frozen encoder's joint rows"):
+        check_run_config(config)
+
+
 @pytest.mark.parametrize("alpha", [0, 1.5, True, "x"])
 def test_a_bad_first_stage_fallback_alpha_is_refused_naming_the_key(mllm_config, alpha):
     from recbole_mllm.model.mllmsrec.settings import MLLMSRecSettings

@@ -37,13 +37,18 @@ def test_tiny_benchmark_times_both_training_steps_without_checkpointing(monkeypa
 
 
 def test_training_rows_run_with_mllmsrecs_lora_dropout_unless_told(monkeypatch, capsys):
-    """The training rows time what a run trains: LoRA dropout at MLLMSRec's declared default (it costs time and memory
-    on every LoRA'd module's input), or the value given."""
+    """The training rows time what a run trains: LoRA dropout at MLLMSRec's declared default, active (it costs time and
+    memory on every LoRA'd module's input), or the value given (peft builds no dropout module for 0)."""
+    import torch
+
     from recbole_mllm.properties_path import declared
 
-    default = declared("model/MLLMSRec.yaml", "lora_dropout")["lora_dropout"]
+    default, forward = declared("model/MLLMSRec.yaml", "lora_dropout")["lora_dropout"], torch.nn.Dropout.forward
     for argv, expected in (([], default), (["--lora_dropout", "0"], 0.0)):
+        calls = []
+        monkeypatch.setattr(torch.nn.Dropout, "forward", lambda self, x: calls.append((self.p, self.training)) or forward(self, x))
         monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu", "--train_only", *argv])
         runpy.run_path(str(BENCHMARK), run_name="__main__")
         out = capsys.readouterr().out
         assert f"training LoRA dropout {expected:g}," in out and re.search(r"^tiny +\S+ +ltrain ", out, re.M), out
+        assert set(calls) == ({(expected, True)} if expected else set()), calls
