@@ -155,3 +155,10 @@ def one_sided_p(values, reference):
     if not np.any(values != reference):
         return 1.0
     return float(wilcoxon(values, reference, zero_method="wilcox", alternative="greater").pvalue)
+
+
+def keeps_first_stage(p_over_first_stage, alpha, chosen_score, first_stage_score):
+    """The late-fusion fallback's rule (``first_stage_fallback_alpha``): the first stage ranks the test unless the
+    chosen weight beats it on validation, both significantly (``p_over_first_stage`` below ``alpha``) and in the mean
+    (Wilcoxon ranks the sizes of the differences, so many small gains can outweigh a few large losses)."""
+    return not (p_over_first_stage < alpha and chosen_score > first_stage_score)

@@ -15,7 +15,7 @@ from recbole_mllm import compat, distributed, encoder_warmup_cache, phase_timing
 from recbole_mllm.fileio import atomic_output
 from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
-from recbole_mllm.evaluation import PerUserCollector, one_sided_p, per_user_metric
+from recbole_mllm.evaluation import PerUserCollector, keeps_first_stage, one_sided_p, per_user_metric
 
 def check_encoder_freezing(config):
     """``encoder_frozen_after_warmup`` needs a warm-up: checked before the stages run (``split_and_build_model``; they
@@ -447,7 +447,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         p_value = min(1.0, one_sided_p(best_values, first_stage) * len(weights))
         first_stage_score = round(float(first_stage.mean()), places)
         alpha = self.model.first_stage_fallback_alpha
-        fallback = alpha is not None and (not p_value < alpha or not best_values.mean() > first_stage.mean())
+        fallback = alpha is not None and keeps_first_stage(p_value, alpha, best_values.mean(), first_stage.mean())
         chosen = weights[best]
         self.model.use_fusion_weight(chosen)
         self.model.use_first_stage_only(fallback)

@@ -7,7 +7,7 @@ from pathlib import Path
 from recbole_mllm.cli import input_error
 from recbole_mllm.comparison.analysis import ComparisonError, default_slices
 from recbole_mllm.comparison.metrics import split_metric_keys
-from recbole_mllm.comparison.records import find_records, load_record
+from recbole_mllm.comparison.records import find_records, load_record, with_first_stage_fallback
 from recbole_mllm.comparison.report import write_comparison
 
 
@@ -27,11 +27,19 @@ def main(argv=None):
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL",
                         help="a plugin-model run's label to count as a baseline besides RecBole's models (repeat for "
                              "more), e.g. 'FusedSASRec[id]': FusedSASRec on ids alone is SASRec")
+    parser.add_argument("--fallback_alpha", type=float, metavar="ALPHA",
+                        help="also report each MLLMSRec run as first_stage_fallback_alpha=ALPHA would have tested it "
+                             "(the first stage where its validation p over it is >= ALPHA): '<model> (first-stage "
+                             "fallback)', from runs that recorded that p")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         folders = find_records(args.run_dirs, skip=Path(args.output) / "runs")
         results = [load_record(folder) for folder in folders]
+        if args.fallback_alpha is not None:
+            if not 0 < args.fallback_alpha <= 1:
+                raise ComparisonError(f"--fallback_alpha: a significance level in (0, 1], got {args.fallback_alpha}")
+            results = [with_first_stage_fallback(result, args.fallback_alpha) for result in results]
         _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
         print(write_comparison(results, args.output, topk=cutoffs or (10,),
                                slices=default_slices(args.cold_item_max, args.short_history_max),

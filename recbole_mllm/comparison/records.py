@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from recbole_mllm.comparison.metrics import as_numpy
+from recbole_mllm.evaluation import keeps_first_stage
 from recbole_mllm.fileio import atomic_write
 
 _ARRAY_PARTS = ("per_user", "first_stage_per_user", "llm_alone_per_user")
-_NOT_SAVED = (*_ARRAY_PARTS, "config")
+_DERIVED = ("fallback_result", "fallback_per_user")  # rebuilt from the saved parts: with_first_stage_fallback
+_NOT_SAVED = (*_ARRAY_PARTS, *_DERIVED, "config")
 
 
 def _plain(value):
@@ -56,6 +58,31 @@ def with_llm_alone(record):
     for alone, tested in (("llm_alone_result", "test_result"), ("llm_alone_per_user", "per_user")):
         for protocol, value in record.get(tested, {}).items():
             record.setdefault(alone, {}).setdefault(protocol, value)
+    return record
+
+
+def falls_back(selection, alpha):
+    """Whether ``first_stage_fallback_alpha = alpha`` keeps the first stage for a recorded late-fusion choice: its p
+    over the first stage is at or above ``alpha``, or the chosen weight's validation score is not above the first
+    stage's (the rule of ``MLLMSRecTrainer.select_fusion_weight``, on the scores as the record rounds them)."""
+    chosen = selection["valid_scores"][selection["weights"].index(selection["chosen"])]
+    return keeps_first_stage(selection["p_over_first_stage"], alpha, chosen, selection["first_stage_valid_score"])
+
+
+def with_first_stage_fallback(record, alpha):
+    """``record`` with the test ``first_stage_fallback_alpha = alpha`` would have given it (``fallback_result``,
+    ``fallback_per_user``): the first stage's where :func:`falls_back`, the run's own test elsewhere. Only for runs
+    that recorded their first stage on validation (``p_over_first_stage``) and on the test; a run that kept its first
+    stage under another alpha and would not here lacks the LLM's test, so it gets no row either. Returns ``record``,
+    completed in place."""
+    selection = record.get("late_fusion_selection") or {}
+    if selection.get("p_over_first_stage") is None or "first_stage_result" not in record:
+        return record
+    first_stage = falls_back(selection, alpha)
+    if selection.get("first_stage") and not first_stage:
+        return record
+    parts = ("first_stage_result", "first_stage_per_user") if first_stage else ("test_result", "per_user")
+    record["fallback_result"], record["fallback_per_user"] = record[parts[0]], record.get(parts[1], {})
     return record
 
 

@@ -13,7 +13,7 @@ from scipy.stats import wilcoxon
 from recbole_mllm.comparison import find_records, load_record, per_user_metrics, save_record, write_comparison
 from recbole_mllm.comparison.__main__ import main
 from recbole_mllm.comparison.analysis import ComparisonError, analyse, is_plugin_model
-from recbole_mllm.comparison.records import with_llm_alone
+from recbole_mllm.comparison.records import with_first_stage_fallback, with_llm_alone
 
 
 def _topk(ranks, maxk=10):
@@ -259,6 +259,34 @@ def test_each_runs_fusion_choice_is_reported_with_its_test_against_the_first_sta
     assert rows[1]["p over first stage"] == rows[1]["first stage kept"] == ""
     markdown = (tmp_path / "comparison.md").read_text()
     assert "## Late fusion chosen on validation" in markdown and "| MLLMSRec | 1 | 0: 0.2000, 1: 0.2500 | 1 | 0.24 | 0.312 | True |" in markdown
+
+def test_the_first_stage_fallback_row_is_what_the_rule_would_have_tested(tmp_path, capsys):
+    """--fallback_alpha 0.05: seed 1 beat its first stage on validation (p 0.01, higher score) and keeps its test;
+    seed 2 (p 0.3) and seed 3 (p 0.01 but a lower score) get their first stage's; a run that already kept its first
+    stage under another alpha, where this one would keep the LLM, has no LLM test to give and gets no row."""
+    rng = np.random.default_rng(9)
+    runs, expected = [], []
+    for seed, p, chosen_score in ((1, 0.01, 0.25), (2, 0.3, 0.25), (3, 0.01, 0.23)):
+        test_ranks, first_ranks = rng.integers(1, 14, 30), rng.integers(1, 14, 30)
+        run, first = _run("MLLMSRec", seed, test_ranks), _run("MLLMSRec", seed, first_ranks)
+        run.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
+                   late_fusion_selection={"weights": [0.0, 1.0], "valid_scores": [0.2, chosen_score], "chosen": 1.0,
+                                          "first_stage_valid_score": 0.24, "p_over_first_stage": p, "first_stage": False})
+        save_record(run, tmp_path / "runs_in" / f"seed{seed}")
+        runs.append(run)
+        expected.append(_ndcg(test_ranks if seed == 1 else first_ranks).mean())
+    assert main([str(tmp_path / "runs_in"), "--output", str(tmp_path / "out"), "--fallback_alpha", "0.05"]) == 0
+    with open(tmp_path / "out" / "comparison.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["model"] == "MLLMSRec (first-stage fallback)")
+    assert row["reference"] == "MLLMSRec" and row["seeds"] == "3"
+    assert float(row["ndcg@10"].split(" ± ")[0]) == pytest.approx(np.mean(expected), abs=1e-4)
+    assert "fallback_result" not in json.loads((tmp_path / "out" / "runs" / "MLLMSRec-seed1" / "record.json").read_text())
+    kept = dict(runs[0], late_fusion_selection=dict(runs[0]["late_fusion_selection"], first_stage=True))
+    assert "fallback_result" not in with_first_stage_fallback(kept, 0.05)
+    assert "fallback_result" not in with_first_stage_fallback({"test_result": {}}, 0.05)  # nothing recorded to decide by
+    assert main([str(tmp_path / "runs_in"), "--output", str(tmp_path / "bad"), "--fallback_alpha", "0"]) == 2
+    assert "--fallback_alpha: a significance level in (0, 1], got 0.0" in capsys.readouterr().err
+
 
 def test_the_llm_alone_is_also_tested_against_its_first_stage_in_the_p_value_file():
     """What the LLM adds over its first stage, fusion aside: the pair (LLM alone, first stage) has its own p-value."""
