@@ -34,11 +34,11 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
+        if args.fallback_alpha is not None and not 0 < args.fallback_alpha <= 1:  # before any record is read
+            raise ComparisonError(f"--fallback_alpha: a significance level in (0, 1], got {args.fallback_alpha}")
         folders = find_records(args.run_dirs, skip=Path(args.output) / "runs")
         results = [load_record(folder) for folder in folders]
         if args.fallback_alpha is not None:
-            if not 0 < args.fallback_alpha <= 1:
-                raise ComparisonError(f"--fallback_alpha: a significance level in (0, 1], got {args.fallback_alpha}")
             results = [with_first_stage_fallback(result, args.fallback_alpha) for result in results]
         _, cutoffs = split_metric_keys(k for r in results for metrics in r["test_result"].values() for k in metrics)
         print(write_comparison(results, args.output, topk=cutoffs or (10,),
