@@ -41,6 +41,7 @@ def test_the_defaults_rank_list_wise_and_fuse_on_validation_as_listwise_yaml_wri
     defaults = MLLMSRecSettings.from_config(config)
     assert (defaults.ranker_scoring, defaults.ranker_prompt, defaults.prompt) == ("listwise", None, "list_v1")
     assert defaults.late_fusion_grid == (0, 0.3, 1, 3, 10) and config["epochs"] == 4
+    assert defaults.first_stage_fallback_alpha == 0.05  # the LLM ranks the test only where validation says it adds
     written = _config(tmp_path, properties_dir() / "ranker" / "listwise.yaml")
     assert MLLMSRecSettings.from_config(written) == defaults and written["epochs"] == 4
 

@@ -1062,7 +1062,8 @@ def test_late_fusion_grid_picks_the_best_weight_on_validation_scoring_the_llm_on
     from recbole_mllm.model.mllmsrec.scorer import TwoStageScorer
     from recbole_mllm.trainer import MLLMSRecTrainer
 
-    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, late_fusion_grid=[0.0, 1.0, 50.0]))
+    config, dataset = _config_and_dataset(dict(mllm_config, encoder_warmup_cache=False, late_fusion_grid=[0.0, 1.0, 50.0],
+                                               first_stage_fallback_alpha=None))
     model, train_data, valid_data, _ = split_and_build_model(config, dataset)
     trainer = MLLMSRecTrainer(config, model)
     calls, score_blocks = [], TwoStageScorer._score_blocks
@@ -1165,9 +1166,6 @@ def test_a_bad_first_stage_fallback_alpha_is_refused_naming_the_key(mllm_config,
     config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=[0, 1], first_stage_fallback_alpha=alpha))
     with pytest.raises(ValueError, match="first_stage_fallback_alpha"):
         MLLMSRecSettings.from_config(config)
-    config, _ = _config_and_dataset(dict(mllm_config, late_fusion_grid=None, first_stage_fallback_alpha=0.05))
-    with pytest.raises(ValueError, match="first_stage_fallback_alpha.*late_fusion_grid"):
-        MLLMSRecSettings.from_config(config)
 
 
 def test_late_fusion_needs_a_top_k_valid_metric_and_says_so_before_training(mllm_config):
@@ -1217,7 +1215,7 @@ def test_when_validation_chooses_the_llm_alone_the_record_still_has_its_row(mllm
     """Weight 0 chosen: no second pass, and the test result is the LLM-alone row, so that row has every seed."""
     from recbole_mllm.comparison import load_record, save_record
 
-    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[0.0]))
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[0.0], first_stage_fallback_alpha=None))
     assert result["late_fusion_selection"]["chosen"] == 0
     assert set(result["llm_alone_result"]) == set(result["test_result"])
     for protocol, metrics in result["test_result"].items():

@@ -88,9 +88,6 @@ class MLLMSRecSettings:
         alpha = self.first_stage_fallback_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
             raise ValueError(f"first_stage_fallback_alpha: a significance level in (0, 1] (or ~ for none), got {alpha!r}")
-        if alpha is not None and self.late_fusion_grid is None:
-            raise ValueError("first_stage_fallback_alpha is tested during the late-fusion choice on validation; it needs "
-                             "late_fusion_grid (got ~)")
         if self.ranker_scoring not in SCORING_PROMPTS:
             raise ValueError(f"ranker_scoring: {self.ranker_scoring!r} is none of {', '.join(SCORING_PROMPTS)}")
         if self.ranker_train_rows not in TRAIN_ROWS:
