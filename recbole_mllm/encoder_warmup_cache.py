@@ -27,16 +27,38 @@ WARMUP_KEYS = ("seed", "learning_rate", "learner", "weight_decay", "clip_grad_no
 whether it validated and its code: see :func:`cache_path`); the ranker switches are not among them."""
 
 
+def after_warmup(function):
+    """Marks a trainer function that runs only after the warm-up (the fusion choice, the LLM's rows, reports): its
+    source is left out of :func:`code_sha256`, so editing it keeps the cached warm-ups (on ML-1M each is minutes of
+    GPU time). A test runs a warm-up with every marked function raising."""
+    function.after_warmup = True
+    return function
+
+
+def after_warmup_functions(module):
+    """The functions and methods of ``module`` marked :func:`after_warmup`."""
+    found = []
+    for value in vars(module).values():
+        if inspect.isclass(value) and value.__module__ == module.__name__:
+            found += [v for v in vars(value).values() if getattr(v, "after_warmup", None) is True]
+        elif getattr(value, "after_warmup", None) is True:
+            found.append(value)
+    return found
+
+
 def code_sha256(model, trainer_module):
-    """Hash of the code a warm-up runs: the encoder's module, the model's ``encoder_loss``, the trainer's module, the
-    window rows and their loss, and this module.
+    """Hash of the code a warm-up runs: the encoder's module, the model's ``encoder_loss``, the trainer's module but
+    its :func:`after_warmup` functions, the window rows and their loss, and this module.
 
     A hash of the source rather than a hand-bumped format constant: a constant changes only when someone remembers
     to bump it, the hash whenever that code changes. An unrelated edit there costs one warm-up rerun, never a stale
-    encoder.
+    encoder; a new trainer function is in the hash until it is marked.
     """
+    trainer_source = inspect.getsource(trainer_module)
+    for function in after_warmup_functions(trainer_module):
+        trainer_source = trainer_source.replace(inspect.getsource(function), "")
     sources = [inspect.getsource(inspect.getmodule(type(model.encoder))), inspect.getsource(type(model).encoder_loss),
-               inspect.getsource(trainer_module), inspect.getsource(train_positions), inspect.getsource(windows),
+               trainer_source, inspect.getsource(train_positions), inspect.getsource(windows),
                inspect.getsource(sys.modules[__name__])]
     return sha256_bytes("\n".join(sources).encode())
 

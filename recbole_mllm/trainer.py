@@ -17,6 +17,8 @@ from recbole_mllm.data import windows
 from recbole_mllm.data.dataloader import subset_loader
 from recbole_mllm.evaluation import PerUserCollector, keeps_first_stage, one_sided_p, per_user_metric
 
+
+@encoder_warmup_cache.after_warmup
 def check_encoder_freezing(config):
     """``encoder_frozen_after_warmup`` needs a warm-up: checked before the stages run (``split_and_build_model``; they
     can take an hour), and again by ``fit``."""
@@ -406,6 +408,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             self._warmup_progress_file().unlink(missing_ok=True)  # the finished run's state holds the encoder now
         return result
 
+    @encoder_warmup_cache.after_warmup
     @torch.no_grad()
     def select_fusion_weight(self, valid_data, show_progress=False):
         """Late fusion chosen on validation: each weight of ``late_fusion_grid`` scores the validation set (the LLM
@@ -460,6 +463,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         return {"weights": weights, "valid_scores": scores, "chosen": chosen,
                 "first_stage_valid_score": first_stage_score, "p_over_first_stage": p_value, "first_stage": fallback}
 
+    @encoder_warmup_cache.after_warmup
     def _llm_rows(self, train_data):
         """A loader of the training rows the LLM trains on, ``ranker_train_batch_size`` rows per step.
 
@@ -657,6 +661,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                     self._log_first_stage_recall(recall)
         return result
 
+    @encoder_warmup_cache.after_warmup
     def _log_first_stage_recall(self, recall):
         self.last_first_stage_recall = recall.at()
         self.logger.info(f"stage-1 {', '.join(f'{k}: {v:.4f}' for k, v in self.last_first_stage_recall.items())} "
@@ -664,6 +669,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                          f"{recall.seen_share(10):.1%}, top 20: {recall.seen_share(20):.1%}")
         self.last_first_stage_seen_share = {f"seen@{k}": recall.seen_share(k) for k in recall.seen_in_top}
 
+    @encoder_warmup_cache.after_warmup
     @torch.no_grad()
     def _first_stage_alone(self, eval_data, show_progress):
         """The same evaluation scored by the encoder alone: what the LLM reranker adds is the difference."""

@@ -356,6 +356,63 @@ def test_warm_up_cache_key_covers_every_input(mllm_config, monkeypatch):
     assert trainer._warmup_cache_path(True) == base
 
 
+def test_a_real_warm_up_runs_none_of_the_functions_left_out_of_its_cache_key(mllm_config, tmp_path, monkeypatch):
+    """``after_warmup`` functions are left out of the warm-up's code hash, so none of them may run in a warm-up: a
+    validated warm-up on the tiny data, each of them raising, trains and saves its encoder."""
+    import recbole_mllm.trainer as trainer_module
+    from recbole_mllm.encoder_warmup_cache import after_warmup_functions
+
+    marked = after_warmup_functions(trainer_module)
+    assert {f.__name__ for f in marked} >= {"select_fusion_weight", "_llm_rows", "_first_stage_alone"}
+    for function in marked:
+        owner = trainer_module.MLLMSRecTrainer if "." in function.__qualname__ else trainer_module
+        monkeypatch.setattr(owner, function.__name__, lambda *a, _name=function.__name__, **k: pytest.fail(_name))
+    settings = dict(mllm_config, encoder_warmup_epochs=2, encoder_warmup_stopping_step=1,
+                    stage_cache_dir=str(tmp_path / "cache"), checkpoint_dir=str(tmp_path))
+    config, dataset = _config_and_dataset(settings)
+    model, train_data, valid_data, _ = split_and_build_model(config, dataset)
+    trainer = trainer_module.MLLMSRecTrainer(config, model)
+    trainer._warm_up_encoder(train_data, valid_data, verbose=False, show_progress=False)
+    assert trainer.warmup_cache.is_file()
+
+
+def test_editing_a_function_marked_after_warmup_keeps_the_warm_up_key_and_any_other_edit_changes_it(mllm_config,
+                                                                                                  tmp_path):
+    import importlib.util
+
+    from recbole_mllm.encoder_warmup_cache import code_sha256
+
+    _, model, _ = _model_and_data(mllm_config)
+    template = """from recbole_mllm.encoder_warmup_cache import after_warmup
+
+
+class Trainer:
+    def warm_up(self):
+        return {warm}
+
+    @after_warmup
+    def choose_fusion(self):
+        return {fusion}
+
+
+@after_warmup
+def check(config):
+    return {check}
+"""
+
+    def key(name, **bodies):
+        path = tmp_path / f"{name}.py"
+        path.write_text(template.format(**{"warm": 1, "fusion": 1, "check": 1, **bodies}))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return code_sha256(model, module)
+
+    base = key("base")
+    assert key("fusion_edited", fusion=2) == base and key("check_edited", check=2) == base
+    assert key("warm_up_edited", warm=2) != base
+
+
 def test_unvalidated_and_validated_warm_ups_are_cached_apart(mllm_config, tmp_path):
     from recbole_mllm.trainer import MLLMSRecTrainer
 
