@@ -23,7 +23,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_mllm import compat, distributed, phase_timing
 from recbole_mllm.attention import use_attention
 from recbole_mllm.comparison import default_slices, write_comparison
-from recbole_mllm.comparison.records import with_llm_alone
+from recbole_mllm.comparison.records import with_chosen_weight, with_llm_alone
 from recbole_mllm.config import Config
 from recbole_mllm.data import create_dataset, data_preparation, user_histories
 from recbole_mllm.data.utils import parse_protocol
@@ -140,7 +140,8 @@ def run(model, dataset, config_file_list=None, config_dict=None, cmd_args=None, 
     its unmasked top 10 and top 20 that the user had already interacted with) and ``first_stage_recall`` (the share
     of targets in its top ``rerank_top_k``, 50 and 100, the room a larger list would give); under late fusion also
     ``llm_alone_result`` and ``llm_alone_per_user`` (the LLM's score alone; the test's own when validation chose
-    weight 0).
+    weight 0), and with ``first_stage_fallback_alpha`` ``chosen_weight_result`` and ``chosen_weight_per_user`` (the
+    weight validation chose; the test's own where that weight ranked it).
     """
     with PhaseTimer().active() as timer:
         return _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, saved)
@@ -199,6 +200,11 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
                 record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
                 record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
                     collector.evaluations[1], item_train_count, history_length)
+            chosen = getattr(trainer, "last_chosen_weight_result", None)  # the first stage ranked: the weight set aside
+            if chosen is not None:
+                record.setdefault("chosen_weight_result", {})[protocol] = dict(chosen)
+                record.setdefault("chosen_weight_per_user", {})[protocol] = per_user_record(
+                    collector.evaluations[2], item_train_count, history_length)
             llm_alone = getattr(trainer, "last_llm_alone_result", None)  # under late fusion: the LLM's score alone
             if llm_alone is not None:
                 record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)
@@ -212,6 +218,7 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
                 record.setdefault("first_stage_recall", {})[protocol] = dict(recall)
     collector.recording = False
     with_llm_alone(record)  # late fusion that chose weight 0 tested the LLM alone: that row is the test's
+    with_chosen_weight(record)  # where the fallback let the chosen weight rank, the test is that row
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     record["phase_seconds"] = timer.account(time.perf_counter() - run_started)
     logger.info(set_color("phase seconds", "blue") + f": {phase_timing.describe(record['phase_seconds'])}")

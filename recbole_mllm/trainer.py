@@ -302,6 +302,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         self.last_first_stage_seen_share = None  # full ranking: already-seen items in the unmasked first stage's top-k
         self.last_first_stage_recall = None  # full ranking: the targets in the first stage's top rerank_top_k, 50, 100
         self.last_llm_alone_result = None  # under late fusion, the same evaluation with the LLM's score alone
+        self.last_chosen_weight_result = None  # where the first stage ranked the test: the weight validation chose
         self.joint_rows = None  # with a frozen encoder, the joint epochs read only the LLM's rows (fit)
         self.fusion_selection = None  # late_fusion_grid: every weight's validation score and the one chosen (fit)
         if not isinstance(self.eval_collector, PerUserCollector):  # the fusion choice pairs validation users
@@ -420,8 +421,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
         one tested): with ``first_stage_fallback_alpha`` set, a p at or above it, or a best weight whose mean is not above
         the first stage's (Wilcoxon ranks the sizes of the differences, so many small gains can outweigh a few large
         losses), keeps the first stage for testing: the LLM ranks only where validation says it adds something. Returns
-        ``{"weights", "valid_scores", "chosen", "first_stage_valid_score", "p_over_first_stage", "first_stage"}`` for
-        the run's record."""
+        ``{"weights", "valid_scores", "chosen", "first_stage_valid_score", "p_over_first_stage", "first_stage",
+        "first_stage_fallback_alpha"}`` for the run's record."""
         weights = [float(w) for w in self.model.late_fusion_grid]
         masks_history = getattr(valid_data, "masks_history", None)
         collector = self.eval_collector
@@ -461,7 +462,8 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
                          + (f"the first stage ranks the test (first_stage_fallback_alpha = {alpha:g})" if fallback
                             else f"chosen w={chosen:g}"))
         return {"weights": weights, "valid_scores": scores, "chosen": chosen,
-                "first_stage_valid_score": first_stage_score, "p_over_first_stage": p_value, "first_stage": fallback}
+                "first_stage_valid_score": first_stage_score, "p_over_first_stage": p_value, "first_stage": fallback,
+                "first_stage_fallback_alpha": alpha}
 
     @encoder_warmup_cache.after_warmup
     def _llm_rows(self, train_data):
@@ -633,7 +635,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         self.last_first_stage_result = self.last_first_stage_seen_share = self.last_llm_alone_result = None
-        self.last_first_stage_recall = None
+        self.last_first_stage_recall = self.last_chosen_weight_result = None
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
@@ -652,7 +654,14 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             if self.report_first_stage and has_llm:
                 self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
                 self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
-            if fused:  # after the first stage: per-user records come in the order main, first stage, LLM alone
+            if fused:  # after the first stage: per-user records come in the order main, first stage, [chosen], LLM alone
+                if first_stage_only and self.model.fusion_weight != 0:  # the weight the fallback set aside, reported
+                    with self._autocast(), self.model.scoring(mask_history=masks_history):
+                        self.last_chosen_weight_result = super().evaluate(eval_data, load_best_model=False,
+                                                                          show_progress=show_progress)
+                    self.logger.info(f"the weight validation chose (w={self.model.fusion_weight:g}, not tested: the "
+                                     f"first stage ranks): {dict(self.last_chosen_weight_result)}")
+                    recall.reset()  # counted again by the LLM-alone pass
                 with self._autocast(), self.model.scoring(fusion_weight=0.0, mask_history=masks_history):
                     self.last_llm_alone_result = super().evaluate(eval_data, load_best_model=False,
                                                                   show_progress=show_progress)

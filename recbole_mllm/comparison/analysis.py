@@ -16,12 +16,15 @@ logger = logging.getLogger(__name__)
 
 FIRST_STAGE = " (first stage)"
 LLM_ALONE = " (LLM alone)"
+CHOSEN_WEIGHT = " (chosen weight)"
 FALLBACK = " (first-stage fallback)"
 DERIVED_ROWS = {FIRST_STAGE: ("first_stage_result", "first_stage_per_user"),
                 LLM_ALONE: ("llm_alone_result", "llm_alone_per_user"),
+                CHOSEN_WEIGHT: ("chosen_weight_result", "chosen_weight_per_user"),
                 FALLBACK: ("fallback_result", "fallback_per_user")}
 """Rows a run adds beside its own, by name suffix: the same checkpoint scored by its first stage alone, (under late
-fusion) by its LLM's score alone, and (``--fallback_alpha``: ``records.with_first_stage_fallback``) as a fusion choice
+fusion) by its LLM's score alone, (runs with ``first_stage_fallback_alpha``) at the fusion weight validation chose,
+whether or not that ranked the test, and (``--fallback_alpha``: ``records.with_first_stage_fallback``) as a fusion choice
 that keeps the first stage without a significant validation gain would have tested it; each one's reference is the
 run's row."""
 

@@ -2,7 +2,7 @@
 
 So runs made by separate processes (one GPU job per model and seed) can be compared afterwards.
 ``per_user.npz`` holds one array per ``<part>/<protocol>/<field>``, ``part`` being ``per_user``,
-``first_stage_per_user`` or ``llm_alone_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
+``first_stage_per_user``, ``llm_alone_per_user`` or ``chosen_weight_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
 ``record.json`` holds a whole record.
 """
 
@@ -16,7 +16,9 @@ from recbole_mllm.comparison.metrics import as_numpy
 from recbole_mllm.evaluation import keeps_first_stage
 from recbole_mllm.fileio import atomic_write
 
-_ARRAY_PARTS = ("per_user", "first_stage_per_user", "llm_alone_per_user")
+_ARRAY_PARTS = ("per_user", "first_stage_per_user", "llm_alone_per_user", "chosen_weight_per_user")
+_COPIES = {"llm_alone_per_user": ("per_user",), "chosen_weight_per_user": ("per_user", "llm_alone_per_user")}
+"""Parts that may be another part's data (the same objects: with_llm_alone, with_chosen_weight), saved once."""
 _DERIVED = ("fallback_result", "fallback_per_user")  # rebuilt from the saved parts: with_first_stage_fallback
 _NOT_SAVED = (*_ARRAY_PARTS, *_DERIVED, "config")
 
@@ -30,10 +32,9 @@ def save_record(result, folder):
     """Write ``result`` (a ``quick_start.run`` dict) under ``folder``; the config is reduced to ``valid_metric``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tested = result.get("per_user", {})
     arrays = {f"{part}/{protocol}/{field}": as_numpy(values)
               for part in _ARRAY_PARTS for protocol, fields in result.get(part, {}).items()
-              if not (part == "llm_alone_per_user" and fields is tested.get(protocol))  # w = 0: rebuilt on loading
+              if not any(fields is result.get(other, {}).get(protocol) for other in _COPIES.get(part, ()))  # rebuilt
               for field, values in fields.items()}
     if arrays:
         buffer = io.BytesIO()
@@ -61,6 +62,26 @@ def with_llm_alone(record):
     return record
 
 
+def with_chosen_weight(record):
+    """``record`` with its ``(chosen weight)`` parts, the test at the late-fusion weight validation chose, for runs made
+    with ``first_stage_fallback_alpha``: where the fallback kept the first stage the trainer scored that weight beside
+    it (``chosen_weight_result``); elsewhere the test is that weight's, so every seed has the row. Returns ``record``,
+    completed in place."""
+    selection = record.get("late_fusion_selection") or {}
+    if selection.get("first_stage_fallback_alpha") is None:
+        return record
+    if not selection.get("first_stage"):
+        source = ("test_result", "per_user")
+    elif selection.get("chosen") == 0:  # weight 0 is the LLM alone, scored as that
+        source = ("llm_alone_result", "llm_alone_per_user")
+    else:
+        return record
+    for chosen, tested in zip(("chosen_weight_result", "chosen_weight_per_user"), source):
+        for protocol, value in record.get(tested, {}).items():
+            record.setdefault(chosen, {}).setdefault(protocol, value)
+    return record
+
+
 def falls_back(selection, alpha):
     """Whether ``first_stage_fallback_alpha = alpha`` keeps the first stage for a recorded late-fusion choice: its p
     over the first stage is at or above ``alpha``, or the chosen weight's validation score is not above the first
@@ -73,15 +94,20 @@ def with_first_stage_fallback(record, alpha):
     """``record`` with the test ``first_stage_fallback_alpha = alpha`` would have given it (``fallback_result``,
     ``fallback_per_user``): the first stage's where :func:`falls_back`, the run's own test elsewhere. Only for runs
     that recorded their first stage on validation (``p_over_first_stage``) and on the test; a run that kept its first
-    stage under another alpha and would not here lacks the LLM's test, so it gets no row either. Returns ``record``,
-    completed in place."""
+    stage under another alpha and would not here takes the weight it set aside (``chosen_weight_result``), and gets no
+    row where that was not scored (runs before it was). Returns ``record``, completed in place."""
     selection = record.get("late_fusion_selection") or {}
     if selection.get("p_over_first_stage") is None or "first_stage_result" not in record:
         return record
     first_stage = falls_back(selection, alpha)
-    if selection.get("first_stage") and not first_stage:
-        return record
-    parts = ("first_stage_result", "first_stage_per_user") if first_stage else ("test_result", "per_user")
+    if first_stage:
+        parts = ("first_stage_result", "first_stage_per_user")
+    elif selection.get("first_stage"):
+        if "chosen_weight_result" not in record:
+            return record
+        parts = ("chosen_weight_result", "chosen_weight_per_user")
+    else:
+        parts = ("test_result", "per_user")
     record["fallback_result"], record["fallback_per_user"] = record[parts[0]], record.get(parts[1], {})
     return record
 
@@ -97,7 +123,7 @@ def load_record(folder):
                 part, rest = key.split("/", 1)
                 protocol, field = rest.rsplit("/", 1)
                 record.setdefault(part, {}).setdefault(protocol, {})[field] = arrays[key]
-    return with_llm_alone(record)
+    return with_chosen_weight(with_llm_alone(record))
 
 
 def find_records(paths, skip=None):

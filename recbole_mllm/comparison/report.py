@@ -6,8 +6,9 @@ import io
 import json
 from pathlib import Path
 
-from recbole_mllm.comparison.analysis import (FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows, fusion_rows,
-                                              is_plugin_model, phase_rows, reranker_movement_rows, run_label)
+from recbole_mllm.comparison.analysis import (CHOSEN_WEIGHT, FIRST_STAGE, LLM_ALONE, analyse, first_stage_rows,
+                                              fusion_rows, is_plugin_model, phase_rows, reranker_movement_rows,
+                                              run_label)
 from recbole_mllm.comparison.records import save_record
 from recbole_mllm.fileio import atomic_write
 
@@ -131,6 +132,9 @@ def notes(analysis):
             lines.append(f"{model}: the {parent} checkpoint ranked by its LLM's score alone (late fusion off); its "
                          f"reference is {parent}, so its delta is minus what the chosen late fusion adds; the p-value "
                          f"file also sets it against {parent}{FIRST_STAGE} (what the LLM adds over its first stage).")
+        elif model.endswith(CHOSEN_WEIGHT):
+            lines.append(f"{model}: the {parent} checkpoint at the late-fusion weight chosen on validation, whether or "
+                         f"not the first-stage fallback let it rank the test; its reference is {parent}.")
     return lines
 
 

@@ -13,7 +13,7 @@ from scipy.stats import wilcoxon
 from recbole_mllm.comparison import find_records, load_record, per_user_metrics, save_record, write_comparison
 from recbole_mllm.comparison.__main__ import main
 from recbole_mllm.comparison.analysis import ComparisonError, analyse, is_plugin_model
-from recbole_mllm.comparison.records import with_first_stage_fallback, with_llm_alone
+from recbole_mllm.comparison.records import with_chosen_weight, with_first_stage_fallback, with_llm_alone
 
 
 def _topk(ranks, maxk=10):
@@ -286,6 +286,37 @@ def test_the_first_stage_fallback_row_is_what_the_rule_would_have_tested(tmp_pat
     assert "fallback_result" not in with_first_stage_fallback({"test_result": {}}, 0.05)  # nothing recorded to decide by
     assert main([str(tmp_path / "runs_in"), "--output", str(tmp_path / "bad"), "--fallback_alpha", "0"]) == 2
     assert "--fallback_alpha: a significance level in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+def test_runs_made_with_the_fallback_have_a_chosen_weight_row_in_every_seed(tmp_path):
+    """Under first_stage_fallback_alpha the chosen weight's test is the run's own where it ranked (saved once), the
+    trainer's extra pass where the first stage ranked, and the LLM alone's where it chose 0; --fallback_alpha with a
+    looser level gives a kept run that weight's test instead of no row."""
+    rng = np.random.default_rng(11)
+    loaded = []
+    for seed, kept, chosen in ((1, False, 1.0), (2, True, 1.0), (3, True, 0.0)):
+        run, first, other = (_run("MLLMSRec", seed, rng.integers(1, 14, 30)) for _ in range(3))
+        run.update(first_stage_result=first["test_result"], first_stage_per_user=first["per_user"],
+                   llm_alone_result=other["test_result"], llm_alone_per_user=other["per_user"],
+                   late_fusion_selection={"weights": [0.0, 1.0], "valid_scores": [0.26, 0.25], "chosen": chosen,
+                                          "first_stage_valid_score": 0.24, "p_over_first_stage": 0.2,
+                                          "first_stage": kept, "first_stage_fallback_alpha": 0.05})
+        if kept and chosen:
+            scored = _run("MLLMSRec", seed, rng.integers(1, 14, 30))
+            run.update(chosen_weight_result=scored["test_result"], chosen_weight_per_user=scored["per_user"])
+        save_record(with_chosen_weight(run), tmp_path / f"seed{seed}")
+        loaded.append(load_record(tmp_path / f"seed{seed}"))
+        expected = {(False, 1.0): run["test_result"], (True, 1.0): run.get("chosen_weight_result"),
+                    (True, 0.0): run["llm_alone_result"]}[(kept, chosen)]
+        assert loaded[-1]["chosen_weight_result"] == expected
+    with np.load(tmp_path / "seed1" / "per_user.npz") as arrays:  # the test's own data: saved once
+        assert not [key for key in arrays.files if key.startswith("chosen_weight_per_user/")]
+    rows = [r for r in analyse(loaded).rows if r["model"] == "MLLMSRec (chosen weight)"]
+    assert rows and all(r["seeds"] == 3 for r in rows)
+    looser = with_first_stage_fallback(dict(loaded[1]), 0.5)  # p 0.2 < 0.5 and the weight above the first stage
+    assert looser["fallback_result"] == loaded[1]["chosen_weight_result"]
+    older = {k: v for k, v in loaded[1].items() if not k.startswith("chosen_weight")}
+    assert "fallback_result" not in with_first_stage_fallback(older, 0.5)  # recorded before the pass: no row
 
 
 def test_the_llm_alone_is_also_tested_against_its_first_stage_in_the_p_value_file():

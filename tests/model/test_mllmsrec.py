@@ -1171,6 +1171,32 @@ def test_a_fusion_choice_that_does_not_beat_the_first_stage_on_validation_keeps_
     assert loaded["late_fusion_selection"]["first_stage"] is True
 
 
+def test_where_the_fallback_keeps_the_first_stage_the_chosen_weight_is_still_scored_and_recorded(mllm_config):
+    """The fallback ranks the test with the first stage; the weight validation chose is scored beside it (the LLM's
+    scores reused), each per-user record its own evaluation's, and the trainer's figure is that weight's."""
+    from recbole_mllm.comparison import per_user_metrics
+    from recbole_mllm.trainer import MLLMSRecTrainer
+
+    config, model, test_data = _model_and_data(mllm_config)
+    trainer = MLLMSRecTrainer(config, model)
+    model.use_fusion_weight(2.0)
+    with model.scoring():
+        expected = trainer.evaluate(test_data["full"], load_best_model=False)
+    model.use_first_stage_only(True)
+    trainer.evaluate(test_data["full"], load_best_model=False)
+    assert dict(trainer.last_chosen_weight_result) == dict(expected)
+
+    result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[2.0], first_stage_fallback_alpha=1e-12))
+    selection = result["late_fusion_selection"]
+    assert selection["first_stage"] is True and selection["first_stage_fallback_alpha"] == 1e-12
+    assert set(result["chosen_weight_result"]) == set(result["test_result"])
+    for part, per_user in (("test_result", "per_user"), ("first_stage_result", "first_stage_per_user"),
+                           ("chosen_weight_result", "chosen_weight_per_user"), ("llm_alone_result", "llm_alone_per_user")):
+        for protocol, metrics in result[part].items():
+            values = per_user_metrics(result[per_user][protocol]["topk"], ["ndcg"], [10])
+            assert values["ndcg@10"].mean() == pytest.approx(metrics["ndcg@10"], abs=1e-4)
+
+
 @pytest.mark.parametrize("raw_p, gain, keeps_llm", [(0.001, 0.01, True), (0.02, 0.01, False), (0.001, -0.01, False)])
 def test_the_first_stage_ranks_unless_the_best_weight_beats_it_on_validation(mllm_config, monkeypatch, raw_p, gain,
                                                                               keeps_llm):
