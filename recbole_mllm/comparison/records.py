@@ -2,8 +2,8 @@
 
 So runs made by separate processes (one GPU job per model and seed) can be compared afterwards.
 ``per_user.npz`` holds one array per ``<part>/<protocol>/<field>``, ``part`` being ``per_user``,
-``first_stage_per_user``, ``llm_alone_per_user`` or ``chosen_weight_per_user``. Both files are written atomically, ``record.json`` last: a folder with a
-``record.json`` holds a whole record.
+``first_stage_per_user``, ``llm_alone_per_user`` or ``chosen_weight_per_user``. Both files are written atomically,
+``record.json`` last: a folder with a ``record.json`` holds a whole record.
 """
 
 import io
@@ -46,6 +46,14 @@ def save_record(result, folder):
     atomic_write(folder / "record.json", json.dumps(record, indent=1, default=_plain).encode())
 
 
+def _share_parts(record, parts, source):
+    """Fill ``record``'s ``parts`` (result, per-user) per protocol with ``source``'s (the same objects, saved once)."""
+    for part, tested in zip(parts, source):
+        for protocol, value in record.get(tested, {}).items():
+            record.setdefault(part, {}).setdefault(protocol, value)
+    return record
+
+
 def with_llm_alone(record):
     """``record`` with its ``(LLM alone)`` parts when its late fusion chose weight 0: the test then scored the LLM alone,
     so the test result and per-user data are that row too (no second pass ran, and records written before this was
@@ -56,10 +64,7 @@ def with_llm_alone(record):
     selection = record.get("late_fusion_selection") or {}
     if selection.get("chosen") != 0 or selection.get("first_stage") or "first_stage_result" not in record:
         return record
-    for alone, tested in (("llm_alone_result", "test_result"), ("llm_alone_per_user", "per_user")):
-        for protocol, value in record.get(tested, {}).items():
-            record.setdefault(alone, {}).setdefault(protocol, value)
-    return record
+    return _share_parts(record, ("llm_alone_result", "llm_alone_per_user"), ("test_result", "per_user"))
 
 
 def with_chosen_weight(record):
@@ -76,10 +81,7 @@ def with_chosen_weight(record):
         source = ("llm_alone_result", "llm_alone_per_user")
     else:
         return record
-    for chosen, tested in zip(("chosen_weight_result", "chosen_weight_per_user"), source):
-        for protocol, value in record.get(tested, {}).items():
-            record.setdefault(chosen, {}).setdefault(protocol, value)
-    return record
+    return _share_parts(record, ("chosen_weight_result", "chosen_weight_per_user"), source)
 
 
 def falls_back(selection, alpha):
