@@ -23,6 +23,7 @@ speed-up. Peak memory is torch.cuda.max_memory_allocated, weights included.
     python benchmarks/scoring.py                       # on a GPU: both models, bf16
     python benchmarks/scoring.py --tiny                # a few seconds on a CPU (the smoke test)
     python benchmarks/scoring.py --models llama2-7b --train_only --gradient_checkpointing --users 4  # a 7B LoRA step
+    python benchmarks/scoring.py --train_only --train_candidates 0 --users 16 --gradient_checkpointing --device_busy  # MLLMSRec's joint step: GPU busy
 """
 
 import argparse
@@ -80,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--train_only", action="store_true", help="time the training step alone (no scoring rows)")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="the device's peak TFLOP/s for MFU (989: bf16 dense H200)")
+    parser.add_argument("--device_busy", action="store_true",
+                        help="under each training row, the share of its wall time the device ran kernels (a profiled "
+                             "pass of --repeats calls of its own; MLLMSRec's joint step should keep a GPU >= 80%% busy)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--tiny", action="store_true",
                         help="a quick run (the smoke test): " + ", ".join(f"{k} {v}" for k, v in TINY.items()))
@@ -158,6 +162,46 @@ def timed(fn, repeats, device):
     return result, (time.perf_counter() - start) / repeats, peak
 
 
+def merged_seconds(intervals):
+    """Time covered by ``(start, end)`` intervals, overlaps counted once (kernels of several streams, nested ops)."""
+    total, covered_to = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total
+
+
+def busy_share(fn, repeats, device):
+    """Share of the wall time of ``repeats`` calls in which the device ran work, from a profiled pass of its own (the
+    profiler's overhead stays out of the timed rows). On a GPU: its kernels' merged intervals (copies left out), so
+    the rest is time the step keeps it waiting on the CPU (Python, launches, synchronisation) -- what nvidia-smi's
+    utilization samples, measured per call. On a CPU: the merged intervals of its ops (a check of the path)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    spans = [(event.time_range.start, event.time_range.end) for event in profiler.events()
+             if event.device_type == kind and not event.name.startswith("Memcpy")]
+    return merged_seconds(spans) / 1e6 / wall  # the profiler's times are in microseconds
+
+
+def report_busy(name, size, path, share, args):
+    """With --device_busy, a line under a row: how much of a call's wall time the device was busy."""
+    if share is not None:
+        print(f"{name:13} {size:>9} {path:8} device busy {100 * share:.1f}% of the wall time (profiled calls: {args.repeats})")
+
+
 def build_ranker(name, args):
     model_class, config = MODELS[name]
     torch.manual_seed(0)
@@ -227,11 +271,15 @@ def train_step(name, ranker, n_users, per_user, args, generator):
     users, candidates, owner = batch = synthetic_batch(ranker, n_users, per_user, args, generator)
     labels = (torch.arange(len(owner)) % per_user == 0).long()
     ranker.train()
-    _, seconds, peak = timed(lambda: ranker.loss(users, candidates, owner, labels).backward(), args.repeats, args.device)
+    step = lambda: ranker.loss(users, candidates, owner, labels).backward()
+    _, seconds, peak = timed(step, args.repeats, args.device)
+    share = busy_share(step, args.repeats, args.device) if args.device_busy else None
     ranker.eval()
     # recomputation runs the forward twice, but MFU counts the model's FLOPs (3 x forward) either way
-    report(name, f"{n_users}x{per_user}", "train" + ("+gc" if args.gradient_checkpointing else ""), seconds, batch,
-           3 * model_flops(ranker, *workload(*batch)[0]["ours"]), peak, args)
+    path = "train" + ("+gc" if args.gradient_checkpointing else "")
+    report(name, f"{n_users}x{per_user}", path, seconds, batch, 3 * model_flops(ranker, *workload(*batch)[0]["ours"]),
+           peak, args)
+    report_busy(name, f"{n_users}x{per_user}", path, share, args)
 
 
 def train_list_step(name, ranker, n_users, per_user, args, generator):
@@ -244,9 +292,12 @@ def train_list_step(name, ranker, n_users, per_user, args, generator):
     ranker.train()
     step = lambda: torch.nn.functional.cross_entropy(ranker.list_logits(prompts, options).float(), target).backward()
     _, seconds, peak = timed(step, args.repeats, args.device)
+    share = busy_share(step, args.repeats, args.device) if args.device_busy else None
     ranker.eval()
-    report(name, f"{n_users}x{per_user}", "ltrain" + ("+gc" if args.gradient_checkpointing else ""), seconds, batch,
+    path = "ltrain" + ("+gc" if args.gradient_checkpointing else "")
+    report(name, f"{n_users}x{per_user}", path, seconds, batch,
            3 * model_flops(ranker, sum(lengths), sum(n * (n + 1) // 2 for n in lengths)), peak, args)
+    report_busy(name, f"{n_users}x{per_user}", path, share, args)
 
 
 def main(argv=None):

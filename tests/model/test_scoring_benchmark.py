@@ -52,3 +52,16 @@ def test_training_rows_run_with_mllmsrecs_lora_dropout_unless_told(monkeypatch, 
         out = capsys.readouterr().out
         assert f"training LoRA dropout {expected:g}," in out and re.search(r"^tiny +\S+ +ltrain ", out, re.M), out
         assert set(calls) == ({(expected, True)} if expected else set()), calls
+
+
+def test_device_busy_merges_overlapping_spans_and_prints_a_share_per_training_row(monkeypatch, capsys):
+    """--device_busy: kernels of several streams (or nested ops) overlap and count once; each training row gets a share
+    of its wall time in (0, 100 %]."""
+    merged_seconds = runpy.run_path(str(BENCHMARK))["merged_seconds"]
+    assert merged_seconds([(0, 4), (1, 2), (3, 6), (8, 9)]) == 7
+    assert merged_seconds([(5, 6), (0, 1)]) == 2 and merged_seconds([]) == 0
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARK), "--tiny", "--device", "cpu", "--train_only", "--device_busy"])
+    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    out = capsys.readouterr().out
+    shares = dict(re.findall(r"^tiny +\S+ +(\S+) +device busy ([\d.]+)% of the wall time", out, re.MULTILINE))
+    assert set(shares) == {"train", "ltrain"} and all(0 < float(share) <= 100 for share in shares.values()), out
