@@ -195,16 +195,19 @@ def _timed_run(timer, model, dataset, config_file_list, config_dict, cmd_args, s
             record["fingerprints"][protocol] = protocol_fingerprint(loader)
             record["per_user"][protocol] = per_user_record(collector.evaluations[0], item_train_count, history_length)
             logger.info(set_color(f"test result [{protocol}]", "yellow") + f": {record['test_result'][protocol]}")
+            passes = iter(collector.evaluations[1:])  # the trainer's further passes, in its order
             first_stage = getattr(trainer, "last_first_stage_result", None)  # MLLMSRecTrainer: the same checkpoint,
             if first_stage is not None:                                        # scored by its first stage alone
                 record.setdefault("first_stage_result", {})[protocol] = dict(first_stage)
+                # under the first-stage fallback the test pass was the first stage's and is not run twice
+                first_stage_pass = collector.evaluations[0] if trainer.last_first_stage_is_test else next(passes)
                 record.setdefault("first_stage_per_user", {})[protocol] = per_user_record(
-                    collector.evaluations[1], item_train_count, history_length)
+                    first_stage_pass, item_train_count, history_length)
             chosen = getattr(trainer, "last_chosen_weight_result", None)  # the first stage ranked: the weight set aside
             if chosen is not None:
                 record.setdefault("chosen_weight_result", {})[protocol] = dict(chosen)
                 record.setdefault("chosen_weight_per_user", {})[protocol] = per_user_record(
-                    collector.evaluations[2], item_train_count, history_length)
+                    next(passes), item_train_count, history_length)
             llm_alone = getattr(trainer, "last_llm_alone_result", None)  # under late fusion: the LLM's score alone
             if llm_alone is not None:
                 record.setdefault("llm_alone_result", {})[protocol] = dict(llm_alone)

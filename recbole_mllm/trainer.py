@@ -636,6 +636,7 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         self.last_first_stage_result = self.last_first_stage_seen_share = self.last_llm_alone_result = None
         self.last_first_stage_recall = self.last_chosen_weight_result = None
+        self.last_first_stage_is_test = False
         if load_best_model:
             checkpoint = compat.load_checkpoint(model_file or self.saved_model_file, map_location=self.device)
             self.model.load_state_dict(checkpoint["state_dict"])
@@ -652,9 +653,12 @@ class MLLMSRecTrainer(LearningRateWarmup, MinimumSteps, ResumableTraining, Train
             if recall.users:
                 self._log_first_stage_recall(recall)
             if self.report_first_stage and has_llm:
-                self.last_first_stage_result = self._first_stage_alone(eval_data, show_progress)
+                # under the fallback the main pass was the first stage's (same function, same mask): not scored twice
+                self.last_first_stage_is_test = first_stage_only
+                self.last_first_stage_result = result if first_stage_only else self._first_stage_alone(eval_data,
+                                                                                                       show_progress)
                 self.logger.info(f"first stage alone (the encoder's order, no LLM): {dict(self.last_first_stage_result)}")
-            if fused:  # after the first stage: per-user records come in the order main, first stage, [chosen], LLM alone
+            if fused:  # per-user records come in the order main, [first stage], [chosen], LLM alone
                 if first_stage_only and self.model.fusion_weight != 0:  # the weight the fallback set aside, reported
                     with self._autocast(), self.model.scoring(mask_history=masks_history):
                         self.last_chosen_weight_result = super().evaluate(eval_data, load_best_model=False,

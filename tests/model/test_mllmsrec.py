@@ -1172,8 +1172,8 @@ def test_a_fusion_choice_that_does_not_beat_the_first_stage_on_validation_keeps_
 
 
 def test_where_the_fallback_keeps_the_first_stage_the_chosen_weight_is_still_scored_and_recorded(mllm_config):
-    """The fallback ranks the test with the first stage; the weight validation chose is scored beside it (the LLM's
-    scores reused), each per-user record its own evaluation's, and the trainer's figure is that weight's."""
+    """The fallback ranks the test with the first stage, scored once; the weight validation chose is scored beside it
+    (the LLM's scores reused), each per-user record its own evaluation's, and the trainer's figure is that weight's."""
     from recbole_mllm.comparison import per_user_metrics
     from recbole_mllm.trainer import MLLMSRecTrainer
 
@@ -1183,8 +1183,10 @@ def test_where_the_fallback_keeps_the_first_stage_the_chosen_weight_is_still_sco
     with model.scoring():
         expected = trainer.evaluate(test_data["full"], load_best_model=False)
     model.use_first_stage_only(True)
-    trainer.evaluate(test_data["full"], load_best_model=False)
+    trainer._first_stage_alone = lambda *args: pytest.fail("the first stage scored twice: the test pass was its own")
+    tested = trainer.evaluate(test_data["full"], load_best_model=False)
     assert dict(trainer.last_chosen_weight_result) == dict(expected)
+    assert trainer.last_first_stage_is_test and dict(trainer.last_first_stage_result) == dict(tested)
 
     result = run("MLLMSRec", "tiny", config_dict=dict(mllm_config, late_fusion_grid=[2.0], first_stage_fallback_alpha=1e-12))
     selection = result["late_fusion_selection"]
