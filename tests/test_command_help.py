@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
     ("scripts/score_fusion_eval.py", "fusion_weights  '0.3,1,3,10'"),
     ("scripts/cut_user_subset.py", "how many users to keep"),
     ("benchmarks/scoring.py", "(default: [20, 100])"),
+    ("benchmarks/joint_step_host.py", "training rows (lists) a step (default: 16)"),
     ("dataset_scripts/movielens.py", "(default: drop)"),
     ("dataset_scripts/amazon.py", "seconds per download attempt (default: 20.0)"),
     ("dataset_scripts/sequences.py", "the titles' column with the title (default: title)"),
