@@ -41,9 +41,9 @@ def timed(function, repeats):
 
 
 def measure(config, rows=16, repeats=20):
-    """``{"lists", "rerank_top_k", "tokens", "build_s", "host_s"}`` for ``rows`` training rows of ``config``'s
-    MLLMSRec (list-wise): the prompt tokens of a step, and the median seconds of building its prompts alone and of
-    its host path with the LLM's decoder left out."""
+    """Figures of a step of ``rows`` training rows of ``config``'s MLLMSRec (list-wise): ``lists``, ``rerank_top_k``,
+    ``tokens`` (what ``embed`` padded) and ``prompt_tokens`` (what ``list_prompt`` built), ``build_s`` and ``host_s``
+    (median seconds of building its prompts alone and of its host path with the LLM's decoder left out), ``device``."""
     model, train_data, _, _ = split_and_build_model(config, create_dataset(config))
     if not model.listwise:
         raise ValueError("times the list-wise ranker's step (ranker_scoring: listwise, the default)")
