@@ -13,6 +13,7 @@ under one name, one early-stopping decision for all ranks.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -61,8 +62,11 @@ def start(use_gpu: bool) -> dict:
 def _end() -> None:
     """Destroy the process group ``start`` made before the interpreter tears down: left to the interpreter's exit, its
     backend's threads can be destroyed while still running, and the process aborts ("terminate called without an
-    active exception") after the run's work is done."""
+    active exception") after the run's work is done. Unreachable objects are collected first (a finished trainer's
+    DDP reducer, its pending work and tensors, left in reference cycles), so none of them is freed while the interpreter
+    is being finalized, where freeing a tensor's Python reference from a backend thread aborts the process too."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
